@@ -1,0 +1,369 @@
+//! The TOML config file, read into typed and validated structs.
+//!
+//! Every field a user may omit has a default here, so `Config` is always complete once
+//! `Config::load` returned it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::scram::ScramVerifier;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where clients connect.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// HTTP admin endpoint (metrics, health, rotation).
+    #[serde(default)]
+    pub admin_listen: Option<String>,
+    #[serde(default)]
+    pub tls: ClientTlsConfig,
+    pub backend: BackendConfig,
+    #[serde(default)]
+    pub clients: Vec<ClientConfig>,
+    #[serde(default)]
+    pub policy: PolicyConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:6432".to_owned()
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientTlsMode {
+    /// Answer `N` to SSLRequest: plaintext only.
+    Disable,
+    /// Offer TLS, accept plaintext too.
+    #[default]
+    Prefer,
+    /// Refuse a client that did not negotiate TLS.
+    Require,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientTlsConfig {
+    #[serde(default)]
+    pub mode: ClientTlsMode,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendTlsMode {
+    #[default]
+    Disable,
+    /// Encrypt, but do not verify the server certificate (libpq's `sslmode=require`).
+    Require,
+    /// Encrypt and verify the certificate chain against `ca_file` and the host name.
+    VerifyFull,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    #[serde(default = "default_backend_host")]
+    pub host: String,
+    #[serde(default = "default_backend_port")]
+    pub port: u16,
+    /// The database clients ask for, and the one rolegate connects to.
+    pub database: String,
+    /// The NOLOGIN role that owns every object; every session runs `SET ROLE` to it.
+    pub owner_role: String,
+    #[serde(default)]
+    pub tls: BackendTlsMode,
+    /// CA certificates (PEM) for `tls = "verify-full"`.
+    pub ca_file: Option<PathBuf>,
+    /// The static login role (until rotation is configured).
+    pub login_user: Option<String>,
+    /// Name of the environment variable that holds the login password.
+    pub login_password_env: Option<String>,
+    /// A file that holds the login password (first line), e.g. written by `rolegate setup`.
+    pub login_password_file: Option<PathBuf>,
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+fn default_backend_host() -> String {
+    "127.0.0.1".to_owned()
+}
+fn default_backend_port() -> u16 {
+    5432
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// What a client identity may do; see `policy::rules`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientClass {
+    /// Data work only: no schema changes.
+    App,
+    /// Reads only, in read-only transactions.
+    Readonly,
+    /// Schema changes allowed (migrations).
+    Migrator,
+}
+
+impl ClientClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientClass::App => "app",
+            ClientClass::Readonly => "readonly",
+            ClientClass::Migrator => "migrator",
+        }
+    }
+}
+
+impl std::fmt::Display for ClientClass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Extra allowances a client may be given beyond its class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Allowance {
+    /// CREATE TEMPORARY TABLE (and SELECT INTO / CREATE TABLE AS of a temporary table).
+    TempTables,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    pub user: String,
+    /// A SCRAM-SHA-256 verifier (`rolegate hash-password`), never a plaintext password.
+    pub password: String,
+    pub class: ClientClass,
+    #[serde(default)]
+    pub allow: Vec<Allowance>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyMode {
+    /// Refuse what the class may not run.
+    #[default]
+    Enforce,
+    /// Log what would be refused and let it through (for rolling out).
+    Report,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    #[serde(default)]
+    pub mode: PolicyMode,
+    /// Longer statements are refused unjudged (fail closed).
+    #[serde(default = "default_max_statement_bytes")]
+    pub max_statement_bytes: usize,
+    /// How many distinct statement texts keep their verdict cached.
+    #[serde(default = "default_cache_entries")]
+    pub cache_entries: usize,
+}
+
+fn default_max_statement_bytes() -> usize {
+    1 << 20
+}
+fn default_cache_entries() -> usize {
+    10_000
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            mode: PolicyMode::default(),
+            max_statement_bytes: default_max_statement_bytes(),
+            cache_entries: default_cache_entries(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    #[serde(default = "default_max_clients")]
+    pub max_client_connections: usize,
+    /// A client must finish startup and authentication within this time.
+    #[serde(default = "default_login_timeout", with = "humantime_serde")]
+    pub client_login_timeout: Duration,
+    /// Largest protocol message accepted from a client (PostgreSQL's own limit is 1 GB).
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+}
+
+fn default_max_clients() -> usize {
+    1000
+}
+fn default_login_timeout() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_max_message_bytes() -> usize {
+    (1 << 30) - 1
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_client_connections: default_max_clients(),
+            client_login_timeout: default_login_timeout(),
+            max_message_bytes: default_max_message_bytes(),
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config = Config::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })?;
+        // Relative paths in the file are relative to the file, as users expect.
+        let base = path.parent().unwrap_or(Path::new("."));
+        let rebase = |p: &mut Option<PathBuf>| {
+            if let Some(p) = p {
+                if p.is_relative() {
+                    *p = base.join(&*p);
+                }
+            }
+        };
+        rebase(&mut config.tls.cert);
+        rebase(&mut config.tls.key);
+        rebase(&mut config.backend.ca_file);
+        rebase(&mut config.backend.login_password_file);
+        Ok(config)
+    }
+
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::new(),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.tls.mode != ClientTlsMode::Disable
+            && (self.tls.cert.is_none() || self.tls.key.is_none())
+        {
+            return invalid(format!(
+                "[tls] mode = \"{}\" needs cert and key (or set mode = \"disable\")",
+                match self.tls.mode {
+                    ClientTlsMode::Prefer => "prefer",
+                    _ => "require",
+                }
+            ));
+        }
+        if self.backend.tls == BackendTlsMode::VerifyFull && self.backend.ca_file.is_none() {
+            return invalid("[backend] tls = \"verify-full\" needs ca_file".into());
+        }
+        if self.backend.login_user.is_none() {
+            return invalid("[backend] login_user is required".into());
+        }
+        if self.backend.login_password_env.is_some() == self.backend.login_password_file.is_some()
+        {
+            return invalid(
+                "[backend] needs exactly one of login_password_env and login_password_file".into(),
+            );
+        }
+        let mut seen = std::collections::HashSet::new();
+        for client in &self.clients {
+            if !seen.insert(client.user.as_str()) {
+                return invalid(format!("client \"{}\" is listed twice", client.user));
+            }
+            if let Err(e) = ScramVerifier::parse(&client.password) {
+                return invalid(format!(
+                    "client \"{}\": password must be a SCRAM-SHA-256 verifier from `rolegate hash-password` ({e})",
+                    client.user
+                ));
+            }
+        }
+        if self.policy.max_statement_bytes == 0 {
+            return invalid("[policy] max_statement_bytes must be positive".into());
+        }
+        Ok(())
+    }
+
+    pub fn client(&self, user: &str) -> Option<&ClientConfig> {
+        self.clients.iter().find(|c| c.user == user)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VERIFIER: &str = "SCRAM-SHA-256$4096:c2FsdHNhbHRzYWx0$ZHVtbXlkdW1teWR1bW15ZHVtbXlkdW1teWR1bW15ZHU=:ZHVtbXlkdW1teWR1bW15ZHVtbXlkdW1teWR1bW15ZHU=";
+
+    fn sample() -> String {
+        format!(
+            r#"
+listen = "127.0.0.1:6432"
+[tls]
+mode = "disable"
+[backend]
+database = "bookstore"
+owner_role = "bookstore_owner"
+login_user = "bookstore_login_0001"
+login_password_env = "ROLEGATE_LOGIN_PASSWORD"
+[[clients]]
+user = "web"
+password = "{VERIFIER}"
+class = "app"
+"#
+        )
+    }
+
+    #[test]
+    fn parses_the_readme_shape_with_defaults() {
+        let config = Config::parse(&sample()).unwrap();
+        assert_eq!(config.backend.port, 5432);
+        assert_eq!(config.clients[0].class, ClientClass::App);
+        assert_eq!(config.policy.mode, PolicyMode::Enforce);
+    }
+
+    #[test]
+    fn refuses_a_plaintext_client_password() {
+        let text = sample().replace(VERIFIER, "hunter2");
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("SCRAM-SHA-256 verifier"), "{err}");
+        assert!(!err.contains("hunter2"), "secret leaked into: {err}");
+    }
+
+    #[test]
+    fn tls_prefer_needs_a_certificate() {
+        let text = sample().replace("mode = \"disable\"", "mode = \"prefer\"");
+        assert!(Config::parse(&text).is_err());
+    }
+}

@@ -1,0 +1,20 @@
+//! rolegate: a PostgreSQL wire-protocol proxy that keeps app identities out of the schema
+//! and every session in the owner role.
+//!
+//! A message's path: `listener` accepts → `session` runs the connection → `startup`
+//! (TLS, StartupMessage, SCRAM) → `backend` (login role, `SET ROLE`) → `relay` (frames
+//! each way; `policy` judges Query/Parse/FunctionCall).
+
+pub mod backend;
+pub mod config;
+pub mod credentials;
+pub mod listener;
+pub mod policy;
+pub mod proxy;
+pub mod relay;
+pub mod scram;
+pub mod session;
+pub mod sql;
+pub mod startup;
+pub mod tls;
+pub mod wire;

@@ -1,0 +1,503 @@
+//! Statement text → what each statement in it does, using PostgreSQL's own grammar
+//! (pg_query). This knows nothing of client classes; `rules` turns it into a verdict.
+
+use std::borrow::Cow;
+
+use pg_query::protobuf::{
+    a_const, DiscardMode, ObjectType, TransactionStmtKind, VariableSetKind,
+};
+use pg_query::{NodeEnum, ParserOptions};
+use serde_json::Value;
+
+/// The kind of work a statement does, as far as the policy cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Effect {
+    /// Reads rows: SELECT, VALUES, TABLE, SHOW, FETCH, COPY TO STDOUT, EXPLAIN of a read.
+    Read,
+    /// Changes rows: INSERT, UPDATE, DELETE, MERGE, COPY FROM STDIN.
+    Write,
+    /// BEGIN, COMMIT, ROLLBACK, SAVEPOINT…
+    Transaction,
+    /// Session state that changes no data: SET, RESET, LISTEN, NOTIFY, DEALLOCATE, CLOSE…
+    Session,
+    /// CREATE TEMPORARY TABLE and its SELECT INTO / CREATE TABLE AS forms.
+    TempTable,
+    /// Schema and privilege changes: CREATE/ALTER/DROP, GRANT/REVOKE, TRUNCATE, COMMENT…
+    Schema,
+    /// Code run on the server from text: DO, CALL.
+    Code,
+    /// COPY to or from a file or program on the server.
+    ServerFile,
+    /// VACUUM, ANALYZE, CLUSTER, REINDEX, CHECKPOINT.
+    Maintenance,
+    /// Anything else (LOCK, LOAD, …): allowed for migrators only.
+    Other,
+}
+
+/// One statement of a query string, classified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatementInfo {
+    /// What the user would call it: "CREATE TABLE", "SET ROLE", "SELECT INTO"…
+    pub label: Cow<'static, str>,
+    pub effect: Effect,
+    /// It changes rows somewhere, possibly in a CTE or a nested statement.
+    pub modifies_data: bool,
+    /// It would change `current_user` or the session authorization.
+    pub changes_role: bool,
+    /// It would turn read-only mode off (or reset it).
+    pub leaves_read_only: bool,
+}
+
+/// A whole query string, classified, or why it could not be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Classification {
+    Statements(Vec<StatementInfo>),
+    /// The grammar rejected it; the parser's message.
+    SyntaxError(String),
+}
+
+/// Parses `sql` as the server would, given the server's `standard_conforming_strings`.
+pub fn classify(sql: &str, standard_conforming_strings: bool) -> Classification {
+    let options = if standard_conforming_strings {
+        ParserOptions::DEFAULT
+    } else {
+        ParserOptions::DISABLE_STANDARD_CONFORMING_STRINGS
+    };
+    let parsed = match pg_query::parse(sql, options) {
+        Ok(parsed) => parsed,
+        Err(e) => return Classification::SyntaxError(parse_error_message(e)),
+    };
+    let statements = parsed
+        .protobuf
+        .stmts
+        .iter()
+        .filter_map(|raw| raw.stmt.as_deref())
+        .map(classify_statement)
+        .collect();
+    Classification::Statements(statements)
+}
+
+fn parse_error_message(e: pg_query::Error) -> String {
+    match e {
+        pg_query::Error::Parse(message) => message,
+        // CString::new failed: the text holds a NUL byte, which PostgreSQL never accepts.
+        pg_query::Error::Conversion(_) => "the statement contains a NUL byte".into(),
+        other => other.to_string(),
+    }
+}
+
+fn classify_statement(node: &pg_query::protobuf::Node) -> StatementInfo {
+    let mut info = match node.node.as_ref() {
+        Some(inner) => top_level(inner),
+        None => StatementInfo::new("(empty)", Effect::Read),
+    };
+    // The typed match above judged the statement itself; nested parts (CTEs, subqueries,
+    // function calls in any expression) are found by walking the whole tree.
+    let mut findings = Findings::default();
+    match serde_json::to_value(node) {
+        Ok(tree) => walk(&tree, &mut findings),
+        // Cannot happen for prost types; fail closed if it ever does.
+        Err(_) => findings.unknown_set_config = true,
+    }
+    info.modifies_data |= findings.modifies_data;
+    if findings.select_into && !matches!(info.effect, Effect::TempTable | Effect::Schema) {
+        info.label = "SELECT INTO".into();
+        info.effect = Effect::Schema;
+    }
+    if findings.changes_role || findings.unknown_set_config {
+        info.changes_role = true;
+        info.label = if findings.unknown_set_config {
+            "set_config with a computed setting name".into()
+        } else {
+            "set_config('role')".into()
+        };
+    }
+    if findings.leaves_read_only && !info.changes_role {
+        info.leaves_read_only = true;
+        info.label = "set_config('transaction_read_only')".into();
+    }
+    info
+}
+
+impl StatementInfo {
+    fn new(label: impl Into<Cow<'static, str>>, effect: Effect) -> StatementInfo {
+        StatementInfo {
+            label: label.into(),
+            effect,
+            modifies_data: effect == Effect::Write,
+            changes_role: false,
+            leaves_read_only: false,
+        }
+    }
+}
+
+fn top_level(node: &NodeEnum) -> StatementInfo {
+    use StatementInfo as S;
+    match node {
+        NodeEnum::SelectStmt(s) => match &s.into_clause {
+            Some(into) if is_temp(into.rel.as_ref()) => S::new("SELECT INTO TEMPORARY", Effect::TempTable),
+            Some(_) => S::new("SELECT INTO", Effect::Schema),
+            None if !s.values_lists.is_empty() => S::new("VALUES", Effect::Read),
+            None => S::new("SELECT", Effect::Read),
+        },
+        NodeEnum::InsertStmt(_) => S::new("INSERT", Effect::Write),
+        NodeEnum::UpdateStmt(_) => S::new("UPDATE", Effect::Write),
+        NodeEnum::DeleteStmt(_) => S::new("DELETE", Effect::Write),
+        NodeEnum::MergeStmt(_) => S::new("MERGE", Effect::Write),
+        NodeEnum::CopyStmt(c) if c.filename.is_empty() && !c.is_program => {
+            if c.is_from {
+                S::new("COPY FROM STDIN", Effect::Write)
+            } else {
+                S::new("COPY TO STDOUT", Effect::Read)
+            }
+        }
+        NodeEnum::CopyStmt(c) => S::new(
+            if c.is_program {
+                "COPY with a server program"
+            } else {
+                "COPY with a server file"
+            },
+            Effect::ServerFile,
+        ),
+        NodeEnum::TransactionStmt(t) => transaction(t),
+        NodeEnum::VariableSetStmt(v) => variable_set(v),
+        NodeEnum::VariableShowStmt(_) => S::new("SHOW", Effect::Read),
+        NodeEnum::DiscardStmt(d) => {
+            if d.target == DiscardMode::DiscardAll as i32 {
+                // DISCARD ALL includes SET SESSION AUTHORIZATION DEFAULT and RESET ALL.
+                let mut info = S::new("DISCARD ALL", Effect::Session);
+                info.changes_role = true;
+                info
+            } else {
+                S::new("DISCARD", Effect::Session)
+            }
+        }
+        NodeEnum::DeclareCursorStmt(d) => nested("DECLARE CURSOR", d.query.as_deref()),
+        NodeEnum::FetchStmt(f) => S::new(if f.ismove { "MOVE" } else { "FETCH" }, Effect::Read),
+        NodeEnum::ClosePortalStmt(_) => S::new("CLOSE", Effect::Session),
+        NodeEnum::PrepareStmt(p) => nested("PREPARE", p.query.as_deref()),
+        NodeEnum::ExecuteStmt(_) => S::new("EXECUTE", Effect::Read),
+        NodeEnum::DeallocateStmt(_) => S::new("DEALLOCATE", Effect::Session),
+        NodeEnum::ExplainStmt(e) => nested("EXPLAIN", e.query.as_deref()),
+        NodeEnum::ListenStmt(_) => S::new("LISTEN", Effect::Session),
+        NodeEnum::UnlistenStmt(_) => S::new("UNLISTEN", Effect::Session),
+        NodeEnum::NotifyStmt(_) => S::new("NOTIFY", Effect::Session),
+        NodeEnum::CreateStmt(c) if is_temp(c.relation.as_ref()) => {
+            S::new("CREATE TEMPORARY TABLE", Effect::TempTable)
+        }
+        NodeEnum::CreateStmt(_) => S::new("CREATE TABLE", Effect::Schema),
+        NodeEnum::CreateTableAsStmt(c) => {
+            if c.objtype == ObjectType::ObjectMatview as i32 {
+                S::new("CREATE MATERIALIZED VIEW", Effect::Schema)
+            } else if is_temp(c.into.as_ref().and_then(|i| i.rel.as_ref())) {
+                S::new("CREATE TEMPORARY TABLE AS", Effect::TempTable)
+            } else if c.is_select_into {
+                S::new("SELECT INTO", Effect::Schema)
+            } else {
+                S::new("CREATE TABLE AS", Effect::Schema)
+            }
+        }
+        NodeEnum::DoStmt(_) => S::new("DO", Effect::Code),
+        NodeEnum::CallStmt(_) => S::new("CALL", Effect::Code),
+        NodeEnum::VacuumStmt(v) => S::new(
+            if v.is_vacuumcmd { "VACUUM" } else { "ANALYZE" },
+            Effect::Maintenance,
+        ),
+        NodeEnum::ClusterStmt(_) => S::new("CLUSTER", Effect::Maintenance),
+        NodeEnum::ReindexStmt(_) => S::new("REINDEX", Effect::Maintenance),
+        NodeEnum::CheckPointStmt(_) => S::new("CHECKPOINT", Effect::Maintenance),
+        NodeEnum::TruncateStmt(_) => S::new("TRUNCATE", Effect::Schema),
+        NodeEnum::GrantStmt(g) => S::new(if g.is_grant { "GRANT" } else { "REVOKE" }, Effect::Schema),
+        NodeEnum::GrantRoleStmt(g) => {
+            S::new(if g.is_grant { "GRANT role" } else { "REVOKE role" }, Effect::Schema)
+        }
+        NodeEnum::IndexStmt(_) => S::new("CREATE INDEX", Effect::Schema),
+        NodeEnum::ViewStmt(_) => S::new("CREATE VIEW", Effect::Schema),
+        NodeEnum::CreateFunctionStmt(f) => {
+            S::new(if f.is_procedure { "CREATE PROCEDURE" } else { "CREATE FUNCTION" }, Effect::Schema)
+        }
+        NodeEnum::DropStmt(d) => S::new(
+            format!("DROP {}", object_type_words(d.remove_type)),
+            Effect::Schema,
+        ),
+        NodeEnum::AlterTableStmt(a) => S::new(
+            format!("ALTER {}", object_type_words(a.objtype)),
+            Effect::Schema,
+        ),
+        NodeEnum::CommentStmt(_) => S::new("COMMENT", Effect::Schema),
+        NodeEnum::SecLabelStmt(_) => S::new("SECURITY LABEL", Effect::Schema),
+        NodeEnum::LockStmt(_) => S::new("LOCK", Effect::Other),
+        NodeEnum::LoadStmt(_) => S::new("LOAD", Effect::Other),
+        other => S::new(fallback_label(other), Effect::Schema),
+    }
+}
+
+/// A statement that wraps another (EXPLAIN, PREPARE, DECLARE CURSOR) has the wrapped
+/// statement's effect.
+fn nested(prefix: &'static str, query: Option<&pg_query::protobuf::Node>) -> StatementInfo {
+    match query.and_then(|q| q.node.as_ref()) {
+        Some(inner) => {
+            let mut info = top_level(inner);
+            if info.effect != Effect::Read {
+                info.label = format!("{prefix} {}", info.label).into();
+            } else {
+                info.label = prefix.into();
+            }
+            info
+        }
+        None => StatementInfo::new(prefix, Effect::Read),
+    }
+}
+
+fn is_temp(rel: Option<&pg_query::protobuf::RangeVar>) -> bool {
+    rel.is_some_and(|r| r.relpersistence == "t")
+}
+
+fn transaction(t: &pg_query::protobuf::TransactionStmt) -> StatementInfo {
+    let kind = TransactionStmtKind::try_from(t.kind).unwrap_or(TransactionStmtKind::Undefined);
+    let label = match kind {
+        TransactionStmtKind::TransStmtBegin => "BEGIN",
+        TransactionStmtKind::TransStmtStart => "START TRANSACTION",
+        TransactionStmtKind::TransStmtCommit => "COMMIT",
+        TransactionStmtKind::TransStmtRollback => "ROLLBACK",
+        TransactionStmtKind::TransStmtSavepoint => "SAVEPOINT",
+        TransactionStmtKind::TransStmtRelease => "RELEASE SAVEPOINT",
+        TransactionStmtKind::TransStmtRollbackTo => "ROLLBACK TO SAVEPOINT",
+        TransactionStmtKind::TransStmtPrepare => "PREPARE TRANSACTION",
+        TransactionStmtKind::TransStmtCommitPrepared => "COMMIT PREPARED",
+        TransactionStmtKind::TransStmtRollbackPrepared => "ROLLBACK PREPARED",
+        TransactionStmtKind::Undefined => "transaction control",
+    };
+    let mut info = StatementInfo::new(label, Effect::Transaction);
+    if t.options.iter().any(sets_read_write) {
+        info.label = format!("{label} READ WRITE").into();
+        info.leaves_read_only = true;
+    }
+    info
+}
+
+/// A `transaction_read_only`/`default_transaction_read_only` option that is not a plain
+/// "on" (BEGIN READ WRITE, SET TRANSACTION READ WRITE, SET SESSION CHARACTERISTICS…).
+fn sets_read_write(option: &pg_query::protobuf::Node) -> bool {
+    let Some(NodeEnum::DefElem(d)) = option.node.as_ref() else {
+        return false;
+    };
+    if !is_read_only_setting(&d.defname) {
+        return false;
+    }
+    !matches!(
+        d.arg.as_deref().and_then(|a| a.node.as_ref()),
+        Some(NodeEnum::AConst(c)) if matches!(&c.val, Some(a_const::Val::Ival(i)) if i.ival != 0)
+            || matches!(&c.val, Some(a_const::Val::Boolval(b)) if b.boolval)
+    )
+}
+
+fn is_read_only_setting(name: &str) -> bool {
+    name.eq_ignore_ascii_case("transaction_read_only")
+        || name.eq_ignore_ascii_case("default_transaction_read_only")
+}
+
+fn is_role_setting(name: &str) -> bool {
+    name.eq_ignore_ascii_case("role") || name.eq_ignore_ascii_case("session_authorization")
+}
+
+fn variable_set(v: &pg_query::protobuf::VariableSetStmt) -> StatementInfo {
+    let kind = VariableSetKind::try_from(v.kind).unwrap_or(VariableSetKind::Undefined);
+    let verb = match kind {
+        VariableSetKind::VarReset | VariableSetKind::VarResetAll => "RESET",
+        _ => "SET",
+    };
+    let name = v.name.to_ascii_lowercase();
+    let mut info = match kind {
+        VariableSetKind::VarResetAll => StatementInfo::new("RESET ALL", Effect::Session),
+        _ => StatementInfo::new(
+            format!("{verb} {}", name.replace('_', " ").to_uppercase()),
+            Effect::Session,
+        ),
+    };
+    if is_role_setting(&name) {
+        info.changes_role = true;
+    }
+    // RESET ALL would also reset default_transaction_read_only.
+    if kind == VariableSetKind::VarResetAll || is_read_only_setting(&name) {
+        info.leaves_read_only = true;
+    }
+    if kind == VariableSetKind::VarSetMulti && v.args.iter().any(sets_read_write) {
+        info.leaves_read_only = true;
+    }
+    info
+}
+
+fn object_type_words(objtype: i32) -> String {
+    let name = ObjectType::try_from(objtype)
+        .map(|t| t.as_str_name())
+        .unwrap_or("OBJECT_UNKNOWN");
+    name.trim_start_matches("OBJECT_").replace('_', " ")
+}
+
+/// "AlterSeqStmt" → "ALTER SEQ": good enough for statements without a hand-written label.
+fn fallback_label(node: &NodeEnum) -> String {
+    let name = match serde_json::to_value(node) {
+        Ok(Value::Object(map)) => map.keys().next().cloned().unwrap_or_default(),
+        _ => String::new(),
+    };
+    let name = name.trim_end_matches("Stmt");
+    let mut label = String::new();
+    for (i, ch) in name.chars().enumerate() {
+        if ch.is_ascii_uppercase() && i > 0 {
+            label.push(' ');
+        }
+        label.push(ch.to_ascii_uppercase());
+    }
+    if label.is_empty() {
+        "utility statement".into()
+    } else {
+        label
+    }
+}
+
+#[derive(Default)]
+struct Findings {
+    modifies_data: bool,
+    select_into: bool,
+    changes_role: bool,
+    leaves_read_only: bool,
+    unknown_set_config: bool,
+}
+
+/// Walks every node of a parse tree (as serde sees it, so no node type is skipped).
+fn walk(value: &Value, findings: &mut Findings) {
+    match value {
+        Value::Object(map) => {
+            for (key, child) in map {
+                match key.as_str() {
+                    "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt" => {
+                        findings.modifies_data = true
+                    }
+                    "SelectStmt" => {
+                        if child.get("into_clause").is_some_and(|i| !i.is_null()) {
+                            findings.select_into = true;
+                        }
+                    }
+                    "FuncCall" => func_call(child, findings),
+                    _ => {}
+                }
+                walk(child, findings);
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|item| walk(item, findings)),
+        _ => {}
+    }
+}
+
+/// `set_config(name, value, is_local)` can change any setting from inside any expression.
+fn func_call(call: &Value, findings: &mut Findings) {
+    let name = call
+        .get("funcname")
+        .and_then(Value::as_array)
+        .and_then(|parts| parts.last())
+        .and_then(|part| string_node(part));
+    if name != Some("set_config") {
+        return;
+    }
+    let setting = call
+        .get("args")
+        .and_then(Value::as_array)
+        .and_then(|args| args.first())
+        .and_then(constant_string);
+    match setting {
+        Some(s) if is_role_setting(s.trim()) => findings.changes_role = true,
+        Some(s) if is_read_only_setting(s.trim()) => findings.leaves_read_only = true,
+        Some(_) => {}
+        None => findings.unknown_set_config = true,
+    }
+}
+
+/// `{"node": {"String": {"sval": "x"}}}` → "x".
+fn string_node(node: &Value) -> Option<&str> {
+    node.get("node")?.get("String")?.get("sval")?.as_str()
+}
+
+/// A string constant, possibly under type casts (`'role'::text`).
+fn constant_string(node: &Value) -> Option<&str> {
+    let inner = node.get("node")?;
+    if let Some(cast) = inner.get("TypeCast") {
+        return constant_string(cast.get("arg")?);
+    }
+    inner.get("AConst")?.get("val")?.get("Sval")?.get("sval")?.as_str()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one(sql: &str) -> StatementInfo {
+        match classify(sql, true) {
+            Classification::Statements(mut s) => {
+                assert_eq!(s.len(), 1, "{sql}");
+                s.remove(0)
+            }
+            Classification::SyntaxError(e) => panic!("{sql}: {e}"),
+        }
+    }
+
+    #[test]
+    fn labels_and_effects() {
+        assert_eq!(one("select 1").effect, Effect::Read);
+        assert_eq!(one("create table t (id int)").label, "CREATE TABLE");
+        assert_eq!(one("drop table t").label, "DROP TABLE");
+        assert_eq!(one("alter table t add column x int").label, "ALTER TABLE");
+        assert_eq!(one("create temp table t (id int)").effect, Effect::TempTable);
+        assert_eq!(one("select 1 into t").label, "SELECT INTO");
+        assert_eq!(one("explain analyze create table t as select 1").effect, Effect::Schema);
+        assert_eq!(one("copy t from '/etc/passwd'").effect, Effect::ServerFile);
+        assert_eq!(one("copy t from stdin").effect, Effect::Write);
+        assert_eq!(one("create sequence s").label, "CREATE SEQ");
+    }
+
+    #[test]
+    fn nested_writes_and_role_changes_are_found() {
+        assert!(one("with x as (delete from t returning *) select * from x").modifies_data);
+        assert!(one("select set_config('role', 'postgres', false)").changes_role);
+        assert!(one("select pg_catalog.set_config('ROLE'::text, 'x', false)::text").changes_role);
+        assert!(one("select coalesce(set_config('session_authorization','x',false))").changes_role);
+        assert!(one("select set_config(current_setting('x'), 'y', false)").changes_role);
+        assert!(!one("select set_config('search_path', 'x', false)").changes_role);
+        assert!(one("select set_config('default_transaction_read_only','off',false)").leaves_read_only);
+        assert!(one("set role postgres").changes_role);
+        assert!(one("reset session authorization").changes_role);
+        assert!(one("discard all").changes_role);
+    }
+
+    #[test]
+    fn read_write_switches_are_found() {
+        assert!(one("begin read write").leaves_read_only);
+        assert!(!one("begin read only").leaves_read_only);
+        assert!(one("set transaction read write").leaves_read_only);
+        assert!(one("set session characteristics as transaction read write").leaves_read_only);
+        assert!(one("set default_transaction_read_only = off").leaves_read_only);
+        assert!(one("reset all").leaves_read_only);
+        assert!(!one("set statement_timeout = 5").leaves_read_only);
+    }
+
+    #[test]
+    fn string_rules_follow_standard_conforming_strings() {
+        // With standard_conforming_strings off, \' does not end the literal, so this is
+        // one SELECT; with it on, it is a SELECT followed by a DROP.
+        let sql = r"select 'a\'; drop table t; --'";
+        match classify(sql, false) {
+            Classification::Statements(s) => assert_eq!(s.len(), 1),
+            other => panic!("{other:?}"),
+        }
+        match classify(sql, true) {
+            Classification::Statements(s) => assert_eq!(s[1].label, "DROP TABLE"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn nul_bytes_and_garbage_do_not_parse() {
+        assert!(matches!(classify("select 1\0; drop table t", true), Classification::SyntaxError(_)));
+        assert!(matches!(classify("selec 1", true), Classification::SyntaxError(_)));
+    }
+}

@@ -1,0 +1,509 @@
+//! The two-way copy between a client and its backend, judging what the client sends.
+//!
+//! Frames are cut by their length and forwarded as the bytes they arrived as; only
+//! `Query`, `Parse` and `FunctionCall` are read (by the policy), and on the way back only
+//! the tag of each message is looked at, plus the few small messages that matter:
+//! `ReadyForQuery`, `ParameterStatus` and (while a refusal is pending) `ErrorResponse`.
+//! Every complete frame in a read goes out in one write.
+//!
+//! A refused statement never reaches the server. In its place rolegate sends a statement
+//! that fails in the parser (`rolegate_refused_<n>`), so the server itself puts the
+//! transaction into the failed state and skips the rest of an extended-protocol batch up
+//! to `Sync`, exactly as it would have for a statement it refused. On the way back the
+//! syntax error that carries the marker is replaced by rolegate's own error; everything
+//! else (ReadyForQuery and its transaction status) comes from the server.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::policy::{Policy, Refusal, Requester};
+use crate::tls::MaybeTls;
+use crate::wire::{self, ErrorFields, WireError};
+
+/// Size of the read buffers; a read fills at most what is free in them.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// What a session's relay needs to know.
+pub struct RelayContext<'a> {
+    pub policy: &'a Policy,
+    pub requester: Requester<'a>,
+    /// The server's `standard_conforming_strings` when the session started.
+    pub standard_conforming_strings: bool,
+    /// Largest message accepted from the client.
+    pub max_message_bytes: usize,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RelayStats {
+    pub client_bytes: u64,
+    pub server_bytes: u64,
+    pub refused: u64,
+}
+
+/// How a relay ended.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayEnd {
+    #[error("client closed the session")]
+    ClientClosed,
+    #[error("server closed the session")]
+    ServerClosed,
+    #[error("client i/o error: {0}")]
+    ClientIo(std::io::Error),
+    #[error("server i/o error: {0}")]
+    ServerIo(std::io::Error),
+    #[error("client protocol violation: {0}")]
+    ClientProtocol(WireError),
+    #[error("server protocol violation: {0}")]
+    ServerProtocol(WireError),
+}
+
+/// A refusal waiting for the server's syntax error that carries its marker.
+struct PendingRefusal {
+    marker: Bytes,
+    /// The number of ReadyForQuery messages after which the marker can no longer come.
+    until_ready: u64,
+    error: Bytes,
+}
+
+/// State the two directions share. Both run in one task, so nothing here is contended.
+struct Shared {
+    standard_conforming_strings: AtomicBool,
+    pending: Mutex<VecDeque<PendingRefusal>>,
+}
+
+impl Shared {
+    fn pending(&self) -> std::sync::MutexGuard<'_, VecDeque<PendingRefusal>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Relays until either side ends; returns the byte counts and how it ended.
+pub async fn run(client: MaybeTls, server: MaybeTls, ctx: &RelayContext<'_>) -> (RelayStats, RelayEnd) {
+    match (client, server) {
+        (MaybeTls::Plain(mut c), MaybeTls::Plain(mut s)) => {
+            let (cr, cw) = c.split();
+            let (sr, sw) = s.split();
+            pump(cr, cw, sr, sw, ctx).await
+        }
+        (c, s) => {
+            let (cr, cw) = tokio::io::split(c);
+            let (sr, sw) = tokio::io::split(s);
+            pump(cr, cw, sr, sw, ctx).await
+        }
+    }
+}
+
+async fn pump<CR, CW, SR, SW>(
+    mut client_r: CR,
+    mut client_w: CW,
+    mut server_r: SR,
+    mut server_w: SW,
+    ctx: &RelayContext<'_>,
+) -> (RelayStats, RelayEnd)
+where
+    CR: AsyncRead + Unpin,
+    CW: AsyncWrite + Unpin,
+    SR: AsyncRead + Unpin,
+    SW: AsyncWrite + Unpin,
+{
+    let shared = Shared {
+        standard_conforming_strings: AtomicBool::new(ctx.standard_conforming_strings),
+        pending: Mutex::new(VecDeque::new()),
+    };
+    let mut up = Upstream::new(ctx);
+    let mut down = Downstream::default();
+    let end = {
+        let c2s = up.run(&mut client_r, &mut server_w, &shared);
+        let s2c = down.run(&mut server_r, &mut client_w, &shared);
+        tokio::select! {
+            end = c2s => end,
+            end = s2c => end,
+        }
+    };
+    match &end {
+        RelayEnd::ClientProtocol(e) => {
+            let message = format!("rolegate: invalid message from client: {e}");
+            let mut out = BytesMut::new();
+            wire::put_error(&mut out, &ErrorFields::fatal("08P01", &message));
+            let _ = client_w.write_all(&out).await;
+            let _ = client_w.flush().await;
+        }
+        RelayEnd::ClientClosed | RelayEnd::ClientIo(_) => {
+            // Tell the server the session is over rather than just dropping the socket.
+            let mut out = BytesMut::new();
+            wire::put_message(&mut out, b'X', &[]);
+            let _ = server_w.write_all(&out).await;
+        }
+        _ => {}
+    }
+    let _ = client_w.shutdown().await;
+    let _ = server_w.shutdown().await;
+    let stats = RelayStats {
+        client_bytes: up.bytes,
+        server_bytes: down.bytes,
+        refused: up.refused,
+    };
+    (stats, end)
+}
+
+/// Client → server.
+struct Upstream<'a> {
+    ctx: &'a RelayContext<'a>,
+    buf: BytesMut,
+    out: BytesMut,
+    /// Bytes of a forwarded frame that have not arrived yet; they pass unexamined.
+    passthrough: usize,
+    /// Bytes of an oversized, refused frame that have not arrived yet; they are dropped.
+    discard: usize,
+    /// Messages sent to the server that it answers with one ReadyForQuery each.
+    sync_points: u64,
+    next_marker: u64,
+    bytes: u64,
+    refused: u64,
+}
+
+impl<'a> Upstream<'a> {
+    fn new(ctx: &'a RelayContext<'a>) -> Self {
+        Upstream {
+            ctx,
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            out: BytesMut::new(),
+            passthrough: 0,
+            discard: 0,
+            sync_points: 0,
+            next_marker: 0,
+            bytes: 0,
+            refused: 0,
+        }
+    }
+
+    async fn run<R, W>(&mut self, client: &mut R, server: &mut W, shared: &Shared) -> RelayEnd
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        loop {
+            if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
+                self.buf.reserve(READ_CHUNK);
+            }
+            match client.read_buf(&mut self.buf).await {
+                Ok(0) => return RelayEnd::ClientClosed,
+                Ok(n) => self.bytes += n as u64,
+                Err(e) => return RelayEnd::ClientIo(e),
+            }
+            let (end, terminate) = match self.scan(shared) {
+                Ok(scanned) => scanned,
+                Err(e) => return RelayEnd::ClientProtocol(e),
+            };
+            let result = if self.out.is_empty() {
+                server.write_all(&self.buf[..end]).await
+            } else {
+                self.out.extend_from_slice(&self.buf[..end]);
+                let r = server.write_all(&self.out).await;
+                self.out.clear();
+                r
+            };
+            self.buf.advance(end);
+            if let Err(e) = result.and(server.flush().await) {
+                return RelayEnd::ServerIo(e);
+            }
+            if terminate {
+                return RelayEnd::ClientClosed;
+            }
+        }
+    }
+
+    /// Walks the complete frames in `buf`. Returns how many bytes at the front of `buf`
+    /// are done (to forward, after whatever was put in `out`), and whether the client
+    /// sent Terminate. A rewritten frame moves everything before it into `out`.
+    fn scan(&mut self, shared: &Shared) -> Result<(usize, bool), WireError> {
+        if self.discard > 0 {
+            let n = self.discard.min(self.buf.len());
+            self.buf.advance(n);
+            self.discard -= n;
+        }
+        let mut pos = self.passthrough.min(self.buf.len());
+        self.passthrough -= pos;
+        while let Some((tag, len)) = wire::peek_header(&self.buf[pos..]) {
+            let size = wire::frame_size(len, self.ctx.max_message_bytes)?;
+            let available = self.buf.len() - pos;
+            let judged = matches!(tag, b'Q' | b'P' | b'F');
+            if !judged {
+                if available < size {
+                    self.passthrough = size - available;
+                    pos = self.buf.len();
+                    break;
+                }
+                pos += size;
+                match tag {
+                    b'S' => self.sync_points += 1,
+                    b'X' => return Ok((pos, true)),
+                    _ => {}
+                }
+                continue;
+            }
+            // A statement longer than the policy judges is refused without buffering it.
+            let oversized = size - 5 > self.ctx.policy.max_statement_bytes() + 1024;
+            if available < size && !oversized {
+                break;
+            }
+            let refusal = if oversized {
+                Some(oversized_refusal(size - 5))
+            } else {
+                self.judge(tag, &self.buf[pos..pos + size], shared)
+            };
+            match refusal {
+                None => {
+                    pos += size;
+                    if tag != b'P' {
+                        self.sync_points += 1;
+                    }
+                }
+                Some(refusal) => {
+                    // Everything before the refused frame goes out first, via `out`.
+                    self.out.extend_from_slice(&self.buf[..pos]);
+                    let name = if tag == b'P' {
+                        parse_statement_name(&self.buf[pos + 5..pos + size.min(available)])
+                    } else {
+                        None
+                    };
+                    self.substitute(tag, name.as_deref(), &refusal, shared);
+                    let consumed = size.min(available);
+                    self.discard = size - consumed;
+                    self.buf.advance(pos + consumed);
+                    pos = 0;
+                }
+            }
+        }
+        Ok((pos, false))
+    }
+
+    /// The policy's verdict on a Query, Parse or FunctionCall frame (tag and length
+    /// included).
+    fn judge(&self, tag: u8, frame: &[u8], shared: &Shared) -> Option<Refusal> {
+        let body = &frame[5..];
+        let sql = match tag {
+            b'Q' => body.strip_suffix(&[0]).unwrap_or(body),
+            b'P' => match parse_query_text(body) {
+                Some(sql) => sql,
+                None => return Some(malformed_refusal("Parse")),
+            },
+            _ => {
+                return Some(Refusal {
+                    code: "42501",
+                    message: "rolegate: the FunctionCall protocol message is not allowed".into(),
+                    hint: Some("Call the function in a SELECT instead.".into()),
+                    kind: "FunctionCall".into(),
+                })
+            }
+        };
+        if sql.contains(&0) {
+            return Some(malformed_refusal("statement text with a NUL byte"));
+        }
+        let scs = shared.standard_conforming_strings.load(Ordering::Relaxed);
+        self.ctx.policy.check(&self.ctx.requester, sql, scs)
+    }
+
+    /// Puts the stand-in for a refused frame into `out` and registers the refusal.
+    fn substitute(&mut self, tag: u8, name: Option<&[u8]>, refusal: &Refusal, shared: &Shared) {
+        self.next_marker += 1;
+        self.refused += 1;
+        let marker = format!("rolegate_refused_{}", self.next_marker);
+        let until_ready = if tag == b'P' {
+            // The server answers the batch's Sync, whenever it comes.
+            self.sync_points + 1
+        } else {
+            self.sync_points += 1;
+            self.sync_points
+        };
+        if tag == b'P' {
+            let mut body = BytesMut::new();
+            body.put_slice(name.unwrap_or_default());
+            body.put_u8(0);
+            body.put_slice(marker.as_bytes());
+            body.put_u8(0);
+            body.put_i16(0);
+            wire::put_message(&mut self.out, b'P', &body);
+        } else {
+            wire::put_query(&mut self.out, &marker);
+        }
+        let mut error = BytesMut::new();
+        let mut fields = ErrorFields::error(refusal.code, &refusal.message);
+        fields.hint = refusal.hint.as_deref();
+        wire::put_error(&mut error, &fields);
+        shared.pending().push_back(PendingRefusal {
+            marker: Bytes::from(marker),
+            until_ready,
+            error: error.freeze(),
+        });
+    }
+}
+
+fn oversized_refusal(len: usize) -> Refusal {
+    Refusal {
+        code: "42501",
+        message: format!(
+            "rolegate: a statement message of {len} bytes is longer than rolegate judges ([policy] max_statement_bytes)"
+        ),
+        hint: None,
+        kind: "oversized statement".into(),
+    }
+}
+
+fn malformed_refusal(what: &str) -> Refusal {
+    Refusal {
+        code: "08P01",
+        message: format!("rolegate: malformed {what}"),
+        hint: None,
+        kind: "malformed message".into(),
+    }
+}
+
+/// The statement name of a Parse body (`name\0query\0…`).
+fn parse_statement_name(body: &[u8]) -> Option<Vec<u8>> {
+    let end = body.iter().position(|&b| b == 0)?;
+    Some(body[..end].to_vec())
+}
+
+/// The query text of a Parse body, if the body is well formed.
+fn parse_query_text(body: &[u8]) -> Option<&[u8]> {
+    let name_end = body.iter().position(|&b| b == 0)?;
+    let rest = &body[name_end + 1..];
+    let query_end = rest.iter().position(|&b| b == 0)?;
+    let tail = &rest[query_end + 1..];
+    // Int16 count of parameter types, then an Int32 OID for each.
+    if tail.len() < 2 {
+        return None;
+    }
+    let count = i16::from_be_bytes([tail[0], tail[1]]);
+    if count < 0 || tail.len() != 2 + 4 * count as usize {
+        return None;
+    }
+    Some(&rest[..query_end])
+}
+
+/// Server → client.
+#[derive(Default)]
+struct Downstream {
+    buf: BytesMut,
+    out: BytesMut,
+    passthrough: usize,
+    ready_count: u64,
+    bytes: u64,
+}
+
+impl Downstream {
+    async fn run<R, W>(&mut self, server: &mut R, client: &mut W, shared: &Shared) -> RelayEnd
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        loop {
+            if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
+                self.buf.reserve(READ_CHUNK);
+            }
+            match server.read_buf(&mut self.buf).await {
+                Ok(0) => return RelayEnd::ServerClosed,
+                Ok(n) => self.bytes += n as u64,
+                Err(e) => return RelayEnd::ServerIo(e),
+            }
+            let end = match self.scan(shared) {
+                Ok(end) => end,
+                Err(e) => return RelayEnd::ServerProtocol(e),
+            };
+            let result = if self.out.is_empty() {
+                client.write_all(&self.buf[..end]).await
+            } else {
+                self.out.extend_from_slice(&self.buf[..end]);
+                let r = client.write_all(&self.out).await;
+                self.out.clear();
+                r
+            };
+            self.buf.advance(end);
+            if let Err(e) = result.and(client.flush().await) {
+                return RelayEnd::ClientIo(e);
+            }
+        }
+    }
+
+    fn scan(&mut self, shared: &Shared) -> Result<usize, WireError> {
+        let mut pos = self.passthrough.min(self.buf.len());
+        self.passthrough -= pos;
+        while let Some((tag, len)) = wire::peek_header(&self.buf[pos..]) {
+            // The server is trusted to send sane lengths, but a bad one must not panic.
+            let size = wire::frame_size(len, i32::MAX as usize)?;
+            let available = self.buf.len() - pos;
+            let inspected = matches!(tag, b'Z' | b'S' | b'E');
+            if available < size {
+                if inspected {
+                    break;
+                }
+                self.passthrough = size - available;
+                return Ok(self.buf.len());
+            }
+            match tag {
+                b'Z' => {
+                    self.ready_count += 1;
+                    let ready = self.ready_count;
+                    let mut pending = shared.pending();
+                    while pending.front().is_some_and(|p| p.until_ready <= ready) {
+                        pending.pop_front();
+                    }
+                }
+                b'S' => {
+                    let body = &self.buf[pos + 5..pos + size];
+                    if let Some(value) = body.strip_prefix(b"standard_conforming_strings\0") {
+                        shared
+                            .standard_conforming_strings
+                            .store(value.starts_with(b"on"), Ordering::Relaxed);
+                    }
+                }
+                b'E' => {
+                    let replacement = {
+                        let mut pending = shared.pending();
+                        let frame = &self.buf[pos..pos + size];
+                        let hit = pending.iter().position(|p| contains(frame, &p.marker));
+                        hit.and_then(|i| pending.remove(i)).map(|p| p.error)
+                    };
+                    if let Some(error) = replacement {
+                        self.out.extend_from_slice(&self.buf[..pos]);
+                        self.out.extend_from_slice(&error);
+                        self.buf.advance(pos + size);
+                        pos = 0;
+                        continue;
+                    }
+                }
+                _ => {}
+            }
+            pos += size;
+        }
+        Ok(pos)
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_bodies_are_checked() {
+        assert_eq!(
+            parse_query_text(b"s1\0select 1\0\0\0"),
+            Some(&b"select 1"[..])
+        );
+        assert_eq!(
+            parse_query_text(b"\0select $1\0\0\x01\0\0\0\x17"),
+            Some(&b"select $1"[..])
+        );
+        assert_eq!(parse_query_text(b"\0select 1\0\0\x05"), None);
+        assert_eq!(parse_query_text(b"\0select 1"), None);
+    }
+}

@@ -1,0 +1,158 @@
+//! One client connection from accept to close: startup, backend, relay.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use pgwire::messages::startup::Authentication;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::backend;
+use crate::config::ClientClass;
+use crate::policy::Requester;
+use crate::proxy::{CancelTarget, Proxy};
+use crate::relay::{self, RelayContext};
+use crate::sql::quote_ident;
+use crate::startup::{self, ClientIdentity, Opening, StartupError};
+use crate::tls::MaybeTls;
+use crate::wire::{self, ErrorFields};
+
+pub async fn run(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
+    let _ = tcp.set_nodelay(true);
+    let login_timeout = proxy.config().limits.client_login_timeout;
+    let opened = match tokio::time::timeout(login_timeout, startup::open(&proxy, tcp)).await {
+        Ok(opened) => opened,
+        Err(_) => {
+            tracing::info!(%peer, "client did not log in within client_login_timeout; closed");
+            return;
+        }
+    };
+    match opened {
+        Ok(Opening::Cancel { pid, secret }) => {
+            if let Some(target) = proxy.cancel_keys.lookup(pid, secret) {
+                if let Err(e) = backend::send_cancel(&target.addr, target.pid, target.secret).await
+                {
+                    tracing::warn!(error = %e, "could not forward a cancel request");
+                }
+            }
+        }
+        Err((error, stream)) => {
+            if let (StartupError::Refused(code, message), Some(mut stream)) = (&error, stream) {
+                let mut out = BytesMut::new();
+                wire::put_error(&mut out, &ErrorFields::fatal(code, message));
+                let _ = stream.write_all(&out).await;
+                let _ = stream.shutdown().await;
+            }
+            tracing::info!(%peer, error = %error, "client connection refused");
+        }
+        Ok(Opening::Session {
+            stream,
+            identity,
+            params,
+            scram_final,
+        }) => serve(&proxy, stream, identity, params, scram_final, peer).await,
+    }
+}
+
+/// The SQL that puts a fresh backend session where the client's class needs it.
+pub fn session_setup_sql(owner_role: &str, class: ClientClass) -> String {
+    let mut sql = format!("SET ROLE {}", quote_ident(owner_role));
+    if class == ClientClass::Readonly {
+        sql.push_str("; SET default_transaction_read_only = on");
+    }
+    sql
+}
+
+async fn serve(
+    proxy: &Proxy,
+    mut client: MaybeTls,
+    identity: ClientIdentity,
+    params: Vec<(String, String)>,
+    scram_final: String,
+    peer: SocketAddr,
+) {
+    let started = Instant::now();
+    let config = proxy.config();
+    let login = proxy.credentials.current();
+    let setup = session_setup_sql(&config.backend.owner_role, identity.class);
+    let backend = match backend::connect(&proxy.backend, &login, &params, &setup).await {
+        Ok(backend) => backend,
+        Err(e) => {
+            tracing::warn!(user = identity.user.as_str(), login = login.user.as_str(), error = %e, "backend session failed");
+            let mut out = BytesMut::new();
+            let fields = e.client_fields();
+            let field = |c| wire::field(&fields, c).unwrap_or_default();
+            wire::put_error(
+                &mut out,
+                &ErrorFields {
+                    detail: Some(field(b'D')).filter(|d| !d.is_empty()),
+                    hint: Some(field(b'H')).filter(|h| !h.is_empty()),
+                    ..ErrorFields::fatal(field(b'C'), field(b'M'))
+                },
+            );
+            let _ = client.write_all(&out).await;
+            let _ = client.shutdown().await;
+            return;
+        }
+    };
+    let cancel_key = proxy.cancel_keys.register(CancelTarget {
+        addr: proxy.backend.addr(),
+        pid: backend.pid,
+        secret: backend.secret,
+    });
+
+    let mut greeting = BytesMut::new();
+    wire::put_authentication(
+        &mut greeting,
+        &Authentication::SASLFinal(Bytes::from(scram_final)),
+    );
+    wire::put_authentication(&mut greeting, &Authentication::Ok);
+    let mut standard_conforming_strings = true;
+    for (name, frame) in &backend.parameter_status {
+        if name == "standard_conforming_strings" {
+            standard_conforming_strings = frame.ends_with(b"on\0");
+        }
+        greeting.extend_from_slice(frame);
+    }
+    wire::put_backend_key_data(&mut greeting, cancel_key.key.0, cancel_key.key.1);
+    wire::put_ready_for_query(&mut greeting, b'I');
+    if let Err(e) = client.write_all(&greeting).await {
+        tracing::info!(error = %e, "client left before the session started");
+        return;
+    }
+    let _ = client.flush().await;
+    tracing::info!(
+        user = identity.user.as_str(),
+        class = identity.class.as_str(),
+        %peer,
+        login = login.user.as_str(),
+        tls = client.is_tls(),
+        "session started"
+    );
+
+    let ctx = RelayContext {
+        policy: &proxy.policy,
+        requester: Requester {
+            user: &identity.user,
+            class: identity.class,
+            allow: &identity.allow,
+        },
+        standard_conforming_strings,
+        max_message_bytes: config.limits.max_message_bytes,
+    };
+    let (stats, end) = relay::run(client, backend.stream, &ctx).await;
+    drop(cancel_key);
+    tracing::info!(
+        user = identity.user.as_str(),
+        class = identity.class.as_str(),
+        %peer,
+        duration_ms = started.elapsed().as_millis() as u64,
+        client_bytes = stats.client_bytes,
+        server_bytes = stats.server_bytes,
+        refused = stats.refused,
+        outcome = %end,
+        "session ended"
+    );
+}
