@@ -171,7 +171,10 @@ pub async fn connect(
     Ok(session)
 }
 
-async fn negotiate_tls(target: &BackendTarget, mut tcp: TcpStream) -> Result<MaybeTls, BackendError> {
+async fn negotiate_tls(
+    target: &BackendTarget,
+    mut tcp: TcpStream,
+) -> Result<MaybeTls, BackendError> {
     let Some((connector, name)) = &target.tls else {
         return Ok(MaybeTls::Plain(tcp));
     };
@@ -185,7 +188,9 @@ async fn negotiate_tls(target: &BackendTarget, mut tcp: TcpStream) -> Result<May
                 .connect(name.clone(), tcp)
                 .await
                 .map_err(BackendError::Tls)?;
-            Ok(MaybeTls::Tls(Box::new(tokio_rustls::TlsStream::Client(tls))))
+            Ok(MaybeTls::Tls(Box::new(tokio_rustls::TlsStream::Client(
+                tls,
+            ))))
         }
         _ => Err(BackendError::TlsRefused),
     }
@@ -277,7 +282,11 @@ async fn read_until_ready(session: &mut BackendSession) -> Result<(), BackendErr
                 let mut frame = BytesMut::with_capacity(body.len() + 5);
                 wire::put_message(&mut frame, b'S', &body);
                 let frame = frame.freeze();
-                match session.parameter_status.iter_mut().find(|(n, _)| *n == name) {
+                match session
+                    .parameter_status
+                    .iter_mut()
+                    .find(|(n, _)| *n == name)
+                {
                     Some(slot) => slot.1 = frame,
                     None => session.parameter_status.push((name, frame)),
                 }

@@ -291,8 +291,7 @@ impl Config {
         if self.backend.login_user.is_none() {
             return invalid("[backend] login_user is required".into());
         }
-        if self.backend.login_password_env.is_some() == self.backend.login_password_file.is_some()
-        {
+        if self.backend.login_password_env.is_some() == self.backend.login_password_file.is_some() {
             return invalid(
                 "[backend] needs exactly one of login_password_env and login_password_file".into(),
             );

@@ -11,7 +11,11 @@ use rolegate::config::Config;
 use rolegate::proxy::Proxy;
 
 #[derive(Parser)]
-#[command(name = "rolegate", version, about = "A PostgreSQL proxy that keeps apps out of the schema and sessions in the owner role")]
+#[command(
+    name = "rolegate",
+    version,
+    about = "A PostgreSQL proxy that keeps apps out of the schema and sessions in the owner role"
+)]
 struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]

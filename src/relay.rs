@@ -82,7 +82,11 @@ impl Shared {
 }
 
 /// Relays until either side ends; returns the byte counts and how it ended.
-pub async fn run(client: MaybeTls, server: MaybeTls, ctx: &RelayContext<'_>) -> (RelayStats, RelayEnd) {
+pub async fn run(
+    client: MaybeTls,
+    server: MaybeTls,
+    ctx: &RelayContext<'_>,
+) -> (RelayStats, RelayEnd) {
     match (client, server) {
         (MaybeTls::Plain(mut c), MaybeTls::Plain(mut s)) => {
             let (cr, cw) = c.split();

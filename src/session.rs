@@ -17,7 +17,7 @@ use crate::relay::{self, RelayContext};
 use crate::sql::quote_ident;
 use crate::startup::{self, ClientIdentity, Opening, StartupError};
 use crate::tls::MaybeTls;
-use crate::wire::{self, ErrorFields};
+use crate::wire::{self, ErrorFields, WireError};
 
 pub async fn run(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
     let _ = tcp.set_nodelay(true);
@@ -37,6 +37,9 @@ pub async fn run(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
                     tracing::warn!(error = %e, "could not forward a cancel request");
                 }
             }
+        }
+        Err((StartupError::Wire(WireError::Closed), _)) => {
+            tracing::debug!(%peer, "client closed the connection before startup");
         }
         Err((error, stream)) => {
             if let (StartupError::Refused(code, message), Some(mut stream)) = (&error, stream) {

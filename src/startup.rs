@@ -55,7 +55,10 @@ impl StartupError {
 
 /// Runs the connection from its first byte to a proven identity (or a cancel request).
 /// On `Err(Refused)` the caller sends the FATAL error on `stream_for_error`.
-pub async fn open(proxy: &Proxy, tcp: TcpStream) -> Result<Opening, (StartupError, Option<MaybeTls>)> {
+pub async fn open(
+    proxy: &Proxy,
+    tcp: TcpStream,
+) -> Result<Opening, (StartupError, Option<MaybeTls>)> {
     let mut stream = MaybeTls::Plain(tcp);
     let (minor, body) = loop {
         let mut body = match wire::read_startup_packet(&mut stream).await {
@@ -140,7 +143,10 @@ async fn authenticate(
     let user = take(&mut params, "user")
         .filter(|u| !u.is_empty())
         .ok_or_else(|| {
-            StartupError::refused("28000", "no PostgreSQL user name specified in startup packet")
+            StartupError::refused(
+                "28000",
+                "no PostgreSQL user name specified in startup packet",
+            )
         })?;
     let database = take(&mut params, "database")
         .filter(|d| !d.is_empty())
@@ -263,14 +269,12 @@ async fn scram_exchange(
             format!("expected SASL response, got message type {:?}", tag as char),
         ));
     }
-    waiting
-        .on_client_final_message(&body)
-        .map_err(|e| match e {
-            pgwire::error::PgWireError::InvalidPassword(_) => {
-                StartupError::refused("28P01", "password authentication failed")
-            }
-            _ => StartupError::refused("08P01", "malformed SCRAM message"),
-        })
+    waiting.on_client_final_message(&body).map_err(|e| match e {
+        pgwire::error::PgWireError::InvalidPassword(_) => {
+            StartupError::refused("28P01", "password authentication failed")
+        }
+        _ => StartupError::refused("08P01", "malformed SCRAM message"),
+    })
 }
 
 /// Startup parameters are settings the server applies at login; the ones that would
@@ -366,11 +370,23 @@ mod tests {
     #[test]
     fn role_settings_are_refused_at_startup() {
         let params = |k: &str, v: &str| vec![(k.to_owned(), v.to_owned())];
-        assert!(check_settings(&params("options", "-c role=postgres"), ClientClass::Migrator).is_err());
+        assert!(check_settings(
+            &params("options", "-c role=postgres"),
+            ClientClass::Migrator
+        )
+        .is_err());
         assert!(check_settings(&params("options", "--ROLE=postgres"), ClientClass::App).is_err());
         assert!(check_settings(&params("session_authorization", "x"), ClientClass::App).is_err());
-        assert!(check_settings(&params("default_transaction_read_only", "off"), ClientClass::Readonly).is_err());
-        assert!(check_settings(&params("default_transaction_read_only", "off"), ClientClass::App).is_ok());
+        assert!(check_settings(
+            &params("default_transaction_read_only", "off"),
+            ClientClass::Readonly
+        )
+        .is_err());
+        assert!(check_settings(
+            &params("default_transaction_read_only", "off"),
+            ClientClass::App
+        )
+        .is_ok());
         assert!(check_settings(&params("application_name", "role"), ClientClass::App).is_ok());
     }
 }

@@ -121,7 +121,13 @@ pub fn startup_parameters(mut body: Bytes) -> Result<Vec<(String, String)>, Wire
 
 /// Appends a StartupMessage (protocol 3.0) with these parameters.
 pub fn put_startup(buf: &mut BytesMut, params: &[(&str, &str)]) {
-    let len = 4 + 4 + params.iter().map(|(k, v)| k.len() + v.len() + 2).sum::<usize>() + 1;
+    let len = 4
+        + 4
+        + params
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 2)
+            .sum::<usize>()
+        + 1;
     buf.put_i32(len as i32);
     buf.put_i32(PROTOCOL_3_0);
     for (k, v) in params {
@@ -277,7 +283,10 @@ mod tests {
         let body = Bytes::copy_from_slice(&buf[8..]);
         assert_eq!(
             startup_parameters(body).unwrap(),
-            vec![("user".into(), "web".into()), ("database".into(), "db".into())]
+            vec![
+                ("user".into(), "web".into()),
+                ("database".into(), "db".into())
+            ]
         );
         assert!(startup_parameters(Bytes::from_static(b"user\0web")).is_err());
     }

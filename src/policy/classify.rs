@@ -3,9 +3,7 @@
 
 use std::borrow::Cow;
 
-use pg_query::protobuf::{
-    a_const, DiscardMode, ObjectType, TransactionStmtKind, VariableSetKind,
-};
+use pg_query::protobuf::{a_const, DiscardMode, ObjectType, TransactionStmtKind, VariableSetKind};
 use pg_query::{NodeEnum, ParserOptions};
 use serde_json::Value;
 
@@ -135,7 +133,9 @@ fn top_level(node: &NodeEnum) -> StatementInfo {
     use StatementInfo as S;
     match node {
         NodeEnum::SelectStmt(s) => match &s.into_clause {
-            Some(into) if is_temp(into.rel.as_ref()) => S::new("SELECT INTO TEMPORARY", Effect::TempTable),
+            Some(into) if is_temp(into.rel.as_ref()) => {
+                S::new("SELECT INTO TEMPORARY", Effect::TempTable)
+            }
             Some(_) => S::new("SELECT INTO", Effect::Schema),
             None if !s.values_lists.is_empty() => S::new("VALUES", Effect::Read),
             None => S::new("SELECT", Effect::Read),
@@ -207,15 +207,27 @@ fn top_level(node: &NodeEnum) -> StatementInfo {
         NodeEnum::ReindexStmt(_) => S::new("REINDEX", Effect::Maintenance),
         NodeEnum::CheckPointStmt(_) => S::new("CHECKPOINT", Effect::Maintenance),
         NodeEnum::TruncateStmt(_) => S::new("TRUNCATE", Effect::Schema),
-        NodeEnum::GrantStmt(g) => S::new(if g.is_grant { "GRANT" } else { "REVOKE" }, Effect::Schema),
-        NodeEnum::GrantRoleStmt(g) => {
-            S::new(if g.is_grant { "GRANT role" } else { "REVOKE role" }, Effect::Schema)
+        NodeEnum::GrantStmt(g) => {
+            S::new(if g.is_grant { "GRANT" } else { "REVOKE" }, Effect::Schema)
         }
+        NodeEnum::GrantRoleStmt(g) => S::new(
+            if g.is_grant {
+                "GRANT role"
+            } else {
+                "REVOKE role"
+            },
+            Effect::Schema,
+        ),
         NodeEnum::IndexStmt(_) => S::new("CREATE INDEX", Effect::Schema),
         NodeEnum::ViewStmt(_) => S::new("CREATE VIEW", Effect::Schema),
-        NodeEnum::CreateFunctionStmt(f) => {
-            S::new(if f.is_procedure { "CREATE PROCEDURE" } else { "CREATE FUNCTION" }, Effect::Schema)
-        }
+        NodeEnum::CreateFunctionStmt(f) => S::new(
+            if f.is_procedure {
+                "CREATE PROCEDURE"
+            } else {
+                "CREATE FUNCTION"
+            },
+            Effect::Schema,
+        ),
         NodeEnum::DropStmt(d) => S::new(
             format!("DROP {}", object_type_words(d.remove_type)),
             Effect::Schema,
@@ -374,10 +386,8 @@ fn walk(value: &Value, findings: &mut Findings) {
                     "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt" => {
                         findings.modifies_data = true
                     }
-                    "SelectStmt" => {
-                        if child.get("into_clause").is_some_and(|i| !i.is_null()) {
-                            findings.select_into = true;
-                        }
+                    "SelectStmt" if child.get("into_clause").is_some_and(|i| !i.is_null()) => {
+                        findings.select_into = true;
                     }
                     "FuncCall" => func_call(child, findings),
                     _ => {}
@@ -424,7 +434,12 @@ fn constant_string(node: &Value) -> Option<&str> {
     if let Some(cast) = inner.get("TypeCast") {
         return constant_string(cast.get("arg")?);
     }
-    inner.get("AConst")?.get("val")?.get("Sval")?.get("sval")?.as_str()
+    inner
+        .get("AConst")?
+        .get("val")?
+        .get("Sval")?
+        .get("sval")?
+        .as_str()
 }
 
 #[cfg(test)]
@@ -447,9 +462,15 @@ mod tests {
         assert_eq!(one("create table t (id int)").label, "CREATE TABLE");
         assert_eq!(one("drop table t").label, "DROP TABLE");
         assert_eq!(one("alter table t add column x int").label, "ALTER TABLE");
-        assert_eq!(one("create temp table t (id int)").effect, Effect::TempTable);
+        assert_eq!(
+            one("create temp table t (id int)").effect,
+            Effect::TempTable
+        );
         assert_eq!(one("select 1 into t").label, "SELECT INTO");
-        assert_eq!(one("explain analyze create table t as select 1").effect, Effect::Schema);
+        assert_eq!(
+            one("explain analyze create table t as select 1").effect,
+            Effect::Schema
+        );
         assert_eq!(one("copy t from '/etc/passwd'").effect, Effect::ServerFile);
         assert_eq!(one("copy t from stdin").effect, Effect::Write);
         assert_eq!(one("create sequence s").label, "CREATE SEQ");
@@ -463,7 +484,9 @@ mod tests {
         assert!(one("select coalesce(set_config('session_authorization','x',false))").changes_role);
         assert!(one("select set_config(current_setting('x'), 'y', false)").changes_role);
         assert!(!one("select set_config('search_path', 'x', false)").changes_role);
-        assert!(one("select set_config('default_transaction_read_only','off',false)").leaves_read_only);
+        assert!(
+            one("select set_config('default_transaction_read_only','off',false)").leaves_read_only
+        );
         assert!(one("set role postgres").changes_role);
         assert!(one("reset session authorization").changes_role);
         assert!(one("discard all").changes_role);
@@ -497,7 +520,13 @@ mod tests {
 
     #[test]
     fn nul_bytes_and_garbage_do_not_parse() {
-        assert!(matches!(classify("select 1\0; drop table t", true), Classification::SyntaxError(_)));
-        assert!(matches!(classify("selec 1", true), Classification::SyntaxError(_)));
+        assert!(matches!(
+            classify("select 1\0; drop table t", true),
+            Classification::SyntaxError(_)
+        ));
+        assert!(matches!(
+            classify("selec 1", true),
+            Classification::SyntaxError(_)
+        ));
     }
 }

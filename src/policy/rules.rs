@@ -134,12 +134,21 @@ mod tests {
     fn temp_tables_need_an_allowance() {
         let sql = "create temp table t (id int)";
         assert!(verdict(ClientClass::App, sql).is_err());
-        assert!(judge(ClientClass::App, &[Allowance::TempTables], &classify(sql, true)).is_ok());
+        assert!(judge(
+            ClientClass::App,
+            &[Allowance::TempTables],
+            &classify(sql, true)
+        )
+        .is_ok());
     }
 
     #[test]
     fn nobody_changes_role() {
-        for class in [ClientClass::App, ClientClass::Readonly, ClientClass::Migrator] {
+        for class in [
+            ClientClass::App,
+            ClientClass::Readonly,
+            ClientClass::Migrator,
+        ] {
             assert!(verdict(class, "set role postgres").is_err());
             assert!(verdict(class, "select set_config('role','x',false)").is_err());
         }
@@ -151,13 +160,24 @@ mod tests {
         assert!(verdict(ClientClass::Readonly, "select * from t").is_ok());
         assert!(verdict(ClientClass::Readonly, "begin read only").is_ok());
         assert!(verdict(ClientClass::Readonly, "update t set x = 1").is_err());
-        assert!(verdict(ClientClass::Readonly, "with d as (delete from t returning 1) select * from d").is_err());
+        assert!(verdict(
+            ClientClass::Readonly,
+            "with d as (delete from t returning 1) select * from d"
+        )
+        .is_err());
         assert!(verdict(ClientClass::Readonly, "begin read write").is_err());
-        assert!(verdict(ClientClass::Readonly, "set default_transaction_read_only = off").is_err());
+        assert!(verdict(
+            ClientClass::Readonly,
+            "set default_transaction_read_only = off"
+        )
+        .is_err());
     }
 
     #[test]
     fn syntax_errors_are_refused_as_syntax_errors() {
-        assert_eq!(verdict(ClientClass::Migrator, "selec 1").unwrap_err().code, "42601");
+        assert_eq!(
+            verdict(ClientClass::Migrator, "selec 1").unwrap_err().code,
+            "42601"
+        );
     }
 }

@@ -1,0 +1,42 @@
+//! The policy verdict, the one piece of work rolegate adds per statement:
+//! a cached hit, an uncached short statement, an uncached 2 KB ORM statement.
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use rolegate::config::{ClientClass, PolicyConfig};
+use rolegate::policy::{classify, Policy, Requester};
+
+fn orm_statement() -> String {
+    let columns: Vec<String> = (0..60)
+        .map(|i| format!("\"orders\".\"column_{i}\" AS \"orders_column_{i}\""))
+        .collect();
+    format!(
+        "SELECT {} FROM \"orders\" LEFT OUTER JOIN \"customers\" ON \"customers\".\"id\" = \"orders\".\"customer_id\" WHERE \"orders\".\"status\" = $1 AND \"orders\".\"created_at\" > $2 ORDER BY \"orders\".\"id\" DESC LIMIT $3",
+        columns.join(", ")
+    )
+}
+
+fn verdicts(c: &mut Criterion) {
+    let policy = Policy::new(&PolicyConfig::default());
+    let who = Requester {
+        user: "web",
+        class: ClientClass::App,
+        allow: &[],
+    };
+    let short = "SELECT abalance FROM pgbench_accounts WHERE aid = $1";
+    let orm = orm_statement();
+    assert!(orm.len() > 2000);
+
+    policy.check(&who, short.as_bytes(), true);
+    c.bench_function("verdict/cached", |b| {
+        b.iter(|| policy.check(&who, black_box(short.as_bytes()), true))
+    });
+    c.bench_function("verdict/uncached_short", |b| {
+        b.iter(|| classify(black_box(short), true))
+    });
+    c.bench_function("verdict/uncached_orm_2kb", |b| {
+        b.iter(|| classify(black_box(&orm), true))
+    });
+}
+
+criterion_group!(benches, verdicts);
+criterion_main!(benches);

@@ -1,0 +1,319 @@
+//! `rolegate serve` end to end: real PostgreSQL (scram-sha-256), real clients (psql,
+//! tokio-postgres, psycopg), a real rolegate process.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use futures_util::SinkExt;
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_run_as_the_owner_role_for_every_client() {
+    let db = TestDb::create("roles").await;
+    let rg = Rolegate::start(&db).await;
+    // tokio-postgres
+    let client = rg.client("web", &db).await;
+    let row = client
+        .query_one("SELECT current_user::text, session_user::text", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), db.owner);
+    assert_eq!(row.get::<_, String>(1), db.login);
+    // psql
+    let (ok, out, err) = psql(
+        &rg.url("migrate", "migrate-pw", &db.name),
+        "migrate-pw",
+        &["-c", "SELECT current_user, session_user"],
+    )
+    .await;
+    assert!(ok, "psql failed: {err}");
+    assert_eq!(out.trim(), format!("{}|{}", db.owner, db.login));
+    // psycopg 3
+    let (ok, out, err) = python(
+        "psycopg_session.py",
+        &[&rg.url("web", "web-pw", &db.name), &db.owner, &db.login],
+    )
+    .await;
+    assert!(
+        ok,
+        "psycopg checks failed:\n{out}\n{err}\n{}",
+        rg.log_text()
+    );
+    assert!(out.contains("psycopg ok"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_created_through_rolegate_belong_to_the_owner() {
+    let db = TestDb::create("owned").await;
+    let rg = Rolegate::start(&db).await;
+    let migrate = rg.client("migrate", &db).await;
+    migrate
+        .batch_execute(
+            "CREATE TABLE books (id serial PRIMARY KEY, title text);
+             CREATE INDEX books_title ON books (title);
+             CREATE VIEW titles AS SELECT title FROM books;",
+        )
+        .await
+        .unwrap();
+    let admin = admin(&db.name).await;
+    let owners = admin
+        .query(
+            "SELECT c.relname::text, pg_get_userbyid(c.relowner)::text FROM pg_class c
+             JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname = 'public' ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(owners.len() >= 4, "expected table, sequence, index, view");
+    for row in owners {
+        assert_eq!(
+            row.get::<_, String>(1),
+            db.owner,
+            "{} is not owned by the owner role",
+            row.get::<_, String>(0)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simple_extended_and_prepared_queries_work() {
+    let db = TestDb::create("queries").await;
+    let rg = Rolegate::start(&db).await;
+    rg.client("migrate", &db)
+        .await
+        .batch_execute("CREATE TABLE kv (k int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let web = rg.client("web", &db).await;
+    // Simple protocol, several statements in one string.
+    let results = web
+        .simple_query("INSERT INTO kv VALUES (1, 'one'); SELECT v FROM kv WHERE k = 1")
+        .await
+        .unwrap();
+    let rows: Vec<_> = results
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(rows, vec!["one"]);
+    // Extended protocol with parameters, and one prepared statement reused.
+    let insert = web.prepare("INSERT INTO kv VALUES ($1, $2)").await.unwrap();
+    for k in 2..50 {
+        web.execute(&insert, &[&k, &format!("v{k}")]).await.unwrap();
+    }
+    let select = web.prepare("SELECT v FROM kv WHERE k = $1").await.unwrap();
+    for k in 2..50 {
+        let row = web.query_one(&select, &[&k]).await.unwrap();
+        assert_eq!(row.get::<_, String>(0), format!("v{k}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_in_and_out_of_100k_rows() {
+    let db = TestDb::create("copy").await;
+    let rg = Rolegate::start(&db).await;
+    rg.client("migrate", &db)
+        .await
+        .batch_execute("CREATE TABLE nums (n int, label text)")
+        .await
+        .unwrap();
+    let web = rg.client("web", &db).await;
+    let mut data = String::new();
+    for n in 0..100_000 {
+        data.push_str(&format!("{n}\tlabel-{n}\n"));
+    }
+    let sink = web.copy_in("COPY nums FROM STDIN").await.unwrap();
+    futures_util::pin_mut!(sink);
+    sink.send(bytes::Bytes::from(data.clone())).await.unwrap();
+    assert_eq!(sink.finish().await.unwrap(), 100_000);
+
+    let row = web
+        .query_one("SELECT count(*), sum(n) FROM nums", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 100_000);
+    assert_eq!(row.get::<_, i64>(1), (0..100_000i64).sum::<i64>());
+
+    let stream = web
+        .copy_out("COPY (SELECT n, label FROM nums ORDER BY n) TO STDOUT")
+        .await
+        .unwrap();
+    use futures_util::TryStreamExt;
+    let chunks: Vec<bytes::Bytes> = stream.try_collect().await.unwrap();
+    let out: Vec<u8> = chunks.concat();
+    assert_eq!(String::from_utf8(out).unwrap(), data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_reach_the_client_and_rollback_works() {
+    let db = TestDb::create("errors").await;
+    let rg = Rolegate::start(&db).await;
+    rg.client("migrate", &db)
+        .await
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let web = rg.client("web", &db).await;
+    web.batch_execute("BEGIN; INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    let err = web
+        .batch_execute("INSERT INTO t VALUES (1)")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("23505"), "{err}");
+    let err = web.batch_execute("SELECT 1").await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("25P02"));
+    web.batch_execute("ROLLBACK").await.unwrap();
+    let n: i64 = web
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "the rolled back insert is gone");
+    // A server error is passed on as the server sent it.
+    let err = web.batch_execute("SELECT 1/0").await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("22012"));
+    assert!(message(&err).contains("division by zero"), "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_query_is_cancelled() {
+    let db = TestDb::create("cancel").await;
+    let rg = Rolegate::start(&db).await;
+    let web = rg.client("web", &db).await;
+    let token = web.cancel_token();
+    let started = Instant::now();
+    let canceller = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        token.cancel_query(tokio_postgres::NoTls).await
+    });
+    let err = web.batch_execute("SELECT pg_sleep(30)").await.unwrap_err();
+    canceller.await.unwrap().unwrap();
+    assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_millis(1300),
+        "cancel took {:?}",
+        started.elapsed()
+    );
+    // The session is still usable.
+    web.batch_execute("SELECT 1").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_passwords_unknown_users_and_databases_are_refused() {
+    let db = TestDb::create("auth").await;
+    let rg = Rolegate::start(&db).await;
+    let err = connect_url(&rg.url("web", "wrong", &db.name))
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("28P01"), "{err}");
+    let err = connect_url(&rg.url("nobody", "whatever", &db.name))
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("28P01"), "{err}");
+    // The unknown user gets the very same message shape as a wrong password.
+    assert!(
+        message(&err).contains("password authentication failed for user \"nobody\""),
+        "{err:?}"
+    );
+    let err = connect_url(&rg.url("web", "web-pw", "otherdb"))
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("3D000"), "{err}");
+    // psql shows the server's words.
+    let (ok, _, stderr) = psql(
+        &rg.url("web", "wrong", &db.name),
+        "wrong",
+        &["-c", "select 1"],
+    )
+    .await;
+    assert!(!ok);
+    assert!(
+        stderr.contains("password authentication failed"),
+        "{stderr}"
+    );
+    // The log names the user but never a password.
+    let log = rg.log_text();
+    assert!(log.contains("client authentication failed"), "{log}");
+    assert!(!log.contains("wrong") && !log.contains("web-pw") && !log.contains(LOGIN_PASSWORD));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_is_offered_and_can_be_required() {
+    let db = TestDb::create("tls").await;
+    let rg = Rolegate::start_with(
+        &db,
+        Options {
+            tls_mode: Some("require"),
+            ..Options::default()
+        },
+    )
+    .await;
+    let url = format!(
+        "host=127.0.0.1 port={} user=web dbname={} sslmode=require",
+        rg.port, db.name
+    );
+    let (ok, out, err) = psql(
+        &url,
+        "web-pw",
+        &[
+            "-c",
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            "-c",
+            "\\conninfo",
+        ],
+    )
+    .await;
+    assert!(ok, "psql over TLS failed: {err}\n{}", rg.log_text());
+    assert!(
+        out.contains("SSL connection"),
+        "psql did not use TLS: {out}"
+    );
+    // A plaintext client is refused with a clear error.
+    let err = connect_url(&rg.url("web", "web-pw", &db.name))
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("28000"), "{err}");
+    assert!(message(&err).contains("requires TLS"), "{err:?}");
+    // psycopg over TLS, with the extended protocol.
+    let (ok, out, err) = python(
+        "psycopg_session.py",
+        &[
+            &url.replace("user=web", "user=web password=web-pw"),
+            &db.owner,
+            &db.login,
+        ],
+    )
+    .await;
+    assert!(ok, "psycopg over TLS failed:\n{out}\n{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_clients() {
+    let db = TestDb::create("many").await;
+    let rg = Rolegate::start(&db).await;
+    let mut tasks = Vec::new();
+    for i in 0..200i32 {
+        let url = rg.url("web", "web-pw", &db.name);
+        tasks.push(tokio::spawn(async move {
+            let client = connect_url(&url).await?;
+            for j in 0..10i32 {
+                let row = client
+                    .query_one("SELECT $1::int + $2::int", &[&i, &j])
+                    .await?;
+                assert_eq!(row.get::<_, i32>(0), i + j);
+            }
+            Ok::<_, tokio_postgres::Error>(())
+        }));
+    }
+    for task in tasks {
+        if let Err(e) = task.await.unwrap() {
+            panic!("a client failed: {e:?}\n{}", rg.log_text());
+        }
+    }
+}

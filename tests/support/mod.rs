@@ -1,0 +1,401 @@
+//! The test harness: one private PostgreSQL cluster per test binary (initdb in a temp dir,
+//! a free port, scram-sha-256 for every connection), a database with its own owner and
+//! login roles per test, and a real `rolegate serve` process in front of it.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub const ADMIN_PASSWORD: &str = "admin-secret-for-tests";
+pub const LOGIN_PASSWORD: &str = "login-secret-for-tests";
+
+/// The client identities every test rolegate knows: (user, password, class).
+pub const CLIENTS: &[(&str, &str, &str)] = &[
+    ("web", "web-pw", "app"),
+    ("migrate", "migrate-pw", "migrator"),
+    ("analyst", "analyst-pw", "readonly"),
+];
+
+pub struct Cluster {
+    pub port: u16,
+    pub dir: PathBuf,
+    pub bin: PathBuf,
+}
+
+fn pg_bin() -> PathBuf {
+    if let Ok(dir) = std::env::var("PG_BIN") {
+        return PathBuf::from(dir);
+    }
+    for candidate in [
+        "/usr/lib/postgresql/17/bin",
+        "/usr/lib/postgresql/16/bin",
+        "/usr/lib/postgresql/15/bin",
+    ] {
+        if Path::new(candidate).join("initdb").exists() {
+            return PathBuf::from(candidate);
+        }
+    }
+    PathBuf::from("/usr/lib/postgresql/15/bin")
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port")
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// Runs a PostgreSQL server program, as the `postgres` OS user when we are root
+/// (PostgreSQL refuses to run as root).
+fn pg_command(bin: &Path, program: &str) -> Command {
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(bin.join(program));
+        c
+    } else {
+        Command::new(bin.join(program))
+    }
+}
+
+/// The cluster for this test binary, started on first use and stopped by a watchdog
+/// when the test process exits.
+pub fn cluster() -> &'static Cluster {
+    static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+    CLUSTER.get_or_init(start_cluster)
+}
+
+fn start_cluster() -> Cluster {
+    let bin = pg_bin();
+    let dir = std::env::temp_dir().join(format!("rolegate-pg-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let pwfile = dir.join("pwfile");
+    std::fs::write(&pwfile, ADMIN_PASSWORD).unwrap();
+    if is_root() {
+        let ok = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(&dir)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "chown of the cluster dir failed");
+    }
+    let data = dir.join("data");
+    let out = pg_command(&bin, "initdb")
+        .arg("-D")
+        .arg(&data)
+        .args([
+            "-U",
+            "postgres",
+            "--auth=scram-sha-256",
+            "-E",
+            "UTF8",
+            "--locale=C",
+        ])
+        .arg(format!("--pwfile={}", pwfile.display()))
+        .output()
+        .expect("initdb could not run");
+    assert!(
+        out.status.success(),
+        "initdb failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Every connection, local or TCP, must prove its password.
+    std::fs::write(
+        data.join("pg_hba.conf"),
+        "local all all scram-sha-256\nhost all all 127.0.0.1/32 scram-sha-256\nhost all all ::1/128 scram-sha-256\n",
+    )
+    .unwrap();
+    let port = free_port();
+    let options = format!(
+        "-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c max_connections=400 -c fsync=off -c synchronous_commit=off -c full_page_writes=off",
+        dir.display()
+    );
+    let out = pg_command(&bin, "pg_ctl")
+        .arg("-D")
+        .arg(&data)
+        .arg("-l")
+        .arg(dir.join("server.log"))
+        .args(["-w", "-t", "60", "-o", &options, "start"])
+        .output()
+        .expect("pg_ctl could not run");
+    assert!(
+        out.status.success(),
+        "pg_ctl start failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Stop the server when this test process is gone, however it ends. The watchdog
+    // outlives us on purpose, so it is never waited for.
+    let watchdog = format!(
+        "while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; kill -INT $(head -1 {data}/postmaster.pid) 2>/dev/null; sleep 2; rm -rf {dir}",
+        pid = std::process::id(),
+        data = data.display(),
+        dir = dir.display()
+    );
+    #[allow(clippy::zombie_processes)]
+    Command::new("sh")
+        .args(["-c", &watchdog])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("watchdog could not start");
+    Cluster { port, dir, bin }
+}
+
+impl Cluster {
+    pub fn admin_url(&self, database: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres password={} dbname={database}",
+            self.port, ADMIN_PASSWORD
+        )
+    }
+
+    pub fn server_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+}
+
+pub async fn connect_url(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+pub async fn admin(database: &str) -> tokio_postgres::Client {
+    connect_url(&cluster().admin_url(database))
+        .await
+        .expect("admin connection to the test cluster")
+}
+
+/// A database of its own for one test: `<name>` owned by the NOLOGIN `<name>_owner`, with
+/// the login role `<name>_login` granted the owner role.
+pub struct TestDb {
+    pub name: String,
+    pub owner: String,
+    pub login: String,
+}
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+impl TestDb {
+    pub async fn create(prefix: &str) -> TestDb {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let name = format!("{prefix}_{n}");
+        let db = TestDb {
+            owner: format!("{name}_owner"),
+            login: format!("{name}_login"),
+            name,
+        };
+        // CREATE DATABASE copies template1 and fails if another copy is running.
+        static PROVISIONING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+        let _one_at_a_time = PROVISIONING.lock().await;
+        let admin = admin("postgres").await;
+        let verifier = rolegate::scram::make_verifier(LOGIN_PASSWORD);
+        for sql in [
+            format!("CREATE ROLE \"{}\" NOLOGIN", db.owner),
+            format!(
+                "CREATE ROLE \"{}\" LOGIN PASSWORD '{verifier}' IN ROLE \"{}\"",
+                db.login, db.owner
+            ),
+            format!("CREATE DATABASE \"{}\" OWNER \"{}\"", db.name, db.owner),
+        ] {
+            admin
+                .batch_execute(&sql)
+                .await
+                .expect("provisioning the test database");
+        }
+        db
+    }
+}
+
+pub struct Rolegate {
+    pub port: u16,
+    child: Child,
+    pub log: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+impl Drop for Rolegate {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Options for a test rolegate beyond the defaults.
+#[derive(Default, Clone)]
+pub struct Options {
+    /// `[tls] mode`; "disable" when None.
+    pub tls_mode: Option<&'static str>,
+    /// Extra TOML appended at the end (sections of its own).
+    pub extra: String,
+    /// Extra lines inside `[backend]`.
+    pub backend_extra: String,
+}
+
+impl Rolegate {
+    pub async fn start(db: &TestDb) -> Rolegate {
+        Rolegate::start_with(db, Options::default()).await
+    }
+
+    pub async fn start_with(db: &TestDb, options: Options) -> Rolegate {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut tls = String::from("[tls]\nmode = \"disable\"\n");
+        if let Some(mode) = options.tls_mode {
+            let cert =
+                rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
+                    .expect("test certificate");
+            std::fs::write(dir.path().join("server.crt"), cert.cert.pem()).unwrap();
+            std::fs::write(dir.path().join("server.key"), cert.key_pair.serialize_pem()).unwrap();
+            tls =
+                format!("[tls]\nmode = \"{mode}\"\ncert = \"server.crt\"\nkey = \"server.key\"\n");
+        }
+        let mut clients = String::new();
+        for (user, password, class) in CLIENTS {
+            clients.push_str(&format!(
+                "[[clients]]\nuser = \"{user}\"\npassword = \"{}\"\nclass = \"{class}\"\n\n",
+                rolegate::scram::make_verifier(password)
+            ));
+        }
+        let config = format!(
+            "listen = \"127.0.0.1:{port}\"\n\n{tls}\n[backend]\nhost = \"127.0.0.1\"\nport = {pg}\ndatabase = \"{db}\"\nowner_role = \"{owner}\"\nlogin_user = \"{login}\"\nlogin_password_env = \"TEST_LOGIN_PASSWORD\"\n{backend_extra}\n\n{clients}{extra}",
+            pg = cluster().port,
+            db = db.name,
+            owner = db.owner,
+            login = db.login,
+            backend_extra = options.backend_extra,
+            extra = options.extra,
+        );
+        let config_path = dir.path().join("rolegate.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let log = dir.path().join("rolegate.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_rolegate"))
+            .args(["serve", "--config"])
+            .arg(&config_path)
+            .env("TEST_LOGIN_PASSWORD", LOGIN_PASSWORD)
+            .env("ROLEGATE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("rolegate could not start");
+        let rolegate = Rolegate {
+            port,
+            child,
+            log,
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "rolegate did not start: {}",
+                rolegate.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        rolegate
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn url(&self, user: &str, password: &str, database: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user={user} password={password} dbname={database} sslmode=disable",
+            self.port
+        )
+    }
+
+    /// A tokio-postgres client through rolegate as one of the `CLIENTS`.
+    pub async fn client(&self, user: &str, db: &TestDb) -> tokio_postgres::Client {
+        let password = password_of(user);
+        connect_url(&self.url(user, password, &db.name))
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{user} could not connect through rolegate: {e}\n{}",
+                    self.log_text()
+                )
+            })
+    }
+}
+
+pub fn password_of(user: &str) -> &'static str {
+    CLIENTS
+        .iter()
+        .find(|(u, _, _)| *u == user)
+        .map(|(_, p, _)| *p)
+        .unwrap_or("unknown")
+}
+
+/// Runs psql against rolegate and returns (success, stdout, stderr).
+pub async fn psql(conninfo: &str, password: &str, args: &[&str]) -> (bool, String, String) {
+    let out = tokio::process::Command::new(cluster().bin.join("psql"))
+        .arg(conninfo)
+        .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+        .args(args)
+        .env("PGPASSWORD", password)
+        .env("PGCONNECT_TIMEOUT", "10")
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("psql could not run");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs a Python script from tests/clients with the arguments; returns its stdout.
+pub async fn python(script: &str, args: &[&str]) -> (bool, String, String) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/clients")
+        .join(script);
+    let out = tokio::process::Command::new("python3")
+        .arg(path)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("python3 could not run");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The SQLSTATE of a tokio-postgres error, if the server (or rolegate) sent one.
+pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
+    e.code().map(|c| c.code().to_owned())
+}
+
+/// The message of a tokio-postgres error as the server (or rolegate) worded it.
+pub fn message(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map(|d| d.message().to_owned())
+        .unwrap_or_else(|| e.to_string())
+}
