@@ -302,6 +302,7 @@ impl<'a> Upstream<'a> {
                     message: "rolegate: the FunctionCall protocol message is not allowed".into(),
                     hint: Some("Call the function in a SELECT instead.".into()),
                     kind: "FunctionCall".into(),
+                    leaves_owner_role: true,
                 })
             }
         };
@@ -355,6 +356,7 @@ fn oversized_refusal(len: usize) -> Refusal {
         ),
         hint: None,
         kind: "oversized statement".into(),
+        leaves_owner_role: false,
     }
 }
 
@@ -364,6 +366,7 @@ fn malformed_refusal(what: &str) -> Refusal {
         message: format!("rolegate: malformed {what}"),
         hint: None,
         kind: "malformed message".into(),
+        leaves_owner_role: false,
     }
 }
 

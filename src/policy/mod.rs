@@ -50,7 +50,8 @@ impl Policy {
 
     /// Judges one statement string (a `Query` or a `Parse`). `None`: send it on.
     /// `Some`: refuse it with this error. Every refusal is logged as one audit line; in
-    /// report mode it is logged and `None` is returned.
+    /// report mode it is logged and `None` is returned, unless it would leave the owner
+    /// role.
     pub fn check(
         &self,
         who: &Requester<'_>,
@@ -63,7 +64,9 @@ impl Policy {
             .and_then(|text| pg_query::fingerprint(text, 0, 0).ok())
             .map(|f| f.hex)
             .unwrap_or_else(|| "-".into());
-        let enforced = self.mode == PolicyMode::Enforce;
+        // Report mode is for rolling out the class rules; leaving the owner role is never
+        // let through.
+        let enforced = self.mode == PolicyMode::Enforce || refusal.leaves_owner_role;
         tracing::warn!(
             target: "rolegate::audit",
             user = who.user,
@@ -84,6 +87,7 @@ impl Policy {
                 message: format!("rolegate: {message}"),
                 hint: None,
                 kind: kind.into(),
+                leaves_owner_role: false,
             })
         };
         if sql.len() > self.max_statement_bytes {

@@ -12,6 +12,8 @@ pub struct Refusal {
     pub hint: Option<String>,
     /// The statement kind that was refused ("CREATE TABLE"), for logs and metrics.
     pub kind: String,
+    /// It would leave the owner role: refused even in report mode.
+    pub leaves_owner_role: bool,
 }
 
 /// Judges every statement of a string; the first refused one refuses the whole string.
@@ -26,6 +28,7 @@ pub fn judge(
             message: format!("rolegate: {message}"),
             hint: Some("rolegate parses every statement before it reaches the server; this one is not valid PostgreSQL.".into()),
             kind: "syntax error".into(),
+            leaves_owner_role: false,
         }),
         Classification::Statements(statements) => statements
             .iter()
@@ -44,6 +47,7 @@ fn judge_statement(
             message: format!("rolegate: {why} ({})", s.label),
             hint: Some(hint.to_owned()),
             kind: s.label.to_string(),
+            leaves_owner_role: s.changes_role,
         })
     };
     if s.changes_role {

@@ -399,3 +399,98 @@ pub fn message(e: &tokio_postgres::Error) -> String {
         .map(|d| d.message().to_owned())
         .unwrap_or_else(|| e.to_string())
 }
+
+/// A hand-driven protocol client, for what no driver sends: FunctionCall, malformed
+/// frames, odd lengths.
+pub struct RawClient {
+    pub stream: tokio::net::TcpStream,
+}
+
+impl RawClient {
+    pub async fn connect(port: u16) -> RawClient {
+        RawClient {
+            stream: tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap(),
+        }
+    }
+
+    /// Connects and logs in with SCRAM-SHA-256; panics on failure.
+    pub async fn login(port: u16, user: &str, password: &str, database: &str) -> RawClient {
+        use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+        let mut client = RawClient::connect(port).await;
+        let mut out = bytes::BytesMut::new();
+        rolegate::wire::put_startup(&mut out, &[("user", user), ("database", database)]);
+        client.send(&out).await;
+        let mut scram = None::<ScramSha256>;
+        loop {
+            let (tag, body) = client.read().await.expect("login: connection closed");
+            match tag {
+                b'R' => {
+                    let code = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+                    let data = &body[4..];
+                    let mut out = bytes::BytesMut::new();
+                    match code {
+                        0 => {}
+                        10 => {
+                            let s = ScramSha256::new(
+                                password.as_bytes(),
+                                ChannelBinding::unsupported(),
+                            );
+                            let mut payload = b"SCRAM-SHA-256\0".to_vec();
+                            payload.extend_from_slice(&(s.message().len() as i32).to_be_bytes());
+                            payload.extend_from_slice(s.message());
+                            rolegate::wire::put_message(&mut out, b'p', &payload);
+                            scram = Some(s);
+                        }
+                        11 => {
+                            let s = scram.as_mut().unwrap();
+                            s.update(data).unwrap();
+                            rolegate::wire::put_message(&mut out, b'p', s.message());
+                        }
+                        12 => scram.as_mut().unwrap().finish(data).unwrap(),
+                        other => panic!("unexpected auth request {other}"),
+                    }
+                    if !out.is_empty() {
+                        client.send(&out).await;
+                    }
+                }
+                b'E' => panic!("login failed: {:?}", rolegate::wire::error_fields(&body)),
+                b'Z' => return client,
+                _ => {}
+            }
+        }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        self.stream.write_all(bytes).await.unwrap();
+    }
+
+    /// The next message (tag, body), or None when the connection closed; gives up after
+    /// 10 s so that a hang fails the test instead of stalling it.
+    pub async fn read(&mut self) -> Option<(u8, Vec<u8>)> {
+        let read = rolegate::wire::read_message(&mut self.stream, 1 << 30);
+        match tokio::time::timeout(Duration::from_secs(10), read).await {
+            Ok(Ok((tag, body))) => Some((tag, body.to_vec())),
+            Ok(Err(_)) => None,
+            Err(_) => panic!("no message from rolegate within 10 s"),
+        }
+    }
+
+    /// Reads up to and including ReadyForQuery; returns the tags and error fields seen.
+    pub async fn until_ready(&mut self) -> (Vec<u8>, Vec<Vec<(u8, String)>>) {
+        let mut tags = Vec::new();
+        let mut errors = Vec::new();
+        while let Some((tag, body)) = self.read().await {
+            tags.push(tag);
+            if tag == b'E' {
+                errors.push(rolegate::wire::error_fields(&body));
+            }
+            if tag == b'Z' {
+                break;
+            }
+        }
+        (tags, errors)
+    }
+}

@@ -1,0 +1,288 @@
+//! The statement policy through a live rolegate and a real cluster.
+
+mod support;
+
+use support::*;
+
+/// Tables, a function and a procedure for the corpus to work on, made by the migrator.
+async fn fixture(rg: &Rolegate, db: &TestDb) {
+    rg.client("migrate", db)
+        .await
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY, name text, qty int DEFAULT 0);
+             INSERT INTO items VALUES (1, 'a', 1), (2, 'b', 2);
+             CREATE SEQUENCE seq;
+             CREATE FUNCTION add_one(int) RETURNS int LANGUAGE sql AS 'SELECT $1 + 1';
+             CREATE PROCEDURE noop() LANGUAGE sql AS 'SELECT 1';",
+        )
+        .await
+        .expect("corpus fixture");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corpus_verdicts_hold_for_every_class_and_protocol() {
+    let db = TestDb::create("corpus").await;
+    let rg = Rolegate::start(&db).await;
+    fixture(&rg, &db).await;
+    let corpus = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/corpus/policy.txt");
+    let (ok, out, err) = python(
+        "policy_corpus.py",
+        &[
+            corpus,
+            &cluster().admin_url(&db.name),
+            &rg.port.to_string(),
+            &db.name,
+            &db.owner,
+        ],
+    )
+    .await;
+    assert!(ok, "corpus mismatches:\n{out}\n{err}");
+    assert!(out.contains(" 0 failed"), "{out}");
+    // Every refusal was audited: user, class, kind and fingerprint, never the text.
+    let log = rg.log_text();
+    assert!(log.contains("statement refused"), "{log}");
+    assert!(
+        !log.contains("drop table items"),
+        "statement text leaked into the log"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_says_what_and_why_and_the_session_goes_on() {
+    let db = TestDb::create("refusal").await;
+    let rg = Rolegate::start(&db).await;
+    let web = rg.client("web", &db).await;
+    let err = web
+        .batch_execute("CREATE TABLE t (id int)")
+        .await
+        .unwrap_err();
+    let db_error = err.as_db_error().expect("an ErrorResponse");
+    assert_eq!(db_error.code().code(), "42501");
+    assert_eq!(db_error.severity(), "ERROR");
+    assert_eq!(
+        db_error.message(),
+        "rolegate: DDL is not allowed for app clients (CREATE TABLE)"
+    );
+    assert!(db_error.hint().unwrap_or_default().contains("migrator"));
+    // Same session, next statement.
+    let row = web
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), db.owner);
+    // Extended protocol: refused at Parse.
+    let err = web.prepare("DROP TABLE nothing").await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("42501"));
+    web.query_one("SELECT 1", &[]).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_inside_a_transaction_fails_the_transaction() {
+    let db = TestDb::create("txfail").await;
+    let rg = Rolegate::start(&db).await;
+    fixture(&rg, &db).await;
+    let web = rg.client("web", &db).await;
+    web.batch_execute("BEGIN").await.unwrap();
+    web.batch_execute("INSERT INTO items VALUES (77, 'tx', 1)")
+        .await
+        .unwrap();
+    let err = web.batch_execute("DROP TABLE items").await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("42501"));
+    // As after any error, the transaction is aborted: COMMIT rolls back.
+    let err = web.batch_execute("SELECT 1").await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("25P02"));
+    web.batch_execute("COMMIT").await.unwrap();
+    let n: i64 = web
+        .query_one("SELECT count(*) FROM items WHERE id = 77", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        n, 0,
+        "the insert before the refused statement must not commit"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grammar_follows_the_servers_standard_conforming_strings() {
+    let db = TestDb::create("scs").await;
+    let rg = Rolegate::start(&db).await;
+    fixture(&rg, &db).await;
+    let web = rg.client("web", &db).await;
+    // With standard_conforming_strings off, \' escapes the quote: one harmless SELECT.
+    let tricky = r"SELECT 'a\'; DROP TABLE items; --'";
+    web.batch_execute("SET standard_conforming_strings = off")
+        .await
+        .unwrap();
+    web.simple_query(tricky)
+        .await
+        .expect("one SELECT with scs off");
+    // Back on: the same text is a SELECT and a DROP, and must be refused.
+    web.batch_execute("SET standard_conforming_strings = on")
+        .await
+        .unwrap();
+    let err = web.simple_query(tricky).await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("42501"), "{err:?}");
+    web.query_one("SELECT count(*) FROM items", &[])
+        .await
+        .expect("items still exists");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_settings_cannot_pick_a_role() {
+    let db = TestDb::create("startup").await;
+    let rg = Rolegate::start(&db).await;
+    for options in [
+        "-c role=postgres",
+        "-c session_authorization=postgres",
+        "--role=postgres",
+    ] {
+        let url = format!(
+            "{} options='{options}'",
+            rg.url("migrate", "migrate-pw", &db.name)
+        );
+        let err = connect_url(&url).await.unwrap_err();
+        assert_eq!(
+            sqlstate(&err).as_deref(),
+            Some("42501"),
+            "{options}: {err:?}"
+        );
+    }
+    let url = format!(
+        "{} options='-c default_transaction_read_only=off'",
+        rg.url("analyst", "analyst-pw", &db.name)
+    );
+    assert!(connect_url(&url).await.is_err());
+    // Harmless settings pass through.
+    let url = format!(
+        "{} options='-c statement_timeout=1234'",
+        rg.url("web", "web-pw", &db.name)
+    );
+    let client = connect_url(&url).await.unwrap();
+    let row = client
+        .query_one("SHOW statement_timeout", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "1234ms");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readonly_sessions_are_read_only_on_the_server() {
+    let db = TestDb::create("readonly").await;
+    let rg = Rolegate::start(&db).await;
+    fixture(&rg, &db).await;
+    let analyst = rg.client("analyst", &db).await;
+    let row = analyst
+        .query_one("SHOW default_transaction_read_only", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "on");
+    // A write hidden in a function is caught by PostgreSQL itself.
+    let err = analyst
+        .query_one("SELECT nextval('seq')", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("25006"), "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_function_call_message_is_refused_and_the_session_goes_on() {
+    let db = TestDb::create("fcall").await;
+    let rg = Rolegate::start(&db).await;
+    let mut raw = RawClient::login(rg.port, "migrate", "migrate-pw", &db.name).await;
+    // FunctionCall for set_config (OID 2078): 'F', oid, 0 arg formats, 0 args, text result.
+    let mut body = Vec::new();
+    body.extend_from_slice(&2078i32.to_be_bytes());
+    body.extend_from_slice(&0i16.to_be_bytes());
+    body.extend_from_slice(&0i16.to_be_bytes());
+    body.extend_from_slice(&0i16.to_be_bytes());
+    let mut out = bytes::BytesMut::new();
+    rolegate::wire::put_message(&mut out, b'F', &body);
+    raw.send(&out).await;
+    let (tags, errors) = raw.until_ready().await;
+    assert_eq!(tags, vec![b'E', b'Z']);
+    assert_eq!(rolegate::wire::field(&errors[0], b'C'), Some("42501"));
+    let mut out = bytes::BytesMut::new();
+    rolegate::wire::put_query(&mut out, "SELECT current_user");
+    raw.send(&out).await;
+    let (tags, errors) = raw.until_ready().await;
+    assert!(errors.is_empty(), "{errors:?}");
+    assert!(tags.contains(&b'D'));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migrator_runs_a_real_migration_owned_by_the_owner() {
+    let db = TestDb::create("migration").await;
+    let rg = Rolegate::start(&db).await;
+    let migrate = rg.client("migrate", &db).await;
+    migrate
+        .batch_execute(
+            "BEGIN;
+             CREATE TABLE authors (id bigserial PRIMARY KEY, name text NOT NULL);
+             CREATE TABLE books (id bigserial PRIMARY KEY,
+                                 author_id bigint REFERENCES authors(id), title text);
+             CREATE INDEX books_by_author ON books (author_id);
+             CREATE VIEW book_titles AS SELECT b.title, a.name FROM books b JOIN authors a ON a.id = b.author_id;
+             CREATE FUNCTION book_count() RETURNS bigint LANGUAGE sql AS 'SELECT count(*) FROM books';
+             COMMIT;",
+        )
+        .await
+        .unwrap();
+    let web = rg.client("web", &db).await;
+    web.batch_execute("INSERT INTO authors (name) VALUES ('Le Guin')")
+        .await
+        .unwrap();
+    let admin = admin(&db.name).await;
+    let not_owned: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM (
+               SELECT relowner AS owner FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE n.nspname = 'public'
+               UNION ALL
+               SELECT proowner FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                 WHERE n.nspname = 'public') o
+             WHERE owner <> (SELECT oid FROM pg_roles WHERE rolname = $1)",
+            &[&db.owner],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(not_owned, 0, "objects not owned by the owner role");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_mode_logs_and_lets_through() {
+    let db = TestDb::create("report").await;
+    let rg = Rolegate::start_with(
+        &db,
+        Options {
+            extra: "[policy]\nmode = \"report\"\n".into(),
+            ..Options::default()
+        },
+    )
+    .await;
+    let web = rg.client("web", &db).await;
+    web.batch_execute("CREATE TABLE reported (id int)")
+        .await
+        .expect("report mode lets DDL through");
+    // Leaving the owner role is refused even in report mode.
+    let err = web.batch_execute("SET ROLE postgres").await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("42501"));
+    let log = rg.log_text();
+    assert!(log.contains("would be refused"), "{log}");
+    assert!(log.contains("CREATE TABLE"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_parse_in_a_pipeline_keeps_the_driver_in_step() {
+    let db = TestDb::create("pipeline").await;
+    let rg = Rolegate::start(&db).await;
+    fixture(&rg, &db).await;
+    let (ok, out, err) = python("psycopg_pipeline.py", &[&rg.url("web", "web-pw", &db.name)]).await;
+    assert!(
+        ok,
+        "pipeline checks failed:\n{out}\n{err}\n{}",
+        rg.log_text()
+    );
+    assert!(out.contains("pipeline ok"), "{out}");
+}
