@@ -317,3 +317,57 @@ async fn two_hundred_concurrent_clients() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_tls_is_used_and_verified() {
+    let db = TestDb::create("backendtls").await;
+    let ca = cluster().ca_file();
+    for mode in ["require", "verify-full"] {
+        let rg = Rolegate::start_with(
+            &db,
+            Options {
+                backend_extra: format!("tls = \"{mode}\"\nca_file = \"{}\"\n", ca.display()),
+                ..Options::default()
+            },
+        )
+        .await;
+        let web = rg.client("web", &db).await;
+        web.query_one("SELECT 1", &[]).await.unwrap();
+        // Only a superuser sees another role's connection details.
+        let row = admin("postgres")
+            .await
+            .query_one(
+                "SELECT count(*), bool_and(s.ssl) FROM pg_stat_ssl s
+                 JOIN pg_stat_activity a USING (pid) WHERE a.usename = $1",
+                &[&db.login],
+            )
+            .await
+            .unwrap();
+        assert!(row.get::<_, i64>(0) >= 1);
+        assert_eq!(
+            row.get::<_, Option<bool>>(1),
+            Some(true),
+            "backend is not TLS with tls = {mode}"
+        );
+    }
+    // verify-full against a CA that did not sign the server's certificate fails cleanly.
+    let wrong_ca = tempfile::NamedTempFile::new().unwrap();
+    let other = rcgen::generate_simple_self_signed(vec!["elsewhere".to_owned()]).unwrap();
+    std::fs::write(wrong_ca.path(), other.cert.pem()).unwrap();
+    let rg = Rolegate::start_with(
+        &db,
+        Options {
+            backend_extra: format!(
+                "tls = \"verify-full\"\nca_file = \"{}\"\n",
+                wrong_ca.path().display()
+            ),
+            ..Options::default()
+        },
+    )
+    .await;
+    let err = connect_url(&rg.url("web", "web-pw", &db.name))
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("08006"), "{err:?}");
+    assert!(message(&err).contains("TLS"), "{err:?}");
+}

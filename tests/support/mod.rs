@@ -83,6 +83,31 @@ fn start_cluster() -> Cluster {
     std::fs::create_dir_all(&dir).unwrap();
     let pwfile = dir.join("pwfile");
     std::fs::write(&pwfile, ADMIN_PASSWORD).unwrap();
+    // A CA and a server certificate for 127.0.0.1, so backend TLS is really checked.
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "rolegate test CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let server_key = rcgen::KeyPair::generate().unwrap();
+    let server_cert =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+            .unwrap()
+            .signed_by(&server_key, &ca, &ca_key)
+            .unwrap();
+    std::fs::write(dir.join("ca.crt"), ca.pem()).unwrap();
+    std::fs::write(dir.join("server.crt"), server_cert.pem()).unwrap();
+    std::fs::write(dir.join("server.key"), server_key.serialize_pem()).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            dir.join("server.key"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+    }
     if is_root() {
         let ok = Command::new("chown")
             .args(["-R", "postgres:postgres"])
@@ -120,8 +145,9 @@ fn start_cluster() -> Cluster {
     .unwrap();
     let port = free_port();
     let options = format!(
-        "-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c max_connections=400 -c fsync=off -c synchronous_commit=off -c full_page_writes=off",
-        dir.display()
+        "-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c max_connections=400 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c ssl=on -c ssl_cert_file={dir}/server.crt -c ssl_key_file={dir}/server.key",
+        dir.display(),
+        dir = dir.display()
     );
     let out = pg_command(&bin, "pg_ctl")
         .arg("-D")
@@ -162,6 +188,11 @@ impl Cluster {
             "host=127.0.0.1 port={} user=postgres password={} dbname={database}",
             self.port, ADMIN_PASSWORD
         )
+    }
+
+    /// The CA that signed the server's TLS certificate.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("ca.crt")
     }
 
     pub fn server_log(&self) -> String {
