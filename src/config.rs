@@ -102,6 +102,11 @@ pub struct BackendConfig {
     pub login_password_file: Option<PathBuf>,
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// The role `rolegate setup` makes for rotation (default `<database>_rotator`).
+    pub rotator_role: Option<String>,
+    /// Optional DML-only role: app clients run `SET ROLE <app_role>` instead of the owner,
+    /// so that PostgreSQL itself enforces the app class as well.
+    pub app_role: Option<String>,
 }
 
 fn default_backend_host() -> String {

@@ -8,8 +8,10 @@
 pub mod backend;
 pub mod config;
 pub mod credentials;
+pub mod demo;
 pub mod listener;
 pub mod policy;
+pub mod provision;
 pub mod proxy;
 pub mod relay;
 pub mod scram;

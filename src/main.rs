@@ -40,6 +40,40 @@ enum Command {
     },
     /// Read a password on stdin and print its SCRAM-SHA-256 verifier for the config.
     HashPassword,
+    /// Create (or bring in line) the owner, login and rotator roles and the database.
+    Setup {
+        #[arg(long, short, env = "ROLEGATE_CONFIG")]
+        config: PathBuf,
+        /// A superuser, or a role with CREATEROLE and CREATEDB.
+        #[arg(long, env = "ROLEGATE_ADMIN_URL", hide_env_values = true)]
+        admin_url: String,
+        /// Print the SQL that would run (secrets redacted) and run nothing.
+        #[arg(long)]
+        print_sql: bool,
+        /// The rotator role's password, when it is created; generated and printed if unset.
+        #[arg(long, env = "ROLEGATE_ROTATOR_PASSWORD", hide_env_values = true)]
+        rotator_password: Option<String>,
+    },
+    /// Audit a live database against the layout; exit status 1 when there are problems.
+    Check {
+        #[arg(long, short, env = "ROLEGATE_CONFIG")]
+        config: PathBuf,
+        #[arg(long, env = "ROLEGATE_ADMIN_URL", hide_env_values = true)]
+        admin_url: String,
+    },
+    /// Start a throwaway PostgreSQL cluster, set it up and serve it with demo clients.
+    Demo {
+        /// Where the demo rolegate listens.
+        #[arg(long, default_value = "127.0.0.1:6432")]
+        listen: String,
+    },
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,21 +82,51 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { config } => {
             let config = Config::load(&config)?;
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("starting the runtime")?;
-            runtime.block_on(async {
+            runtime()?.block_on(async {
                 let proxy = Arc::new(Proxy::new(config)?);
                 tokio::select! {
                     result = rolegate::listener::serve(proxy) => result,
-                    _ = tokio::signal::ctrl_c() => {
-                        tracing::info!("interrupted; stopping");
+                    _ = rolegate::demo::shutdown_signal() => {
+                        tracing::info!("stopping");
                         Ok(())
                     }
                 }
             })
         }
+        Command::Setup {
+            config,
+            admin_url,
+            print_sql,
+            rotator_password,
+        } => {
+            let config = Config::load(&config)?;
+            runtime()?.block_on(rolegate::provision::setup(
+                &config,
+                rolegate::provision::SetupOptions {
+                    admin_url: &admin_url,
+                    print_sql,
+                    rotator_password,
+                },
+            ))
+        }
+        Command::Check { config, admin_url } => {
+            let config = Config::load(&config)?;
+            let problems = runtime()?.block_on(rolegate::provision::check(&config, &admin_url))?;
+            if problems.is_empty() {
+                println!("ok: the database matches the rolegate layout");
+                return Ok(());
+            }
+            for p in &problems {
+                println!(
+                    "problem: {}
+    fix: {}",
+                    p.problem, p.fix
+                );
+            }
+            println!("{} problem(s)", problems.len());
+            std::process::exit(1);
+        }
+        Command::Demo { listen } => runtime()?.block_on(rolegate::demo::run_demo(&listen)),
         Command::HashPassword => {
             let mut input = String::new();
             std::io::stdin()

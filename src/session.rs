@@ -10,7 +10,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::backend;
-use crate::config::ClientClass;
+use crate::config::{BackendConfig, ClientClass};
 use crate::policy::Requester;
 use crate::proxy::{CancelTarget, Proxy};
 use crate::relay::{self, RelayContext};
@@ -59,9 +59,14 @@ pub async fn run(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
     }
 }
 
-/// The SQL that puts a fresh backend session where the client's class needs it.
-pub fn session_setup_sql(owner_role: &str, class: ClientClass) -> String {
-    let mut sql = format!("SET ROLE {}", quote_ident(owner_role));
+/// The SQL that puts a fresh backend session where the client's class needs it: the
+/// owner role (or, for app clients, the DML-only `app_role` when one is configured).
+pub fn session_setup_sql(backend: &BackendConfig, class: ClientClass) -> String {
+    let role = match (&backend.app_role, class) {
+        (Some(app_role), ClientClass::App) => app_role,
+        _ => &backend.owner_role,
+    };
+    let mut sql = format!("SET ROLE {}", quote_ident(role));
     if class == ClientClass::Readonly {
         sql.push_str("; SET default_transaction_read_only = on");
     }
@@ -79,7 +84,7 @@ async fn serve(
     let started = Instant::now();
     let config = proxy.config();
     let login = proxy.credentials.current();
-    let setup = session_setup_sql(&config.backend.owner_role, identity.class);
+    let setup = session_setup_sql(&config.backend, identity.class);
     let backend = match backend::connect(&proxy.backend, &login, &params, &setup).await {
         Ok(backend) => backend,
         Err(e) => {

@@ -298,13 +298,6 @@ impl Rolegate {
             tls =
                 format!("[tls]\nmode = \"{mode}\"\ncert = \"server.crt\"\nkey = \"server.key\"\n");
         }
-        let mut clients = String::new();
-        for (user, password, class) in CLIENTS {
-            clients.push_str(&format!(
-                "[[clients]]\nuser = \"{user}\"\npassword = \"{}\"\nclass = \"{class}\"\n\n",
-                rolegate::scram::make_verifier(password)
-            ));
-        }
         let config = format!(
             "listen = \"127.0.0.1:{port}\"\n\n{tls}\n[backend]\nhost = \"127.0.0.1\"\nport = {pg}\ndatabase = \"{db}\"\nowner_role = \"{owner}\"\nlogin_user = \"{login}\"\nlogin_password_env = \"TEST_LOGIN_PASSWORD\"\n{backend_extra}\n\n{clients}{extra}",
             pg = cluster().port,
@@ -313,7 +306,14 @@ impl Rolegate {
             login = db.login,
             backend_extra = options.backend_extra,
             extra = options.extra,
+            clients = clients_toml(),
         );
+        Rolegate::launch(dir, port, &config).await
+    }
+
+    /// Writes `config` into `dir` and runs `rolegate serve` on it; returns once it listens
+    /// on `port`.
+    pub async fn launch(dir: tempfile::TempDir, port: u16, config: &str) -> Rolegate {
         let config_path = dir.path().join("rolegate.toml");
         std::fs::write(&config_path, config).unwrap();
         let log = dir.path().join("rolegate.log");
@@ -412,6 +412,34 @@ pub async fn python(script: &str, args: &[&str]) -> (bool, String, String) {
         .output()
         .await
         .expect("python3 could not run");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The `[[clients]]` sections for `CLIENTS`.
+pub fn clients_toml() -> String {
+    let mut clients = String::new();
+    for (user, password, class) in CLIENTS {
+        clients.push_str(&format!(
+            "[[clients]]\nuser = \"{user}\"\npassword = \"{}\"\nclass = \"{class}\"\n\n",
+            rolegate::scram::make_verifier(password)
+        ));
+    }
+    clients
+}
+
+/// Runs the rolegate binary with these arguments; returns (success, stdout, stderr).
+pub async fn rolegate_command(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_rolegate"))
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("rolegate could not run");
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),

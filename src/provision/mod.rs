@@ -1,0 +1,466 @@
+//! `rolegate setup` and `rolegate check`: the bundled provisioning SQL, rendered with the
+//! names from the config and run against a live cluster.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use rand::distributions::Alphanumeric;
+use rand::Rng;
+use tokio_postgres::Client;
+
+use crate::config::Config;
+use crate::scram::make_verifier;
+use crate::sql::{quote_ident, quote_literal};
+
+const SETUP_SQL: &str = include_str!("sql/setup.sql");
+const CHECK_SQL: &str = include_str!("sql/check.sql");
+
+/// The role and database names setup works with.
+#[derive(Debug, Clone)]
+pub struct Names {
+    pub owner: String,
+    pub database: String,
+    pub login: String,
+    pub login_prefix: String,
+    pub rotator: String,
+    pub app_role: Option<String>,
+}
+
+impl Names {
+    pub fn from_config(config: &Config) -> anyhow::Result<Names> {
+        let backend = &config.backend;
+        let login = backend
+            .login_user
+            .clone()
+            .context("[backend] login_user is required for setup")?;
+        Ok(Names {
+            owner: backend.owner_role.clone(),
+            database: backend.database.clone(),
+            login,
+            login_prefix: format!("{}_login_", backend.database),
+            rotator: backend
+                .rotator_role
+                .clone()
+                .unwrap_or_else(|| format!("{}_rotator", backend.database)),
+            app_role: backend.app_role.clone(),
+        })
+    }
+}
+
+/// A value for a placeholder: secrets are redacted when the SQL is printed.
+#[derive(Clone)]
+enum Value {
+    Plain(String),
+    Secret(String),
+}
+
+/// The named sections of a bundled SQL file (`-- name: x` up to the next one).
+fn sections(file: &'static str) -> BTreeMap<&'static str, &'static str> {
+    let mut out = BTreeMap::new();
+    let mut parts = file.split("-- name: ");
+    parts.next();
+    for part in parts {
+        let (name, body) = part.split_once('\n').unwrap_or((part, ""));
+        out.insert(name.trim(), body.trim());
+    }
+    out
+}
+
+/// Replaces `:"name"` with a quoted identifier and `:'name'` with a quoted literal.
+/// Returns the SQL to run and the SQL to show (secrets redacted).
+fn render(template: &str, vars: &BTreeMap<&str, Value>) -> anyhow::Result<(String, String)> {
+    let mut run = String::with_capacity(template.len());
+    let mut shown = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(at) = rest.find([':']) {
+        let (before, tail) = rest.split_at(at);
+        run.push_str(before);
+        shown.push_str(before);
+        let quote = tail.chars().nth(1);
+        let placeholder = match quote {
+            Some(q @ ('"' | '\'')) => tail[2..].find(q).map(|end| (q, &tail[2..2 + end])),
+            _ => None,
+        };
+        match placeholder {
+            Some((q, name)) if name.chars().all(|c| c.is_ascii_lowercase() || c == '_') => {
+                let value = vars
+                    .get(name)
+                    .with_context(|| format!("the SQL needs a value for {name}"))?;
+                let (text, secret) = match value {
+                    Value::Plain(v) => (v, false),
+                    Value::Secret(v) => (v, true),
+                };
+                let quoted = if q == '"' {
+                    quote_ident(text)
+                } else {
+                    quote_literal(text)
+                };
+                run.push_str(&quoted);
+                shown.push_str(if secret { "'<redacted>'" } else { &quoted });
+                rest = &tail[2 + name.len() + 1..];
+            }
+            _ => {
+                run.push(':');
+                shown.push(':');
+                rest = &tail[1..];
+            }
+        }
+    }
+    run.push_str(rest);
+    shown.push_str(rest);
+    Ok((run, shown))
+}
+
+/// One step of a setup plan.
+pub struct Step {
+    /// Run in the target database rather than in the admin URL's database.
+    pub in_database: bool,
+    pub sql: String,
+    pub shown: String,
+}
+
+pub struct SetupOptions<'a> {
+    pub admin_url: &'a str,
+    pub print_sql: bool,
+    /// Rotator password from the admin; generated (and printed once) if absent.
+    pub rotator_password: Option<String>,
+}
+
+pub fn random_password() -> String {
+    rand::thread_rng()
+        .sample_iter(&Alphanumeric)
+        .take(32)
+        .map(char::from)
+        .collect()
+}
+
+async fn connect(url: &str) -> anyhow::Result<Client> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .context("connecting with the admin URL")?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "admin connection ended");
+        }
+    });
+    Ok(client)
+}
+
+/// The admin URL pointed at another database.
+fn url_for_database(admin_url: &str, database: &str) -> anyhow::Result<tokio_postgres::Config> {
+    let mut config: tokio_postgres::Config = admin_url.parse().context("parsing the admin URL")?;
+    config.dbname(database);
+    Ok(config)
+}
+
+async fn role_exists(client: &Client, name: &str) -> anyhow::Result<bool> {
+    Ok(client
+        .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&name])
+        .await?
+        .is_some())
+}
+
+/// Where the login password lives, per the config.
+enum PasswordHome<'a> {
+    File(&'a Path),
+    Env(&'a str),
+}
+
+/// Plans and (unless printing) applies the layout. Safe to run again.
+pub async fn setup(config: &Config, options: SetupOptions<'_>) -> anyhow::Result<()> {
+    let names = Names::from_config(config)?;
+    let admin = connect(options.admin_url).await?;
+    let version: i32 = admin
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await?
+        .get(0);
+    let home = match (
+        &config.backend.login_password_file,
+        &config.backend.login_password_env,
+    ) {
+        (Some(path), _) => PasswordHome::File(path),
+        (None, Some(var)) => PasswordHome::Env(var),
+        (None, None) => bail!("[backend] needs login_password_file (or login_password_env)"),
+    };
+
+    let sections = sections(SETUP_SQL);
+    let owner_exists = role_exists(&admin, &names.owner).await?;
+    let database_owner: Option<String> = admin
+        .query_opt(
+            "SELECT pg_get_userbyid(datdba)::text FROM pg_database WHERE datname = $1",
+            &[&names.database],
+        )
+        .await?
+        .map(|row| row.get(0));
+    let rotator_exists = role_exists(&admin, &names.rotator).await?;
+    let login_exists = role_exists(&admin, &names.login).await?;
+    let app_role_exists = match &names.app_role {
+        Some(role) => role_exists(&admin, role).await?,
+        None => true,
+    };
+
+    // The login password: kept if the role and its password file both exist already.
+    let mut new_login_password = None;
+    let login_password = match home {
+        PasswordHome::File(path) if login_exists && path.exists() => None,
+        PasswordHome::File(_) => {
+            let p = random_password();
+            new_login_password = Some(p.clone());
+            Some(p)
+        }
+        PasswordHome::Env(var) => Some(
+            std::env::var(var)
+                .with_context(|| format!("{var} must hold the login password for setup"))?,
+        ),
+    };
+    let mut generated_rotator_password = None;
+    let rotator_password = match (&options.rotator_password, rotator_exists) {
+        (_, true) => None,
+        (Some(p), false) => Some(p.clone()),
+        (None, false) => {
+            let p = random_password();
+            generated_rotator_password = Some(p.clone());
+            Some(p)
+        }
+    };
+
+    let mut vars: BTreeMap<&str, Value> = BTreeMap::new();
+    vars.insert("owner", Value::Plain(names.owner.clone()));
+    vars.insert("database", Value::Plain(names.database.clone()));
+    vars.insert("rotator", Value::Plain(names.rotator.clone()));
+    vars.insert("login", Value::Plain(names.login.clone()));
+    if let Some(role) = &names.app_role {
+        vars.insert("app_role", Value::Plain(role.clone()));
+    }
+    if let Some(p) = &rotator_password {
+        vars.insert("rotator_password", Value::Secret(make_verifier(p)));
+    }
+    if let Some(p) = &login_password {
+        vars.insert("login_password", Value::Secret(make_verifier(p)));
+    }
+
+    let mut plan: Vec<(&str, bool)> = Vec::new();
+    plan.push((
+        if owner_exists {
+            "owner_nologin"
+        } else {
+            "create_owner"
+        },
+        false,
+    ));
+    match &database_owner {
+        None => plan.push(("create_database", false)),
+        Some(owner) if *owner != names.owner => plan.push(("reown_database", false)),
+        Some(_) => {}
+    }
+    plan.push(("database_privileges", false));
+    plan.push((
+        if rotator_exists {
+            "rotator_attributes"
+        } else {
+            "create_rotator"
+        },
+        false,
+    ));
+    plan.push((
+        if version >= 160_000 {
+            "grant_rotator_admin_pg16"
+        } else {
+            "grant_rotator_admin"
+        },
+        false,
+    ));
+    if !login_exists {
+        plan.push(("create_login", false));
+    } else if login_password.is_some() {
+        plan.push(("set_login_password", false));
+    }
+    plan.push(("login_membership", false));
+    plan.push(("schema_layout", true));
+    if names.app_role.is_some() {
+        if !app_role_exists {
+            plan.push(("create_app_role", false));
+        }
+        plan.push(("app_role_privileges", true));
+    }
+
+    let mut steps = Vec::new();
+    for (name, in_database) in plan {
+        let template = sections
+            .get(name)
+            .with_context(|| format!("setup.sql has no section {name}"))?;
+        let (sql, shown) = render(template, &vars)?;
+        steps.push(Step {
+            in_database,
+            sql,
+            shown,
+        });
+    }
+
+    if options.print_sql {
+        let mut current_db = false;
+        for step in &steps {
+            if step.in_database != current_db {
+                current_db = step.in_database;
+                if current_db {
+                    println!("\\connect {}", quote_ident(&names.database));
+                }
+            }
+            println!("{}\n", step.shown);
+        }
+        return Ok(());
+    }
+
+    let in_db = url_for_database(options.admin_url, &names.database)?;
+    let mut db_client = None;
+    for step in &steps {
+        let client = if step.in_database {
+            if db_client.is_none() {
+                let (client, connection) = in_db
+                    .connect(tokio_postgres::NoTls)
+                    .await
+                    .context("connecting to the database")?;
+                tokio::spawn(connection);
+                db_client = Some(client);
+            }
+            db_client.as_ref().context("database connection")?
+        } else {
+            &admin
+        };
+        client
+            .batch_execute(&step.sql)
+            .await
+            .with_context(|| format!("setup failed running:\n{}", step.shown))?;
+    }
+    if let (PasswordHome::File(path), Some(password)) = (home, &new_login_password) {
+        write_secret_file(path, password)?;
+        println!(
+            "login password for {} written to {}",
+            names.login,
+            path.display()
+        );
+    }
+    if let Some(password) = generated_rotator_password {
+        println!(
+            "rotator role {} created; its password (shown only this once): {password}",
+            names.rotator
+        );
+    }
+    println!(
+        "setup complete: owner {}, database {}, login {}",
+        names.owner, names.database, names.login
+    );
+    Ok(())
+}
+
+fn write_secret_file(path: &Path, secret: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).ok();
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    writeln!(file, "{secret}")?;
+    Ok(())
+}
+
+/// One problem `check` found, with the SQL that fixes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub problem: String,
+    pub fix: String,
+}
+
+/// Audits a live database against the layout.
+pub async fn check(config: &Config, admin_url: &str) -> anyhow::Result<Vec<Problem>> {
+    let names = Names::from_config(config)?;
+    let (client, connection) = url_for_database(admin_url, &names.database)?
+        .connect(tokio_postgres::NoTls)
+        .await
+        .with_context(|| format!("connecting to database {}", names.database))?;
+    tokio::spawn(connection);
+    // With no schema on the search path, regclass and regprocedure print qualified names,
+    // so every printed fix names exactly one object.
+    client.batch_execute("SET search_path = pg_catalog").await?;
+    let mut vars: BTreeMap<&str, Value> = BTreeMap::new();
+    vars.insert("owner", Value::Plain(names.owner.clone()));
+    vars.insert("login", Value::Plain(names.login.clone()));
+    vars.insert("login_prefix", Value::Plain(names.login_prefix.clone()));
+    let mut problems = Vec::new();
+    for (name, template) in sections(CHECK_SQL) {
+        let (sql, _) = render(template, &vars)?;
+        let rows = client
+            .query(sql.trim_end_matches(';'), &[])
+            .await
+            .with_context(|| format!("check {name} failed"))?;
+        problems.extend(rows.iter().map(|row| Problem {
+            problem: row.get(0),
+            fix: row.get(1),
+        }));
+    }
+    Ok(problems)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_are_quoted_and_secrets_redacted() {
+        let mut vars = BTreeMap::new();
+        vars.insert("owner", Value::Plain("a\"b".to_owned()));
+        vars.insert(
+            "login_password",
+            Value::Secret("SCRAM-SHA-256$x".to_owned()),
+        );
+        let (run, shown) = render(
+            "CREATE ROLE :\"owner\" PASSWORD :'login_password'; SELECT 1::int, ':x'",
+            &vars,
+        )
+        .unwrap();
+        assert_eq!(
+            run,
+            "CREATE ROLE \"a\"\"b\" PASSWORD E'SCRAM-SHA-256$x'; SELECT 1::int, ':x'"
+        );
+        assert!(shown.contains("'<redacted>'") && !shown.contains("SCRAM"));
+    }
+
+    #[test]
+    fn every_section_renders() {
+        let mut vars = BTreeMap::new();
+        for name in [
+            "owner",
+            "database",
+            "rotator",
+            "login",
+            "app_role",
+            "rotator_password",
+            "login_password",
+            "login_prefix",
+        ] {
+            vars.insert(name, Value::Plain("drop table x".to_owned()));
+        }
+        for file in [SETUP_SQL, CHECK_SQL] {
+            let sections = sections(file);
+            assert!(sections.len() > 5);
+            for (name, template) in sections {
+                let (sql, _) = render(template, &vars).unwrap();
+                assert!(!sql.contains(":\"") && !sql.contains(":'"), "{name}: {sql}");
+                assert!(
+                    matches!(
+                        crate::policy::classify(&sql, true),
+                        crate::policy::Classification::Statements(_)
+                    ),
+                    "{name} does not parse: {sql}"
+                );
+            }
+        }
+    }
+}

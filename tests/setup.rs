@@ -1,0 +1,416 @@
+//! `rolegate setup`, `check` and `demo` against a private cluster.
+
+mod support;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// A config for `setup`: role and database names derived from `base`, the login password
+/// in a file next to the config (setup writes it).
+struct Layout {
+    dir: tempfile::TempDir,
+    port: u16,
+    database: String,
+    owner: String,
+    login: String,
+    config_path: std::path::PathBuf,
+    config: String,
+}
+
+static N: AtomicUsize = AtomicUsize::new(0);
+
+fn layout(database: &str, owner: &str, extra_backend: &str) -> Layout {
+    let n = N.fetch_add(1, Ordering::SeqCst);
+    let database = format!("{database}{n}");
+    let owner = format!("{owner}{n}");
+    let login = format!("{database}_login_0001");
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = format!(
+        "listen = \"127.0.0.1:{port}\"\n[tls]\nmode = \"disable\"\n[backend]\nhost = \"127.0.0.1\"\nport = {pg}\n\
+         database = {database:?}\nowner_role = {owner:?}\nlogin_user = {login:?}\n\
+         login_password_file = \"login.secret\"\n{extra_backend}\n\n{clients}",
+        pg = cluster().port,
+        clients = clients_toml(),
+    );
+    let config_path = dir.path().join("rolegate.toml");
+    std::fs::write(&config_path, &config).unwrap();
+    Layout {
+        dir,
+        port,
+        database,
+        owner,
+        login,
+        config_path,
+        config,
+    }
+}
+
+fn admin_url() -> String {
+    cluster().admin_url("postgres")
+}
+
+async fn setup(layout: &Layout, extra: &[&str]) -> (bool, String, String) {
+    let config = layout.config_path.to_str().unwrap();
+    let mut args = vec!["setup", "--config", config];
+    args.extend_from_slice(extra);
+    rolegate_command(&args, &[("ROLEGATE_ADMIN_URL", &admin_url())]).await
+}
+
+async fn check(layout: &Layout) -> (bool, String, String) {
+    let config = layout.config_path.to_str().unwrap();
+    rolegate_command(
+        &["check", "--config", config],
+        &[("ROLEGATE_ADMIN_URL", &admin_url())],
+    )
+    .await
+}
+
+async fn serve(layout: Layout) -> Rolegate {
+    let config = layout.config.clone();
+    Rolegate::launch(layout.dir, layout.port, &config).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_on_an_empty_cluster_then_the_whole_flow() {
+    let layout = layout("shop", "shop_owner", "");
+    let (ok, out, err) = setup(&layout, &[]).await;
+    assert!(ok, "setup failed:\n{out}\n{err}");
+    // The login password went to a 0600 file, never to stdout.
+    let secret = layout.dir.path().join("login.secret");
+    let password = std::fs::read_to_string(&secret).unwrap();
+    assert!(!out.contains(password.trim()));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&secret).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    let (ok, out, _) = check(&layout).await;
+    assert!(ok, "check after setup found problems:\n{out}");
+
+    let (database, owner, login) = (
+        layout.database.clone(),
+        layout.owner.clone(),
+        layout.login.clone(),
+    );
+    let rg = serve(layout).await;
+    let url = |user: &str| rg.url(user, password_of(user), &database);
+    let migrate = connect_url(&url("migrate")).await.unwrap();
+    migrate
+        .batch_execute("CREATE TABLE orders (id serial PRIMARY KEY, total int)")
+        .await
+        .unwrap();
+    let web = connect_url(&url("web")).await.unwrap();
+    web.batch_execute("INSERT INTO orders (total) VALUES (42)")
+        .await
+        .unwrap();
+    let row = web
+        .query_one(
+            "SELECT total, current_user::text, session_user::text FROM orders",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0), 42);
+    assert_eq!(row.get::<_, String>(1), owner);
+    assert_eq!(row.get::<_, String>(2), login);
+    let err = web
+        .batch_execute("CREATE TABLE nope (id int)")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("42501"));
+
+    // PUBLIC cannot connect to the database or create in its schema.
+    let admin_db = admin(&database).await;
+    let row = admin_db
+        .query_one(
+            "SELECT has_database_privilege('public', current_database(), 'CONNECT'),
+                    has_schema_privilege('public', 'public', 'CREATE'),
+                    (SELECT rolcanlogin FROM pg_roles WHERE rolname = $1),
+                    (SELECT rolsuper FROM pg_roles WHERE rolname = $2)",
+            &[&owner, &format!("{database}_rotator")],
+        )
+        .await
+        .unwrap();
+    assert!(!row.get::<_, bool>(0), "PUBLIC may still connect");
+    assert!(!row.get::<_, bool>(1), "PUBLIC may still create in public");
+    assert!(!row.get::<_, bool>(2), "the owner role can log in");
+    assert!(!row.get::<_, bool>(3), "the rotator is a superuser");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_twice_changes_nothing_and_fails_on_nothing() {
+    let layout = layout("twice", "twice_owner", "");
+    let (ok, _, err) = setup(&layout, &[]).await;
+    assert!(ok, "{err}");
+    let secret = layout.dir.path().join("login.secret");
+    let first_password = std::fs::read_to_string(&secret).unwrap();
+    let (ok, out, err) = setup(&layout, &[]).await;
+    assert!(ok, "second setup failed:\n{out}\n{err}");
+    assert!(
+        !out.contains("rotator role"),
+        "the rotator was made again: {out}"
+    );
+    assert_eq!(std::fs::read_to_string(&secret).unwrap(), first_password);
+    let (ok, out, _) = check(&layout).await;
+    assert!(ok, "{out}");
+    // And sessions still log in with the password from the first run.
+    let database = layout.database.clone();
+    let rg = serve(layout).await;
+    connect_url(&rg.url("web", "web-pw", &database))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_that_need_quoting_cannot_inject() {
+    let layout = layout("drop table x", "own\"er", "");
+    let (ok, out, err) = setup(&layout, &[]).await;
+    assert!(ok, "setup with odd names failed:\n{out}\n{err}");
+    let (ok, out, _) = check(&layout).await;
+    assert!(ok, "{out}");
+    let admin = admin("postgres").await;
+    let n: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pg_roles WHERE rolname = $1 AND NOT rolcanlogin",
+            &[&layout.owner],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1, "the owner role with a quote in its name exists");
+    let database = layout.database.clone();
+    let owner = layout.owner.clone();
+    let rg = serve(layout).await;
+    let web = connect_url(&rg.url("web", "web-pw", &database)).await;
+    // libpq-style URLs cannot carry a space in dbname unquoted: use a Config instead.
+    drop(web);
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host("127.0.0.1")
+        .port(rg.port)
+        .user("migrate")
+        .password("migrate-pw")
+        .dbname(&database);
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let row = client
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), owner);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn print_sql_runs_nothing_and_shows_no_secret() {
+    let layout = layout("printed", "printed_owner", "");
+    let (ok, out, err) = setup(&layout, &["--print-sql"]).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.contains(&format!("CREATE ROLE \"{}\" NOLOGIN", layout.owner)),
+        "{out}"
+    );
+    assert!(out.contains("CREATE DATABASE"), "{out}");
+    assert!(out.contains("'<redacted>'"), "{out}");
+    assert!(
+        !out.contains("SCRAM-SHA-256$"),
+        "a verifier was printed: {out}"
+    );
+    let admin = admin("postgres").await;
+    let exists = admin
+        .query_opt(
+            "SELECT 1 FROM pg_roles WHERE rolname = $1",
+            &[&layout.owner],
+        )
+        .await
+        .unwrap();
+    assert!(exists.is_none(), "--print-sql created the owner role");
+    assert!(!layout.dir.path().join("login.secret").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_finds_tables_owned_by_someone_else_and_its_fixes_work() {
+    let layout = layout("legacy", "legacy_owner", "");
+    // An existing database, made and filled the old way: by a login role.
+    let admin_pg = admin("postgres").await;
+    let old = format!("{}_oldapp", layout.database);
+    for sql in [
+        format!("CREATE ROLE \"{old}\" LOGIN PASSWORD 'old'"),
+        format!("CREATE DATABASE \"{}\" OWNER \"{old}\"", layout.database),
+    ] {
+        admin_pg.batch_execute(&sql).await.unwrap();
+    }
+    let admin_db = admin(&layout.database).await;
+    admin_db
+        .batch_execute(&format!(
+            "SET ROLE \"{old}\"; CREATE TABLE accounts (id serial PRIMARY KEY, name text);
+             CREATE VIEW account_names AS SELECT name FROM accounts;
+             CREATE FUNCTION account_count() RETURNS bigint LANGUAGE sql AS 'SELECT count(*) FROM accounts';
+             RESET ROLE;"
+        ))
+        .await
+        .unwrap();
+
+    let (ok, _, err) = setup(&layout, &[]).await;
+    assert!(ok, "setup on an existing database failed: {err}");
+    let (ok, out, _) = check(&layout).await;
+    assert!(!ok, "check must fail while tables belong to {old}");
+    assert!(
+        out.contains("public.accounts") && out.contains(&old),
+        "{out}"
+    );
+    assert!(out.contains("account_count()"), "{out}");
+    // Apply the printed fixes, then check is clean.
+    for line in out.lines().filter_map(|l| l.trim().strip_prefix("fix: ")) {
+        admin_db
+            .batch_execute(line)
+            .await
+            .unwrap_or_else(|e| panic!("{line}: {e}"));
+    }
+    let (ok, out, _) = check(&layout).await;
+    assert!(ok, "check after the fixes:\n{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_role_makes_postgres_enforce_the_app_class_too() {
+    let layout = layout("withapp", "withapp_owner", "app_role = \"withapp_dml\"");
+    let (ok, out, err) = setup(&layout, &[]).await;
+    assert!(ok, "{out}\n{err}");
+    let database = layout.database.clone();
+    let rg = serve(layout).await;
+    let migrate = connect_url(&rg.url("migrate", "migrate-pw", &database))
+        .await
+        .unwrap();
+    migrate
+        .batch_execute("CREATE TABLE notes (id serial PRIMARY KEY, body text)")
+        .await
+        .unwrap();
+    let web = connect_url(&rg.url("web", "web-pw", &database))
+        .await
+        .unwrap();
+    let row = web
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "withapp_dml");
+    // Default privileges reach the table the migrator made after setup.
+    web.batch_execute("INSERT INTO notes (body) VALUES ('hi')")
+        .await
+        .unwrap();
+    let n: i64 = web
+        .query_one("SELECT count(*) FROM notes", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_serves_and_cleans_up() {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_rolegate"))
+        .args(["demo", "--listen", &listen])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "demo did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let url =
+        |user: &str| format!("host=127.0.0.1 port={port} user={user} dbname=demo sslmode=disable");
+    let (ok, _, err) = psql(
+        &url("migrator"),
+        "migrator",
+        &["-c", "CREATE TABLE t (id int)"],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let (ok, _, err) = psql(&url("app"), "app", &["-c", "CREATE TABLE u (id int)"]).await;
+    assert!(!ok);
+    assert!(
+        err.contains("rolegate: DDL is not allowed for app clients"),
+        "{err}"
+    );
+    let (ok, _, err) = psql(&url("app"), "app", &["-c", "INSERT INTO t VALUES (1)"]).await;
+    assert!(ok, "{err}");
+
+    // Ctrl-C stops it and removes the cluster.
+    let pid = child.id().unwrap() as i32;
+    std::process::Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("demo did not stop on SIGINT")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    use tokio::io::AsyncReadExt;
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .await
+        .unwrap();
+    let dir = out
+        .lines()
+        .find_map(|l| l.split_whitespace().find(|w| w.contains("rolegate-demo-")))
+        .map(|w| w.split("/login.secret").next().unwrap().to_owned());
+    let dir = dir.expect("the demo names its directory");
+    assert!(
+        !std::path::Path::new(&dir).exists(),
+        "{dir} was not removed"
+    );
+    assert!(tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_finds_stale_logins_and_logins_outside_the_owner_role() {
+    let layout = layout("stale", "stale_owner", "");
+    let (ok, _, err) = setup(&layout, &[]).await;
+    assert!(ok, "{err}");
+    let admin_pg = admin("postgres").await;
+    let stale = format!("{}_login_0000", layout.database);
+    admin_pg
+        .batch_execute(&format!(
+            "CREATE ROLE \"{stale}\" LOGIN IN ROLE \"{owner}\";
+             REVOKE \"{owner}\" FROM \"{login}\";
+             ALTER ROLE \"{owner}\" LOGIN;",
+            owner = layout.owner,
+            login = layout.login
+        ))
+        .await
+        .unwrap();
+    let (ok, out, _) = check(&layout).await;
+    assert!(!ok);
+    assert!(out.contains(&format!("stale login role {stale}")), "{out}");
+    assert!(
+        out.contains(&format!("login role {} is not a member", layout.login)),
+        "{out}"
+    );
+    assert!(out.contains("the owner role can log in"), "{out}");
+    for line in out.lines().filter_map(|l| l.trim().strip_prefix("fix: ")) {
+        admin(&layout.database)
+            .await
+            .batch_execute(line)
+            .await
+            .unwrap_or_else(|e| panic!("{line}: {e}"));
+    }
+    let (ok, out, _) = check(&layout).await;
+    assert!(ok, "{out}");
+}
