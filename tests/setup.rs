@@ -78,6 +78,7 @@ async fn setup_on_an_empty_cluster_then_the_whole_flow() {
     let layout = layout("shop", "shop_owner", "");
     let (ok, out, err) = setup(&layout, &[]).await;
     assert!(ok, "setup failed:\n{out}\n{err}");
+    let setup_out = out.clone();
     // The login password went to a 0600 file, never to stdout.
     let secret = layout.dir.path().join("login.secret");
     let password = std::fs::read_to_string(&secret).unwrap();
@@ -139,6 +140,42 @@ async fn setup_on_an_empty_cluster_then_the_whole_flow() {
     assert!(!row.get::<_, bool>(1), "PUBLIC may still create in public");
     assert!(!row.get::<_, bool>(2), "the owner role can log in");
     assert!(!row.get::<_, bool>(3), "the rotator is a superuser");
+
+    // The rotator can manage roles, and nothing else: no data, no databases.
+    let rotator_password = out_of_setup_rotator_password(&setup_out);
+    let rotator_url = |db: &str| {
+        format!(
+            "host=127.0.0.1 port={} user={database}_rotator password={rotator_password} dbname={db}",
+            cluster().port
+        )
+    };
+    let rotator = connect_url(&rotator_url("postgres"))
+        .await
+        .expect("rotator logs in");
+    rotator
+        .batch_execute("CREATE ROLE rotator_probe LOGIN; DROP ROLE rotator_probe")
+        .await
+        .expect("the rotator manages roles");
+    assert!(rotator
+        .batch_execute("CREATE DATABASE rotator_db")
+        .await
+        .is_err());
+    assert!(
+        connect_url(&rotator_url(&database)).await.is_err(),
+        "the rotator may connect to the application database"
+    );
+
+    // The login password is in no log: not rolegate's, not PostgreSQL's.
+    assert!(!rg.log_text().contains(password.trim()));
+    assert!(!cluster().server_log().contains(password.trim()));
+}
+
+fn out_of_setup_rotator_password(out: &str) -> String {
+    out.lines()
+        .find_map(|l| l.split("(shown only this once): ").nth(1))
+        .expect("setup prints the generated rotator password once")
+        .trim()
+        .to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
