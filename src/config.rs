@@ -41,6 +41,85 @@ pub struct Config {
     pub policy: PolicyConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
+    #[serde(default)]
+    pub rotation: RotationConfig,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RotationMode {
+    /// `[backend] login_user` with its password from the environment or a file.
+    #[default]
+    Static,
+    /// rolegate creates, swaps and drops login roles itself, with the rotator role.
+    Managed,
+    /// The credential comes from a JSON file an external system rewrites.
+    File,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DrainPolicy {
+    /// At the drain deadline, end the old login's remaining sessions.
+    #[default]
+    Terminate,
+    /// Keep waiting for them to end on their own.
+    Wait,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotationConfig {
+    #[serde(default)]
+    pub mode: RotationMode,
+    /// Rotate on this schedule (managed mode); without it only on demand.
+    #[serde(default, with = "humantime_serde::option")]
+    pub every: Option<Duration>,
+    /// How long sessions of an old login may go on after a rotation.
+    #[serde(default = "default_drain", with = "humantime_serde")]
+    pub drain: Duration,
+    #[serde(default)]
+    pub on_drain_timeout: DrainPolicy,
+    /// Login role names start with this (default `<database>_login_`).
+    pub login_prefix: Option<String>,
+    /// Set a distinct one per instance when several rolegates share a database.
+    pub instance_id: Option<String>,
+    /// Environment variable with the rotator's connection URL.
+    #[serde(default = "default_rotator_url_env")]
+    pub rotator_url_env: String,
+    /// Or a file holding that URL.
+    pub rotator_url_file: Option<PathBuf>,
+    /// File mode: the JSON file `{"username": …, "password": …}` to watch.
+    pub file: Option<PathBuf>,
+    #[serde(default = "default_poll_interval", with = "humantime_serde")]
+    pub poll_interval: Duration,
+}
+
+fn default_drain() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_rotator_url_env() -> String {
+    "ROLEGATE_ROTATOR_URL".to_owned()
+}
+fn default_poll_interval() -> Duration {
+    Duration::from_secs(1)
+}
+
+impl Default for RotationConfig {
+    fn default() -> Self {
+        RotationConfig {
+            mode: RotationMode::default(),
+            every: None,
+            drain: default_drain(),
+            on_drain_timeout: DrainPolicy::default(),
+            login_prefix: None,
+            instance_id: None,
+            rotator_url_env: default_rotator_url_env(),
+            rotator_url_file: None,
+            file: None,
+            poll_interval: default_poll_interval(),
+        }
+    }
 }
 
 fn default_listen() -> String {
@@ -265,6 +344,8 @@ impl Config {
         rebase(&mut config.tls.key);
         rebase(&mut config.backend.ca_file);
         rebase(&mut config.backend.login_password_file);
+        rebase(&mut config.rotation.rotator_url_file);
+        rebase(&mut config.rotation.file);
         Ok(config)
     }
 
@@ -317,6 +398,19 @@ impl Config {
             return invalid("[policy] max_statement_bytes must be positive".into());
         }
         Ok(())
+    }
+
+    /// The prefix of the login roles this instance creates and may drop.
+    pub fn own_login_prefix(&self) -> String {
+        let prefix = self
+            .rotation
+            .login_prefix
+            .clone()
+            .unwrap_or_else(|| format!("{}_login_", self.backend.database));
+        match &self.rotation.instance_id {
+            Some(id) => format!("{prefix}{id}_"),
+            None => prefix,
+        }
     }
 
     pub fn client(&self, user: &str) -> Option<&ClientConfig> {

@@ -3,7 +3,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 
 use anyhow::{bail, Context};
 
@@ -182,7 +181,7 @@ pub async fn run_demo(listen: &str) -> anyhow::Result<()> {
     )
     .await?;
 
-    let proxy = Arc::new(Proxy::new(config)?);
+    let proxy = Proxy::start(config).await?;
     let (host, listen_port) = listen.rsplit_once(':').unwrap_or((listen, "6432"));
     println!(
         "\nrolegate demo is running: PostgreSQL on 127.0.0.1:{port} (private, removed on exit), rolegate on {listen}.\n\

@@ -5,6 +5,7 @@
 //! (TLS, StartupMessage, SCRAM) → `backend` (login role, `SET ROLE`) → `relay` (frames
 //! each way; `policy` judges Query/Parse/FunctionCall).
 
+pub mod admin;
 pub mod backend;
 pub mod config;
 pub mod credentials;

@@ -2,7 +2,6 @@
 
 use std::io::Read;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -61,6 +60,11 @@ enum Command {
         #[arg(long, env = "ROLEGATE_ADMIN_URL", hide_env_values = true)]
         admin_url: String,
     },
+    /// Ask the running instance (its admin endpoint) to rotate the login now.
+    Rotate {
+        #[arg(long, short, env = "ROLEGATE_CONFIG")]
+        config: PathBuf,
+    },
     /// Start a throwaway PostgreSQL cluster, set it up and serve it with demo clients.
     Demo {
         /// Where the demo rolegate listens.
@@ -83,7 +87,15 @@ fn main() -> anyhow::Result<()> {
         Command::Serve { config } => {
             let config = Config::load(&config)?;
             runtime()?.block_on(async {
-                let proxy = Arc::new(Proxy::new(config)?);
+                let proxy = Proxy::start(config).await?;
+                if let Some(listen) = proxy.config().admin_listen.clone() {
+                    let admin = proxy.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = rolegate::admin::serve(admin, listen).await {
+                            tracing::error!(error = format!("{e:#}"), "admin endpoint stopped");
+                        }
+                    });
+                }
                 tokio::select! {
                     result = rolegate::listener::serve(proxy) => result,
                     _ = rolegate::demo::shutdown_signal() => {
@@ -125,6 +137,18 @@ fn main() -> anyhow::Result<()> {
             }
             println!("{} problem(s)", problems.len());
             std::process::exit(1);
+        }
+        Command::Rotate { config } => {
+            let config = Config::load(&config)?;
+            let listen = config
+                .admin_listen
+                .context("rotate needs admin_listen in the config")?;
+            let (ok, body) = runtime()?.block_on(rolegate::admin::request_rotation(&listen))?;
+            println!("{body}");
+            if !ok {
+                std::process::exit(1);
+            }
+            Ok(())
         }
         Command::Demo { listen } => runtime()?.block_on(rolegate::demo::run_demo(&listen)),
         Command::HashPassword => {

@@ -7,16 +7,19 @@ use dashmap::DashMap;
 use rand::Rng;
 
 use crate::backend::BackendTarget;
-use crate::config::{ClientTlsMode, Config};
-use crate::credentials::{CredentialStore, LoginCredential};
+use crate::config::{ClientTlsMode, Config, RotationMode};
+use crate::credentials::rotate::Rotator;
+use crate::credentials::{file, CredentialStore, LoginCredential};
 use crate::policy::Policy;
 use crate::tls;
 
 pub struct Proxy {
     config: Arc<Config>,
     tls_acceptor: Option<tokio_rustls::TlsAcceptor>,
-    pub backend: BackendTarget,
+    pub backend: Arc<BackendTarget>,
     pub credentials: Arc<CredentialStore>,
+    /// Present in managed rotation mode.
+    pub rotator: Option<Arc<Rotator>>,
     pub policy: Policy,
     pub cancel_keys: Arc<CancelKeys>,
     /// Keys the mock SCRAM verifiers of unknown users; new at every start.
@@ -24,7 +27,40 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(config: Config) -> anyhow::Result<Proxy> {
+    /// Builds the proxy and brings its credential source to life: the static login, the
+    /// watched file, or (managed) a freshly rotated login, with the schedule running.
+    pub async fn start(config: Config) -> anyhow::Result<Arc<Proxy>> {
+        let mode = config.rotation.mode;
+        let mut proxy = Proxy::new(config)?;
+        match mode {
+            RotationMode::Static => {}
+            RotationMode::File => {
+                let rotation = &proxy.config.rotation;
+                if let Some(path) = rotation.file.clone() {
+                    tokio::spawn(file::watch(
+                        path,
+                        rotation.poll_interval,
+                        proxy.credentials.clone(),
+                        proxy.backend.clone(),
+                        proxy.config.backend.owner_role.clone(),
+                    ));
+                }
+            }
+            RotationMode::Managed => {
+                let rotator = Arc::new(Rotator::new(
+                    proxy.config.clone(),
+                    proxy.credentials.clone(),
+                    proxy.backend.clone(),
+                ));
+                rotator.start().await?;
+                tokio::spawn(rotator.clone().run_schedule());
+                proxy.rotator = Some(rotator);
+            }
+        }
+        Ok(Arc::new(proxy))
+    }
+
+    fn new(config: Config) -> anyhow::Result<Proxy> {
         use anyhow::Context;
         let tls_acceptor = match (config.tls.mode, &config.tls.cert, &config.tls.key) {
             (ClientTlsMode::Disable, _, _) => None,
@@ -35,10 +71,22 @@ impl Proxy {
         };
         let backend =
             BackendTarget::from_config(&config.backend).context("setting up backend TLS")?;
-        let login = LoginCredential::from_config(&config.backend)?;
+        let login = match config.rotation.mode {
+            RotationMode::Static => LoginCredential::from_config(&config.backend)?,
+            RotationMode::File => match &config.rotation.file {
+                Some(path) => file::read(path)?,
+                None => anyhow::bail!("[rotation] mode = \"file\" needs file"),
+            },
+            // Replaced by the start-up rotation before any client is served.
+            RotationMode::Managed => LoginCredential {
+                user: String::new(),
+                password: String::new(),
+            },
+        };
         Ok(Proxy {
             tls_acceptor,
-            backend,
+            backend: Arc::new(backend),
+            rotator: None,
             credentials: Arc::new(CredentialStore::new(login)),
             policy: Policy::new(&config.policy),
             cancel_keys: Arc::new(CancelKeys::default()),

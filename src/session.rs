@@ -83,9 +83,19 @@ async fn serve(
 ) {
     let started = Instant::now();
     let config = proxy.config();
-    let login = proxy.credentials.current();
+    let mut login = proxy.credentials.current();
     let setup = session_setup_sql(&config.backend, identity.class);
-    let backend = match backend::connect(&proxy.backend, &login, &params, &setup).await {
+    let mut attempt = backend::connect(&proxy.backend, &login, &params, &setup).await;
+    if attempt.is_err() {
+        // A rotation may have swapped (and disabled or dropped) the login while this
+        // session was logging in with it: one more try with the new one.
+        let current = proxy.credentials.current();
+        if current.user != login.user {
+            login = current;
+            attempt = backend::connect(&proxy.backend, &login, &params, &setup).await;
+        }
+    }
+    let backend = match attempt {
         Ok(backend) => backend,
         Err(e) => {
             tracing::warn!(user = identity.user.as_str(), login = login.user.as_str(), error = %e, "backend session failed");

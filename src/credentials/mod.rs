@@ -3,6 +3,9 @@
 //! Every new backend connection reads the current credential once, at connect time, from
 //! the [`CredentialStore`]; rotation only ever swaps what the store returns.
 
+pub mod file;
+pub mod rotate;
+
 use std::sync::{Arc, RwLock};
 
 use crate::config::BackendConfig;

@@ -31,15 +31,21 @@ pub struct Names {
 impl Names {
     pub fn from_config(config: &Config) -> anyhow::Result<Names> {
         let backend = &config.backend;
+        // In managed rotation setup still makes a first login role, so that `serve` can
+        // start before the rotator has made one of its own.
         let login = backend
             .login_user
             .clone()
-            .context("[backend] login_user is required for setup")?;
+            .unwrap_or_else(|| format!("{}_login_0001", backend.database));
         Ok(Names {
             owner: backend.owner_role.clone(),
             database: backend.database.clone(),
             login,
-            login_prefix: format!("{}_login_", backend.database),
+            login_prefix: config
+                .rotation
+                .login_prefix
+                .clone()
+                .unwrap_or_else(|| format!("{}_login_", backend.database)),
             rotator: backend
                 .rotator_role
                 .clone()
@@ -180,8 +186,10 @@ pub async fn setup(config: &Config, options: SetupOptions<'_>) -> anyhow::Result
         &config.backend.login_password_file,
         &config.backend.login_password_env,
     ) {
-        (Some(path), _) => PasswordHome::File(path),
-        (None, Some(var)) => PasswordHome::Env(var),
+        (Some(path), _) => Some(PasswordHome::File(path)),
+        (None, Some(var)) => Some(PasswordHome::Env(var)),
+        // Managed rotation makes its own login roles; setup needs none.
+        (None, None) if config.rotation.mode == crate::config::RotationMode::Managed => None,
         (None, None) => bail!("[backend] needs login_password_file (or login_password_env)"),
     };
 
@@ -203,14 +211,15 @@ pub async fn setup(config: &Config, options: SetupOptions<'_>) -> anyhow::Result
 
     // The login password: kept if the role and its password file both exist already.
     let mut new_login_password = None;
-    let login_password = match home {
-        PasswordHome::File(path) if login_exists && path.exists() => None,
-        PasswordHome::File(_) => {
+    let login_password = match &home {
+        None => None,
+        Some(PasswordHome::File(path)) if login_exists && path.exists() => None,
+        Some(PasswordHome::File(_)) => {
             let p = random_password();
             new_login_password = Some(p.clone());
             Some(p)
         }
-        PasswordHome::Env(var) => Some(
+        Some(PasswordHome::Env(var)) => Some(
             std::env::var(var)
                 .with_context(|| format!("{var} must hold the login password for setup"))?,
         ),
@@ -272,14 +281,17 @@ pub async fn setup(config: &Config, options: SetupOptions<'_>) -> anyhow::Result
         },
         false,
     ));
-    if !login_exists {
-        plan.push(("create_login", false));
-    } else if login_password.is_some() {
-        plan.push(("set_login_password", false));
+    if home.is_some() {
+        if !login_exists {
+            plan.push(("create_login", false));
+        } else if login_password.is_some() {
+            plan.push(("set_login_password", false));
+        }
+        plan.push(("login_membership", false));
     }
-    plan.push(("login_membership", false));
     plan.push(("schema_layout", true));
     if names.app_role.is_some() {
+        // (app_role_privileges grants the app role to the configured login role.)
         if !app_role_exists {
             plan.push(("create_app_role", false));
         }
@@ -334,7 +346,7 @@ pub async fn setup(config: &Config, options: SetupOptions<'_>) -> anyhow::Result
             .await
             .with_context(|| format!("setup failed running:\n{}", step.shown))?;
     }
-    if let (PasswordHome::File(path), Some(password)) = (home, &new_login_password) {
+    if let (Some(PasswordHome::File(path)), Some(password)) = (home, &new_login_password) {
         write_secret_file(path, password)?;
         println!(
             "login password for {} written to {}",

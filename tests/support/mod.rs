@@ -278,6 +278,8 @@ pub struct Options {
     pub extra: String,
     /// Extra lines inside `[backend]`.
     pub backend_extra: String,
+    /// Extra top-level keys (before any section).
+    pub top: String,
 }
 
 impl Rolegate {
@@ -299,13 +301,14 @@ impl Rolegate {
                 format!("[tls]\nmode = \"{mode}\"\ncert = \"server.crt\"\nkey = \"server.key\"\n");
         }
         let config = format!(
-            "listen = \"127.0.0.1:{port}\"\n\n{tls}\n[backend]\nhost = \"127.0.0.1\"\nport = {pg}\ndatabase = \"{db}\"\nowner_role = \"{owner}\"\nlogin_user = \"{login}\"\nlogin_password_env = \"TEST_LOGIN_PASSWORD\"\n{backend_extra}\n\n{clients}{extra}",
+            "listen = \"127.0.0.1:{port}\"\n{top}\n{tls}\n[backend]\nhost = \"127.0.0.1\"\nport = {pg}\ndatabase = \"{db}\"\nowner_role = \"{owner}\"\nlogin_user = \"{login}\"\nlogin_password_env = \"TEST_LOGIN_PASSWORD\"\n{backend_extra}\n\n{clients}{extra}",
             pg = cluster().port,
             db = db.name,
             owner = db.owner,
             login = db.login,
             backend_extra = options.backend_extra,
             extra = options.extra,
+            top = options.top,
             clients = clients_toml(),
         );
         Rolegate::launch(dir, port, &config).await
@@ -346,6 +349,11 @@ impl Rolegate {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         rolegate
+    }
+
+    /// The config file this rolegate runs with.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("rolegate.toml")
     }
 
     pub fn log_text(&self) -> String {

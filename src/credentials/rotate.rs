@@ -1,0 +1,381 @@
+//! Managed rotation: create a login role, prove it, swap it in, drain and drop the old one.
+//!
+//! Every step that can fail happens before the swap; a failure leaves the old credential
+//! in use and removes the half-made role. Roles are named `<own prefix><UTC timestamp>`,
+//! and only roles with this instance's own prefix are ever dropped.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context;
+use tokio_postgres::Client;
+
+use super::{CredentialStore, LoginCredential};
+use crate::backend::{self, BackendTarget};
+use crate::config::{Config, DrainPolicy};
+use crate::provision::random_password;
+use crate::scram::make_verifier;
+use crate::sql::{quote_ident, quote_literal};
+
+/// Counters for the admin endpoint.
+#[derive(Debug, Default)]
+pub struct RotationStats {
+    pub rotations: AtomicU64,
+    pub failures: AtomicU64,
+    /// Unix seconds when the current login was swapped in.
+    pub current_since: AtomicU64,
+}
+
+/// What one rotation did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RotationOutcome {
+    pub old_login: Option<String>,
+    pub new_login: String,
+    pub duration_ms: u64,
+}
+
+pub struct Rotator {
+    config: Arc<Config>,
+    store: Arc<CredentialStore>,
+    target: Arc<BackendTarget>,
+    pub stats: Arc<RotationStats>,
+    /// One rotation at a time.
+    lock: tokio::sync::Mutex<()>,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+impl Rotator {
+    pub fn new(
+        config: Arc<Config>,
+        store: Arc<CredentialStore>,
+        target: Arc<BackendTarget>,
+    ) -> Rotator {
+        Rotator {
+            config,
+            store,
+            target,
+            stats: Arc::new(RotationStats::default()),
+            lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn rotator_url(&self) -> anyhow::Result<String> {
+        let rotation = &self.config.rotation;
+        if let Some(path) = &rotation.rotator_url_file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the rotator URL from {}", path.display()))?;
+            return Ok(text.trim().to_owned());
+        }
+        std::env::var(&rotation.rotator_url_env).with_context(|| {
+            format!(
+                "the rotator's connection URL: set {} (or [rotation] rotator_url_file)",
+                rotation.rotator_url_env
+            )
+        })
+    }
+
+    async fn connect_rotator(&self) -> anyhow::Result<Client> {
+        let url = self.rotator_url()?;
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .context("connecting as the rotator")?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(client)
+    }
+
+    /// A new login name: the own prefix and the UTC time to the millisecond.
+    fn new_login_name(&self) -> String {
+        let stamp: String = humantime::format_rfc3339_millis(SystemTime::now())
+            .to_string()
+            .chars()
+            .filter(char::is_ascii_digit)
+            .collect();
+        format!("{}{stamp}", self.config.own_login_prefix())
+    }
+
+    /// Rotates once. `first` is the start-up rotation, which also sweeps stale roles.
+    pub async fn rotate(&self) -> anyhow::Result<RotationOutcome> {
+        let _one_at_a_time = self.lock.lock().await;
+        let started = Instant::now();
+        let result = self.rotate_locked().await;
+        match &result {
+            Ok(outcome) => {
+                self.stats.rotations.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .current_since
+                    .store(unix_now(), Ordering::Relaxed);
+                tracing::info!(
+                    old = outcome.old_login.as_deref().unwrap_or("-"),
+                    new = outcome.new_login.as_str(),
+                    duration_ms = started.elapsed().as_millis() as u64,
+                    "login rotated"
+                );
+            }
+            Err(e) => {
+                self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    error = format!("{e:#}"),
+                    "login rotation failed; the old login stays in use"
+                );
+            }
+        }
+        result
+    }
+
+    async fn rotate_locked(&self) -> anyhow::Result<RotationOutcome> {
+        let started = Instant::now();
+        let rotator = self.connect_rotator().await?;
+        let backend = &self.config.backend;
+        let name = self.new_login_name();
+        let password = random_password();
+        let valid_for = self
+            .config
+            .rotation
+            .every
+            .unwrap_or(Duration::from_secs(86_400))
+            * 2;
+        let valid_until = humantime::format_rfc3339_seconds(SystemTime::now() + valid_for);
+        let mut create = format!(
+            "CREATE ROLE {role} LOGIN PASSWORD {verifier} VALID UNTIL {until} IN ROLE {owner}",
+            role = quote_ident(&name),
+            verifier = quote_literal(&make_verifier(&password)),
+            until = quote_literal(&valid_until.to_string()),
+            owner = quote_ident(&backend.owner_role),
+        );
+        if let Some(app_role) = &backend.app_role {
+            create.push_str(&format!(", {}", quote_ident(app_role)));
+        }
+        rotator
+            .batch_execute(&create)
+            .await
+            .with_context(|| format!("creating login role {name}"))?;
+        let new = LoginCredential {
+            user: name.clone(),
+            password,
+        };
+        // From here on a failure must remove the role again.
+        if let Err(e) = self.prepare_and_prove(&rotator, &new).await {
+            let _ = rotator
+                .batch_execute(&format!("DROP ROLE IF EXISTS {}", quote_ident(&name)))
+                .await;
+            return Err(e);
+        }
+        let old = self.store.swap(new);
+        // (At start-up in managed mode the store holds an empty placeholder.)
+        let old_login = (!old.user.is_empty() && old.user != name).then(|| old.user.clone());
+        if let Some(old_user) = &old_login {
+            // No new sessions for the old login; its open sessions go on until drained.
+            if let Err(e) = rotator
+                .batch_execute(&format!("ALTER ROLE {} NOLOGIN", quote_ident(old_user)))
+                .await
+            {
+                tracing::warn!(login = old_user.as_str(), error = %e, "could not disable the old login");
+            }
+            self.spawn_drain(old_user.clone());
+        }
+        Ok(RotationOutcome {
+            old_login,
+            new_login: name,
+            duration_ms: started.elapsed().as_millis() as u64,
+        })
+    }
+
+    async fn prepare_and_prove(
+        &self,
+        rotator: &Client,
+        new: &LoginCredential,
+    ) -> anyhow::Result<()> {
+        let backend = &self.config.backend;
+        rotator
+            .batch_execute(&format!(
+                "ALTER ROLE {} SET role = {}",
+                quote_ident(&new.user),
+                quote_literal(&backend.owner_role)
+            ))
+            .await
+            .context("setting the new login's default role")?;
+        let setup = format!("SET ROLE {}", quote_ident(&backend.owner_role));
+        let session = backend::connect(&self.target, new, &[], &setup)
+            .await
+            .context("the new login could not open a session")?;
+        drop(session);
+        Ok(())
+    }
+
+    /// Waits for the old login's sessions to end (or ends them at the deadline, by
+    /// policy), then drops the role.
+    fn spawn_drain(&self, old_user: String) {
+        let rotation = self.config.rotation.clone();
+        let owner = self.config.backend.owner_role.clone();
+        let rotator_url = self.rotator_url();
+        tokio::spawn(async move {
+            let result = async {
+                let url = rotator_url?;
+                let (client, connection) =
+                    tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                });
+                drain_and_drop(
+                    &client,
+                    &old_user,
+                    &owner,
+                    rotation.drain,
+                    rotation.on_drain_timeout,
+                )
+                .await
+            }
+            .await;
+            match result {
+                Ok(drained) => tracing::info!(
+                    login = old_user.as_str(),
+                    terminated = drained,
+                    "old login dropped"
+                ),
+                Err(e) => tracing::warn!(
+                    login = old_user.as_str(),
+                    error = format!("{e:#}"),
+                    "could not drop the old login"
+                ),
+            }
+        });
+    }
+
+    /// Start-up in managed mode: a fresh login, and stale roles of this instance's prefix
+    /// that have no sessions dropped.
+    pub async fn start(&self) -> anyhow::Result<RotationOutcome> {
+        let outcome = self.rotate().await?;
+        let rotator = self.connect_rotator().await?;
+        let prefix = self.config.own_login_prefix();
+        let stale = rotator
+            .query(
+                "SELECT rolname::text FROM pg_roles r
+                 WHERE starts_with(r.rolname, $1) AND r.rolname <> $2
+                   AND NOT EXISTS (SELECT FROM pg_stat_activity a WHERE a.usename = r.rolname)",
+                &[&prefix, &outcome.new_login],
+            )
+            .await?;
+        for row in stale {
+            let role: String = row.get(0);
+            // Only names this instance made: the prefix followed by a timestamp.
+            if !role[prefix.len()..].chars().all(|c| c.is_ascii_digit()) {
+                continue;
+            }
+            let owner = &self.config.backend.owner_role;
+            match drain_and_drop(
+                &rotator,
+                &role,
+                owner,
+                Duration::ZERO,
+                DrainPolicy::Terminate,
+            )
+            .await
+            {
+                Ok(_) => tracing::info!(login = role.as_str(), "stale login dropped"),
+                Err(e) => tracing::warn!(
+                    login = role.as_str(),
+                    error = format!("{e:#}"),
+                    "could not drop a stale login"
+                ),
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Rotates on the schedule, retrying a failed rotation with backoff.
+    pub async fn run_schedule(self: Arc<Self>) {
+        let Some(every) = self.config.rotation.every else {
+            return;
+        };
+        loop {
+            tokio::time::sleep(every).await;
+            let mut backoff = Duration::from_secs(5);
+            while self.rotate().await.is_err() {
+                tokio::time::sleep(backoff.min(every)).await;
+                backoff = (backoff * 2).min(Duration::from_secs(600));
+            }
+        }
+    }
+}
+
+/// Drops a login role once its sessions are gone. Returns how many sessions had to be
+/// terminated.
+async fn drain_and_drop(
+    client: &Client,
+    role: &str,
+    owner: &str,
+    drain: Duration,
+    policy: DrainPolicy,
+) -> anyhow::Result<u64> {
+    let deadline = Instant::now() + drain;
+    let sessions = || async {
+        client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = $1",
+                &[&role],
+            )
+            .await
+            .map(|row| row.get::<_, i64>(0))
+    };
+    let mut terminated = 0;
+    loop {
+        if sessions().await? == 0 {
+            break;
+        }
+        if Instant::now() >= deadline && policy == DrainPolicy::Terminate {
+            // The rotator holds pg_signal_backend without inheriting it (NOINHERIT).
+            let row = client
+                .query_one(
+                    "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                     WHERE usename = $1) t",
+                    &[&role],
+                )
+                .await;
+            let row = match row {
+                Ok(row) => row,
+                Err(_) => {
+                    client.batch_execute("SET ROLE pg_signal_backend").await?;
+                    let row = client
+                        .query_one(
+                            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                             WHERE usename = $1) t",
+                            &[&role],
+                        )
+                        .await;
+                    client.batch_execute("RESET ROLE").await?;
+                    row?
+                }
+            };
+            terminated += row.get::<_, i64>(0) as u64;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // A safety net: every session ran as the owner, so nothing should be owned by the
+    // login, but a stray object must not block the drop.
+    let quoted = quote_ident(role);
+    if let Err(e) = client
+        .batch_execute(&format!(
+            "REASSIGN OWNED BY {quoted} TO {}; DROP OWNED BY {quoted}",
+            quote_ident(owner)
+        ))
+        .await
+    {
+        tracing::debug!(login = role, error = %e, "REASSIGN/DROP OWNED not possible for the rotator");
+    }
+    client
+        .batch_execute(&format!("DROP ROLE IF EXISTS {quoted}"))
+        .await
+        .with_context(|| format!("dropping {role}"))?;
+    Ok(terminated)
+}

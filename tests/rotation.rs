@@ -1,0 +1,340 @@
+//! Backend credential rotation while clients keep working.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::*;
+
+const ROTATOR_PASSWORD: &str = "rotator-secret-for-tests";
+
+/// The rotator role, as `rolegate setup` makes it (PostgreSQL 15 form).
+async fn make_rotator(db: &TestDb) -> String {
+    let rotator = format!("{}_rotator", db.name);
+    let admin = admin("postgres").await;
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE \"{rotator}\" LOGIN CREATEROLE NOINHERIT PASSWORD '{ROTATOR_PASSWORD}';
+             GRANT \"{owner}\" TO \"{rotator}\" WITH ADMIN OPTION;
+             GRANT pg_signal_backend TO \"{rotator}\";",
+            owner = db.owner
+        ))
+        .await
+        .unwrap();
+    rotator
+}
+
+async fn managed(db: &TestDb, rotation: &str) -> Rolegate {
+    let rotator = make_rotator(db).await;
+    let url_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        url_file.path(),
+        format!(
+            "host=127.0.0.1 port={} user={rotator} password={ROTATOR_PASSWORD} dbname=postgres",
+            cluster().port
+        ),
+    )
+    .unwrap();
+    let (_, url_path) = url_file.keep().unwrap();
+    let admin_port = free_port();
+    Rolegate::start_with(
+        db,
+        Options {
+            top: format!("admin_listen = \"127.0.0.1:{admin_port}\"\n"),
+            extra: format!(
+                "[rotation]\nmode = \"managed\"\nrotator_url_file = \"{}\"\n{rotation}\n",
+                url_path.display()
+            ),
+            ..Options::default()
+        },
+    )
+    .await
+}
+
+async fn rotate(rg: &Rolegate) -> (bool, String) {
+    let config = rg.config_path();
+    let (ok, out, err) =
+        rolegate_command(&["rotate", "--config", config.to_str().unwrap()], &[]).await;
+    (ok, format!("{out}{err}"))
+}
+
+async fn login_roles(prefix: &str) -> Vec<String> {
+    admin("postgres")
+        .await
+        .query(
+            "SELECT rolname::text FROM pg_roles WHERE starts_with(rolname, $1) ORDER BY 1",
+            &[&prefix],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+async fn session_user(rg: &Rolegate, db: &TestDb) -> String {
+    rg.client("web", db)
+        .await
+        .query_one("SELECT session_user::text", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_rotations_under_load_lose_no_query() {
+    let db = TestDb::create("rot").await;
+    let rg = managed(&db, "drain = \"2s\"\non_drain_timeout = \"terminate\"").await;
+    let prefix = format!("{}_login_", db.name);
+    rg.client("migrate", &db)
+        .await
+        .batch_execute("CREATE TABLE ledger (id bigserial PRIMARY KEY, worker int, n int)")
+        .await
+        .unwrap();
+    let first_login = session_user(&rg, &db).await;
+    assert!(first_login.starts_with(&prefix), "{first_login}");
+
+    // A long-lived session from before the rotations.
+    let long_lived = rg.client("web", &db).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let mut workers = Vec::new();
+    for worker in 0..16i32 {
+        let url = rg.url("web", "web-pw", &db.name);
+        let (stop, done) = (stop.clone(), done.clone());
+        workers.push(tokio::spawn(async move {
+            let mut failures = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                // Connect, a few short transactions, disconnect.
+                let client = match connect_url(&url).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        failures.push(format!("connect: {e:?}"));
+                        continue;
+                    }
+                };
+                for n in 0..3i32 {
+                    let r = client
+                        .batch_execute(&format!(
+                            "BEGIN; INSERT INTO ledger (worker, n) VALUES ({worker}, {n}); COMMIT"
+                        ))
+                        .await;
+                    match r {
+                        Ok(()) => {
+                            done.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => failures.push(format!("query: {e:?}")),
+                    }
+                }
+            }
+            failures
+        }));
+    }
+    let mut seen_logins = vec![first_login.clone()];
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let (ok, out) = rotate(&rg).await;
+        assert!(ok, "rotation failed: {out}\n{}", rg.log_text());
+        seen_logins.push(session_user(&rg, &db).await);
+    }
+    // Before the drain deadline the long-lived session still works.
+    long_lived
+        .query_one("SELECT 1", &[])
+        .await
+        .expect("long-lived session within the drain");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut failures = Vec::new();
+    for w in workers {
+        failures.extend(w.await.unwrap());
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failed queries: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(
+        done.load(Ordering::Relaxed) > 100,
+        "the workers did too little to prove anything"
+    );
+    seen_logins.dedup();
+    assert_eq!(
+        seen_logins.len(),
+        4,
+        "each rotation must switch the login: {seen_logins:?}"
+    );
+
+    // After the drain deadline: the long-lived session was ended, the old roles are gone.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let err = long_lived.query_one("SELECT 1", &[]).await.unwrap_err();
+    assert!(
+        err.is_closed() || sqlstate(&err).as_deref() == Some("57P01"),
+        "{err:?}"
+    );
+    let current = seen_logins.last().unwrap().clone();
+    assert_eq!(login_roles(&prefix).await, vec![current.clone()]);
+    // An old login cannot log in any more (its role is gone).
+    let old = format!(
+        "host=127.0.0.1 port={} user={} password=x dbname={}",
+        cluster().port,
+        first_login,
+        db.name
+    );
+    assert!(connect_url(&old).await.is_err());
+    // The migrator's table survived and is usable.
+    let web = rg.client("web", &db).await;
+    web.batch_execute("INSERT INTO ledger (worker, n) VALUES (-1, -1)")
+        .await
+        .unwrap();
+    let n: i64 = web
+        .query_one("SELECT count(*) FROM ledger", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(n > 100);
+    assert!(!rg.log_text().contains(ROTATOR_PASSWORD));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_rotation_keeps_the_old_login() {
+    let db = TestDb::create("rotfail").await;
+    let rg = managed(&db, "drain = \"1s\"").await;
+    let before = session_user(&rg, &db).await;
+    let client = rg.client("web", &db).await;
+    // The rotator loses its right to create roles.
+    admin("postgres")
+        .await
+        .batch_execute(&format!("ALTER ROLE \"{}_rotator\" NOCREATEROLE", db.name))
+        .await
+        .unwrap();
+    let (ok, out) = rotate(&rg).await;
+    assert!(!ok, "rotation should fail: {out}");
+    assert!(out.contains("error"), "{out}");
+    client
+        .query_one("SELECT 1", &[])
+        .await
+        .expect("open session untouched");
+    assert_eq!(
+        session_user(&rg, &db).await,
+        before,
+        "the old login must stay in use"
+    );
+    let prefix = format!("{}_login_", db.name);
+    assert_eq!(
+        login_roles(&prefix).await,
+        vec![before],
+        "no half-made role is left"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_mode_switches_to_a_rewritten_file_and_refuses_a_wrong_one() {
+    let db = TestDb::create("rotfile").await;
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let write = |user: &str, password: &str| {
+        std::fs::write(
+            file.path(),
+            format!("{{\"username\": \"{user}\", \"password\": \"{password}\"}}"),
+        )
+        .unwrap()
+    };
+    write(&db.login, LOGIN_PASSWORD);
+    let rg = Rolegate::start_with(
+        &db,
+        Options {
+            extra: format!(
+                "[rotation]\nmode = \"file\"\nfile = \"{}\"\npoll_interval = \"200ms\"\n",
+                file.path().display()
+            ),
+            ..Options::default()
+        },
+    )
+    .await;
+    assert_eq!(session_user(&rg, &db).await, db.login);
+    let second = format!("{}_2", db.login);
+    admin("postgres")
+        .await
+        .batch_execute(&format!(
+            "CREATE ROLE \"{second}\" LOGIN PASSWORD 'second-pw' IN ROLE \"{}\"",
+            db.owner
+        ))
+        .await
+        .unwrap();
+    write(&second, "second-pw");
+    let mut switched = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if session_user(&rg, &db).await == second {
+            switched = true;
+            break;
+        }
+    }
+    assert!(
+        switched,
+        "rolegate did not switch to the rewritten credential"
+    );
+    // A wrong password is proved before use, refused, and the working login stays.
+    write(&db.login, "not-the-password");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(session_user(&rg, &db).await, second);
+    let log = rg.log_text();
+    assert!(log.contains("does not log in"), "{log}");
+    assert!(!log.contains("not-the-password") && !log.contains("second-pw"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_rotate_against_one_database() {
+    let db = TestDb::create("rottwo").await;
+    let rotator = make_rotator(&db).await;
+    let url_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        url_file.path(),
+        format!(
+            "host=127.0.0.1 port={} user={rotator} password={ROTATOR_PASSWORD} dbname=postgres",
+            cluster().port
+        ),
+    )
+    .unwrap();
+    let mut instances = Vec::new();
+    for id in ["a", "b"] {
+        let admin_port = free_port();
+        instances.push(
+            Rolegate::start_with(
+                &db,
+                Options {
+                    top: format!("admin_listen = \"127.0.0.1:{admin_port}\"\n"),
+                    extra: format!(
+                        "[rotation]\nmode = \"managed\"\ninstance_id = \"{id}\"\ndrain = \"1s\"\nrotator_url_file = \"{}\"\n",
+                        url_file.path().display()
+                    ),
+                    ..Options::default()
+                },
+            )
+            .await,
+        );
+    }
+    for _ in 0..2 {
+        for rg in &instances {
+            let (ok, out) = rotate(rg).await;
+            assert!(ok, "{out}");
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    for (rg, id) in instances.iter().zip(["a", "b"]) {
+        let user = session_user(rg, &db).await;
+        assert!(
+            user.starts_with(&format!("{}_login_{id}_", db.name)),
+            "{user}"
+        );
+        let own = login_roles(&format!("{}_login_{id}_", db.name)).await;
+        assert_eq!(
+            own,
+            vec![user],
+            "instance {id} keeps exactly its current login"
+        );
+    }
+}
