@@ -1,4 +1,5 @@
-//! The admin endpoint on `admin_listen`: GET /healthz, GET /status, POST /rotate.
+//! The admin endpoint on `admin_listen`: GET /healthz, GET /metrics, GET /status,
+//! POST /rotate.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -18,6 +19,7 @@ pub fn router(proxy: Arc<Proxy>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/status", get(status))
+        .route("/metrics", get(metrics))
         .route("/rotate", post(rotate))
         .with_state(proxy)
 }
@@ -47,6 +49,22 @@ async fn healthz(State(proxy): State<Arc<Proxy>>) -> Response {
         )
             .into_response(),
     }
+}
+
+async fn metrics(State(proxy): State<Arc<Proxy>>) -> Response {
+    if let Some(rotator) = &proxy.rotator {
+        let since = rotator.stats.current_since.load(Ordering::Relaxed);
+        let age = crate::credentials::rotate::unix_now().saturating_sub(since);
+        proxy.metrics.login_age_seconds.set(age as i64);
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        proxy.metrics.encode(),
+    )
+        .into_response()
 }
 
 async fn status(State(proxy): State<Arc<Proxy>>) -> Json<serde_json::Value> {

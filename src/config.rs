@@ -296,6 +296,16 @@ pub struct LimitsConfig {
     /// Largest protocol message accepted from a client (PostgreSQL's own limit is 1 GB).
     #[serde(default = "default_max_message_bytes")]
     pub max_message_bytes: usize,
+    /// Close a client that sat idle (outside a transaction) this long; off when unset.
+    #[serde(default, with = "humantime_serde::option")]
+    pub idle_client_timeout: Option<Duration>,
+    /// On SIGTERM/SIGINT, how long sessions get to finish their transactions.
+    #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+fn default_shutdown_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 
 fn default_max_clients() -> usize {
@@ -314,6 +324,8 @@ impl Default for LimitsConfig {
             max_client_connections: default_max_clients(),
             client_login_timeout: default_login_timeout(),
             max_message_bytes: default_max_message_bytes(),
+            idle_client_timeout: None,
+            shutdown_timeout: default_shutdown_timeout(),
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod config;
 pub mod credentials;
 pub mod demo;
 pub mod listener;
+pub mod metrics;
 pub mod policy;
 pub mod provision;
 pub mod proxy;

@@ -24,8 +24,16 @@ pub async fn serve(proxy: Arc<Proxy>) -> anyhow::Result<()> {
 
 pub async fn accept_loop(proxy: Arc<Proxy>, listener: TcpListener) -> anyhow::Result<()> {
     let slots = Arc::new(Semaphore::new(proxy.config().limits.max_client_connections));
+    let mut shutdown = proxy.shutdown.subscribe();
     loop {
-        let (mut tcp, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.wait_for(|stop| *stop) => {
+                tracing::info!("no longer accepting connections");
+                return Ok(());
+            }
+        };
+        let (mut tcp, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(e) => {
                 // EMFILE and friends: wait a little instead of spinning.

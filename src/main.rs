@@ -84,26 +84,9 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {
-        Command::Serve { config } => {
-            let config = Config::load(&config)?;
-            runtime()?.block_on(async {
-                let proxy = Proxy::start(config).await?;
-                if let Some(listen) = proxy.config().admin_listen.clone() {
-                    let admin = proxy.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = rolegate::admin::serve(admin, listen).await {
-                            tracing::error!(error = format!("{e:#}"), "admin endpoint stopped");
-                        }
-                    });
-                }
-                tokio::select! {
-                    result = rolegate::listener::serve(proxy) => result,
-                    _ = rolegate::demo::shutdown_signal() => {
-                        tracing::info!("stopping");
-                        Ok(())
-                    }
-                }
-            })
+        Command::Serve { config: path } => {
+            let config = Config::load(&path)?;
+            runtime()?.block_on(serve(config, path))
         }
         Command::Setup {
             config,
@@ -163,6 +146,58 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Runs the proxy until SIGTERM/SIGINT, then stops accepting, lets sessions finish their
+/// transactions for up to `shutdown_timeout`, and returns. SIGHUP reloads the config.
+async fn serve(config: Config, path: PathBuf) -> anyhow::Result<()> {
+    let proxy = Proxy::start(config).await?;
+    if let Some(listen) = proxy.config().admin_listen.clone() {
+        let admin = proxy.clone();
+        tokio::spawn(async move {
+            if let Err(e) = rolegate::admin::serve(admin, listen).await {
+                tracing::error!(error = format!("{e:#}"), "admin endpoint stopped");
+            }
+        });
+    }
+    let reloader = proxy.clone();
+    tokio::spawn(async move {
+        let Ok(mut hangup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            return;
+        };
+        while hangup.recv().await.is_some() {
+            match reloader.reload(&path) {
+                Ok(()) => tracing::info!(config = %path.display(), "config reloaded"),
+                Err(e) => tracing::error!(
+                    error = format!("{e:#}"),
+                    "new config refused; the old one stays in force"
+                ),
+            }
+        }
+    });
+    let listener = tokio::spawn(rolegate::listener::serve(proxy.clone()));
+    tokio::select! {
+        result = listener => return result.context("listener task")?,
+        _ = rolegate::demo::shutdown_signal() => {}
+    }
+    let timeout = proxy.config().limits.shutdown_timeout;
+    tracing::info!(timeout = ?timeout, "shutting down: no new connections, sessions end when idle");
+    let _ = proxy.shutdown.send(true);
+    let deadline = tokio::time::Instant::now() + timeout;
+    while proxy
+        .open_connections
+        .load(std::sync::atomic::Ordering::SeqCst)
+        > 0
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let left = proxy
+        .open_connections
+        .load(std::sync::atomic::Ordering::SeqCst);
+    tracing::info!(closed_unfinished = left, "stopped");
+    Ok(())
 }
 
 fn init_logging(format: LogFormat) {

@@ -1,7 +1,7 @@
 //! What every session shares: the config, TLS, the backend target, the credential store,
 //! the policy and the cancel keys.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use dashmap::DashMap;
 use rand::Rng;
@@ -10,18 +10,48 @@ use crate::backend::BackendTarget;
 use crate::config::{ClientTlsMode, Config, RotationMode};
 use crate::credentials::rotate::Rotator;
 use crate::credentials::{file, CredentialStore, LoginCredential};
+use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::tls;
 
-pub struct Proxy {
+/// What SIGHUP can replace: the config, the TLS certificate, the policy. Sessions take
+/// what is current when they start.
+struct Live {
     config: Arc<Config>,
     tls_acceptor: Option<tokio_rustls::TlsAcceptor>,
+    policy: Arc<Policy>,
+}
+
+impl Live {
+    fn build(config: Config) -> anyhow::Result<Live> {
+        use anyhow::Context;
+        let tls_acceptor = match (config.tls.mode, &config.tls.cert, &config.tls.key) {
+            (ClientTlsMode::Disable, _, _) => None,
+            (_, Some(cert), Some(key)) => {
+                Some(tls::acceptor(cert, key).context("loading the [tls] certificate")?)
+            }
+            _ => anyhow::bail!("[tls] needs cert and key unless mode = \"disable\""),
+        };
+        Ok(Live {
+            tls_acceptor,
+            policy: Arc::new(Policy::new(&config.policy)),
+            config: Arc::new(config),
+        })
+    }
+}
+
+pub struct Proxy {
+    live: RwLock<Arc<Live>>,
     pub backend: Arc<BackendTarget>,
     pub credentials: Arc<CredentialStore>,
     /// Present in managed rotation mode.
     pub rotator: Option<Arc<Rotator>>,
-    pub policy: Policy,
     pub cancel_keys: Arc<CancelKeys>,
+    pub metrics: Arc<Metrics>,
+    /// Client connections open, in any state.
+    pub open_connections: std::sync::atomic::AtomicUsize,
+    /// Set once on SIGTERM/SIGINT: stop accepting, end sessions as they go idle.
+    pub shutdown: tokio::sync::watch::Sender<bool>,
     /// Keys the mock SCRAM verifiers of unknown users; new at every start.
     instance_secret: [u8; 32],
 }
@@ -35,22 +65,23 @@ impl Proxy {
         match mode {
             RotationMode::Static => {}
             RotationMode::File => {
-                let rotation = &proxy.config.rotation;
-                if let Some(path) = rotation.file.clone() {
+                let config = proxy.config();
+                if let Some(path) = config.rotation.file.clone() {
                     tokio::spawn(file::watch(
                         path,
-                        rotation.poll_interval,
+                        config.rotation.poll_interval,
                         proxy.credentials.clone(),
                         proxy.backend.clone(),
-                        proxy.config.backend.owner_role.clone(),
+                        config.backend.owner_role.clone(),
                     ));
                 }
             }
             RotationMode::Managed => {
                 let rotator = Arc::new(Rotator::new(
-                    proxy.config.clone(),
+                    proxy.config(),
                     proxy.credentials.clone(),
                     proxy.backend.clone(),
+                    proxy.metrics.clone(),
                 ));
                 rotator.start().await?;
                 tokio::spawn(rotator.clone().run_schedule());
@@ -62,13 +93,6 @@ impl Proxy {
 
     fn new(config: Config) -> anyhow::Result<Proxy> {
         use anyhow::Context;
-        let tls_acceptor = match (config.tls.mode, &config.tls.cert, &config.tls.key) {
-            (ClientTlsMode::Disable, _, _) => None,
-            (_, Some(cert), Some(key)) => {
-                Some(tls::acceptor(cert, key).context("loading the [tls] certificate")?)
-            }
-            _ => anyhow::bail!("[tls] needs cert and key unless mode = \"disable\""),
-        };
         let backend =
             BackendTarget::from_config(&config.backend).context("setting up backend TLS")?;
         let login = match config.rotation.mode {
@@ -84,23 +108,62 @@ impl Proxy {
             },
         };
         Ok(Proxy {
-            tls_acceptor,
             backend: Arc::new(backend),
             rotator: None,
             credentials: Arc::new(CredentialStore::new(login)),
-            policy: Policy::new(&config.policy),
             cancel_keys: Arc::new(CancelKeys::default()),
+            metrics: Arc::new(Metrics::default()),
+            open_connections: std::sync::atomic::AtomicUsize::new(0),
+            shutdown: tokio::sync::watch::channel(false).0,
             instance_secret: rand::thread_rng().gen(),
-            config: Arc::new(config),
+            live: RwLock::new(Arc::new(Live::build(config)?)),
         })
     }
 
-    pub fn config(&self) -> &Config {
-        &self.config
+    fn live(&self) -> Arc<Live> {
+        match self.live.read() {
+            Ok(live) => live.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// The config in force now.
+    pub fn config(&self) -> Arc<Config> {
+        self.live().config.clone()
+    }
+
+    pub fn policy(&self) -> Arc<Policy> {
+        self.live().policy.clone()
     }
 
     pub fn tls_acceptor(&self) -> Option<tokio_rustls::TlsAcceptor> {
-        self.tls_acceptor.clone()
+        self.live().tls_acceptor.clone()
+    }
+
+    /// SIGHUP: re-reads the config file. A config that does not load (or whose TLS
+    /// certificate does not) is refused and the old one stays in force. Clients, TLS and
+    /// the policy change for new sessions; `[backend]`, `listen` and `[rotation]` need a
+    /// restart.
+    pub fn reload(&self, path: &std::path::Path) -> anyhow::Result<()> {
+        let config = Config::load(path)?;
+        let current = self.config();
+        if config.backend.database != current.backend.database
+            || config.backend.host != current.backend.host
+            || config.backend.port != current.backend.port
+            || config.listen != current.listen
+        {
+            tracing::warn!("[backend] and listen changes take effect only after a restart");
+        }
+        let live = Arc::new(Live::build(config)?);
+        match self.live.write() {
+            Ok(mut slot) => *slot = live,
+            Err(poisoned) => *poisoned.into_inner() = live,
+        }
+        Ok(())
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
     }
 
     pub fn instance_secret(&self) -> &[u8; 32] {

@@ -14,12 +14,14 @@
 //! else (ReadyForQuery and its transaction status) comes from the server.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::metrics::{DirectionLabel, Metrics, RefusalLabels};
 use crate::policy::{Policy, Refusal, Requester};
 use crate::tls::MaybeTls;
 use crate::wire::{self, ErrorFields, WireError};
@@ -35,6 +37,11 @@ pub struct RelayContext<'a> {
     pub standard_conforming_strings: bool,
     /// Largest message accepted from the client.
     pub max_message_bytes: usize,
+    /// End the session when the client was idle this long (outside a transaction).
+    pub idle_timeout: Option<Duration>,
+    /// Becomes true when rolegate shuts down: the session ends at its next idle moment.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+    pub metrics: &'a Metrics,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -59,6 +66,10 @@ pub enum RelayEnd {
     ClientProtocol(WireError),
     #[error("server protocol violation: {0}")]
     ServerProtocol(WireError),
+    #[error("ended at shutdown")]
+    Shutdown,
+    #[error("ended after idle_client_timeout")]
+    IdleTimeout,
 }
 
 /// A refusal waiting for the server's syntax error that carries its marker.
@@ -73,9 +84,63 @@ struct PendingRefusal {
 struct Shared {
     standard_conforming_strings: AtomicBool,
     pending: Mutex<VecDeque<PendingRefusal>>,
+    /// Messages sent that the server answers with ReadyForQuery, and answers received.
+    sync_points_sent: AtomicU64,
+    ready_received: AtomicU64,
+    /// The transaction status of the last ReadyForQuery.
+    status: AtomicU8,
+    /// Milliseconds since `started` of the last bytes from the client.
+    last_client_activity_ms: AtomicU64,
+    started: Instant,
 }
 
 impl Shared {
+    /// Nothing in flight and no transaction open: ending the session now loses nothing.
+    fn is_idle(&self) -> bool {
+        self.status.load(Ordering::Relaxed) == b'I'
+            && self.sync_points_sent.load(Ordering::Relaxed)
+                == self.ready_received.load(Ordering::Relaxed)
+    }
+
+    fn idle_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_client_activity_ms.load(Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(last)
+    }
+
+    /// Resolves when the session should be closed for rolegate's own reasons.
+    async fn closing(
+        &self,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+        idle_timeout: Option<Duration>,
+    ) -> RelayEnd {
+        let tick = Duration::from_millis(50);
+        loop {
+            let shutting_down = *shutdown.borrow();
+            if shutting_down && self.is_idle() {
+                return RelayEnd::Shutdown;
+            }
+            if let Some(limit) = idle_timeout {
+                if self.is_idle() && self.idle_for() >= limit {
+                    return RelayEnd::IdleTimeout;
+                }
+            }
+            match (shutting_down, idle_timeout) {
+                (true, _) => tokio::time::sleep(tick).await,
+                (false, Some(limit)) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep((limit / 4).max(tick)) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                }
+                (false, None) => {
+                    if shutdown.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+            }
+        }
+    }
+
     fn pending(&self) -> std::sync::MutexGuard<'_, VecDeque<PendingRefusal>> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -117,18 +182,45 @@ where
     let shared = Shared {
         standard_conforming_strings: AtomicBool::new(ctx.standard_conforming_strings),
         pending: Mutex::new(VecDeque::new()),
+        sync_points_sent: AtomicU64::new(0),
+        ready_received: AtomicU64::new(0),
+        status: AtomicU8::new(b'I'),
+        last_client_activity_ms: AtomicU64::new(0),
+        started: Instant::now(),
     };
     let mut up = Upstream::new(ctx);
     let mut down = Downstream::default();
     let end = {
         let c2s = up.run(&mut client_r, &mut server_w, &shared);
-        let s2c = down.run(&mut server_r, &mut client_w, &shared);
+        let s2c = down.run(&mut server_r, &mut client_w, &shared, ctx.metrics);
+        let closing = shared.closing(ctx.shutdown.clone(), ctx.idle_timeout);
         tokio::select! {
             end = c2s => end,
             end = s2c => end,
+            end = closing => end,
         }
     };
     match &end {
+        RelayEnd::Shutdown | RelayEnd::IdleTimeout => {
+            let (code, message) = if matches!(end, RelayEnd::Shutdown) {
+                (
+                    "57P01",
+                    "rolegate: terminating connection because rolegate is shutting down",
+                )
+            } else {
+                (
+                    "57P05",
+                    "rolegate: terminating connection due to idle_client_timeout",
+                )
+            };
+            let mut fatal = BytesMut::new();
+            wire::put_error(&mut fatal, &ErrorFields::fatal(code, message));
+            let _ = client_w.write_all(&fatal).await;
+            let _ = client_w.flush().await;
+            let mut terminate = BytesMut::new();
+            wire::put_message(&mut terminate, b'X', &[]);
+            let _ = server_w.write_all(&terminate).await;
+        }
         RelayEnd::ClientProtocol(e) => {
             let message = format!("rolegate: invalid message from client: {e}");
             let mut out = BytesMut::new();
@@ -138,6 +230,7 @@ where
         }
         RelayEnd::ClientClosed | RelayEnd::ClientIo(_) => {
             // Tell the server the session is over rather than just dropping the socket.
+            // (After a client Terminate the server has it already; a second one is harmless.)
             let mut out = BytesMut::new();
             wire::put_message(&mut out, b'X', &[]);
             let _ = server_w.write_all(&out).await;
@@ -167,6 +260,7 @@ struct Upstream<'a> {
     sync_points: u64,
     next_marker: u64,
     bytes: u64,
+    bytes_counter: prometheus_client::metrics::counter::Counter,
     refused: u64,
 }
 
@@ -181,6 +275,13 @@ impl<'a> Upstream<'a> {
             sync_points: 0,
             next_marker: 0,
             bytes: 0,
+            bytes_counter: ctx
+                .metrics
+                .bytes
+                .get_or_create(&DirectionLabel {
+                    direction: "client_to_server",
+                })
+                .clone(),
             refused: 0,
         }
     }
@@ -196,13 +297,28 @@ impl<'a> Upstream<'a> {
             }
             match client.read_buf(&mut self.buf).await {
                 Ok(0) => return RelayEnd::ClientClosed,
-                Ok(n) => self.bytes += n as u64,
+                Ok(n) => {
+                    self.bytes += n as u64;
+                    self.bytes_counter.inc_by(n as u64);
+                    let now = shared.started.elapsed().as_millis() as u64;
+                    shared.last_client_activity_ms.store(now, Ordering::Relaxed);
+                }
                 Err(e) => return RelayEnd::ClientIo(e),
             }
+            let syncs_before = self.sync_points;
             let (end, terminate) = match self.scan(shared) {
                 Ok(scanned) => scanned,
                 Err(e) => return RelayEnd::ClientProtocol(e),
             };
+            if self.sync_points != syncs_before {
+                self.ctx
+                    .metrics
+                    .queries
+                    .inc_by(self.sync_points - syncs_before);
+                shared
+                    .sync_points_sent
+                    .store(self.sync_points, Ordering::Relaxed);
+            }
             let result = if self.out.is_empty() {
                 server.write_all(&self.buf[..end]).await
             } else {
@@ -317,6 +433,14 @@ impl<'a> Upstream<'a> {
     fn substitute(&mut self, tag: u8, name: Option<&[u8]>, refusal: &Refusal, shared: &Shared) {
         self.next_marker += 1;
         self.refused += 1;
+        self.ctx
+            .metrics
+            .refusals
+            .get_or_create(&RefusalLabels {
+                class: self.ctx.requester.class.as_str().to_owned(),
+                kind: refusal.kind.clone(),
+            })
+            .inc();
         let marker = format!("rolegate_refused_{}", self.next_marker);
         let until_ready = if tag == b'P' {
             // The server answers the batch's Sync, whenever it comes.
@@ -404,18 +528,33 @@ struct Downstream {
 }
 
 impl Downstream {
-    async fn run<R, W>(&mut self, server: &mut R, client: &mut W, shared: &Shared) -> RelayEnd
+    async fn run<R, W>(
+        &mut self,
+        server: &mut R,
+        client: &mut W,
+        shared: &Shared,
+        metrics: &Metrics,
+    ) -> RelayEnd
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
+        let bytes_counter = metrics
+            .bytes
+            .get_or_create(&DirectionLabel {
+                direction: "server_to_client",
+            })
+            .clone();
         loop {
             if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
                 self.buf.reserve(READ_CHUNK);
             }
             match server.read_buf(&mut self.buf).await {
                 Ok(0) => return RelayEnd::ServerClosed,
-                Ok(n) => self.bytes += n as u64,
+                Ok(n) => {
+                    self.bytes += n as u64;
+                    bytes_counter.inc_by(n as u64);
+                }
                 Err(e) => return RelayEnd::ServerIo(e),
             }
             let end = match self.scan(shared) {
@@ -456,6 +595,10 @@ impl Downstream {
                 b'Z' => {
                     self.ready_count += 1;
                     let ready = self.ready_count;
+                    if size == 6 {
+                        shared.status.store(self.buf[pos + 5], Ordering::Relaxed);
+                    }
+                    shared.ready_received.store(ready, Ordering::Relaxed);
                     let mut pending = shared.pending();
                     while pending.front().is_some_and(|p| p.until_ready <= ready) {
                         pending.pop_front();

@@ -11,6 +11,7 @@ use tokio::net::TcpStream;
 
 use crate::backend;
 use crate::config::{BackendConfig, ClientClass};
+use crate::metrics::ClassLabel;
 use crate::policy::Requester;
 use crate::proxy::{CancelTarget, Proxy};
 use crate::relay::{self, RelayContext};
@@ -21,8 +22,12 @@ use crate::wire::{self, ErrorFields, WireError};
 
 pub async fn run(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
     let _ = tcp.set_nodelay(true);
+    let _open = OpenConnection::new(&proxy);
     let login_timeout = proxy.config().limits.client_login_timeout;
-    let opened = match tokio::time::timeout(login_timeout, startup::open(&proxy, tcp)).await {
+    proxy.metrics.client_connecting.inc();
+    let opened = tokio::time::timeout(login_timeout, startup::open(&proxy, tcp)).await;
+    proxy.metrics.client_connecting.dec();
+    let opened = match opened {
         Ok(opened) => opened,
         Err(_) => {
             tracing::info!(%peer, "client did not log in within client_login_timeout; closed");
@@ -42,6 +47,9 @@ pub async fn run(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
             tracing::debug!(%peer, "client closed the connection before startup");
         }
         Err((error, stream)) => {
+            if matches!(error, StartupError::Refused("28P01", _)) {
+                proxy.metrics.auth_failures.inc();
+            }
             if let (StartupError::Refused(code, message), Some(mut stream)) = (&error, stream) {
                 let mut out = BytesMut::new();
                 wire::put_error(&mut out, &ErrorFields::fatal(code, message));
@@ -56,6 +64,26 @@ pub async fn run(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
             params,
             scram_final,
         }) => serve(&proxy, stream, identity, params, scram_final, peer).await,
+    }
+}
+
+/// Counts a connection as open for as long as it lives (shutdown waits for zero).
+struct OpenConnection<'a>(&'a Proxy);
+
+impl<'a> OpenConnection<'a> {
+    fn new(proxy: &'a Proxy) -> Self {
+        proxy
+            .open_connections
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        OpenConnection(proxy)
+    }
+}
+
+impl Drop for OpenConnection<'_> {
+    fn drop(&mut self) {
+        self.0
+            .open_connections
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -115,6 +143,7 @@ async fn serve(
             return;
         }
     };
+    proxy.metrics.backend_connections.inc();
     let cancel_key = proxy.cancel_keys.register(CancelTarget {
         addr: proxy.backend.addr(),
         pid: backend.pid,
@@ -150,8 +179,21 @@ async fn serve(
         "session started"
     );
 
+    let policy = proxy.policy();
+    let class_label = ClassLabel {
+        class: identity.class.as_str().to_owned(),
+    };
+    let sessions_gauge = proxy
+        .metrics
+        .client_sessions
+        .get_or_create(&class_label)
+        .clone();
+    sessions_gauge.inc();
     let ctx = RelayContext {
-        policy: &proxy.policy,
+        policy: &policy,
+        idle_timeout: config.limits.idle_client_timeout,
+        shutdown: proxy.shutdown.subscribe(),
+        metrics: &proxy.metrics,
         requester: Requester {
             user: &identity.user,
             class: identity.class,
@@ -161,6 +203,8 @@ async fn serve(
         max_message_bytes: config.limits.max_message_bytes,
     };
     let (stats, end) = relay::run(client, backend.stream, &ctx).await;
+    sessions_gauge.dec();
+    proxy.metrics.backend_connections.dec();
     drop(cancel_key);
     tracing::info!(
         user = identity.user.as_str(),

@@ -14,6 +14,7 @@ use tokio_postgres::Client;
 use super::{CredentialStore, LoginCredential};
 use crate::backend::{self, BackendTarget};
 use crate::config::{Config, DrainPolicy};
+use crate::metrics::Metrics;
 use crate::provision::random_password;
 use crate::scram::make_verifier;
 use crate::sql::{quote_ident, quote_literal};
@@ -39,12 +40,13 @@ pub struct Rotator {
     config: Arc<Config>,
     store: Arc<CredentialStore>,
     target: Arc<BackendTarget>,
+    metrics: Arc<Metrics>,
     pub stats: Arc<RotationStats>,
     /// One rotation at a time.
     lock: tokio::sync::Mutex<()>,
 }
 
-fn unix_now() -> u64 {
+pub fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -56,11 +58,13 @@ impl Rotator {
         config: Arc<Config>,
         store: Arc<CredentialStore>,
         target: Arc<BackendTarget>,
+        metrics: Arc<Metrics>,
     ) -> Rotator {
         Rotator {
             config,
             store,
             target,
+            metrics,
             stats: Arc::new(RotationStats::default()),
             lock: tokio::sync::Mutex::new(()),
         }
@@ -110,6 +114,7 @@ impl Rotator {
         match &result {
             Ok(outcome) => {
                 self.stats.rotations.fetch_add(1, Ordering::Relaxed);
+                self.metrics.rotations.inc();
                 self.stats
                     .current_since
                     .store(unix_now(), Ordering::Relaxed);
@@ -122,6 +127,7 @@ impl Rotator {
             }
             Err(e) => {
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                self.metrics.rotation_failures.inc();
                 tracing::error!(
                     error = format!("{e:#}"),
                     "login rotation failed; the old login stays in use"

@@ -190,6 +190,24 @@ impl Cluster {
         )
     }
 
+    /// Restarts the server (fast shutdown: sessions are terminated with 57P01).
+    pub fn restart(&self) {
+        let out = pg_command(&self.bin, "pg_ctl")
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            // With -l the new postmaster does not hold our output pipes open.
+            .arg("-l")
+            .arg(self.dir.join("server.log"))
+            .args(["-m", "fast", "-w", "-t", "60", "restart"])
+            .output()
+            .expect("pg_ctl could not run");
+        assert!(
+            out.status.success(),
+            "pg_ctl restart failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// The CA that signed the server's TLS certificate.
     pub fn ca_file(&self) -> PathBuf {
         self.dir.join("ca.crt")
@@ -349,6 +367,14 @@ impl Rolegate {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         rolegate
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn has_exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
     }
 
     /// The config file this rolegate runs with.

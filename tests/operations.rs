@@ -1,0 +1,233 @@
+//! What an on-call engineer relies on: the admin endpoint, SIGHUP, SIGTERM, timeouts.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn with_admin(db: &TestDb, extra: &str) -> (Rolegate, u16) {
+    let admin_port = free_port();
+    let rg = Rolegate::start_with(
+        db,
+        Options {
+            top: format!("admin_listen = \"127.0.0.1:{admin_port}\"\n"),
+            extra: extra.to_owned(),
+            ..Options::default()
+        },
+    )
+    .await;
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", admin_port))
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (rg, admin_port)
+}
+
+/// A plain HTTP/1.1 GET; returns (status line, body).
+async fn http_get(port: u16, path: &str) -> (String, String) {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    (
+        head.lines().next().unwrap_or_default().to_owned(),
+        body.to_owned(),
+    )
+}
+
+fn metric(text: &str, name_and_labels: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(name_and_labels)
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or_else(|| panic!("no {name_and_labels} in:\n{text}"))
+}
+
+fn signal(rg: &Rolegate, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([&format!("-{sig}"), &rg.pid().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_health_and_status_move_with_the_traffic() {
+    let db = TestDb::create("metrics").await;
+    let (rg, admin_port) = with_admin(&db, "").await;
+    let (status, body) = http_get(admin_port, "/healthz").await;
+    assert!(status.contains("200"), "{status} {body}");
+
+    let web = rg.client("web", &db).await;
+    for _ in 0..5 {
+        web.query_one("SELECT 1", &[]).await.unwrap();
+    }
+    assert!(web.batch_execute("CREATE TABLE t (id int)").await.is_err());
+    assert!(connect_url(&rg.url("web", "wrong", &db.name))
+        .await
+        .is_err());
+
+    let (status, text) = http_get(admin_port, "/metrics").await;
+    assert!(status.contains("200"), "{status}");
+    assert!(metric(&text, "rolegate_queries_total") >= 5.0);
+    assert_eq!(
+        metric(
+            &text,
+            "rolegate_refusals_total{class=\"app\",kind=\"CREATE TABLE\"}"
+        ),
+        1.0
+    );
+    assert_eq!(metric(&text, "rolegate_auth_failures_total"), 1.0);
+    assert_eq!(
+        metric(&text, "rolegate_client_sessions{class=\"app\"}"),
+        1.0
+    );
+    assert!(
+        metric(
+            &text,
+            "rolegate_bytes_total{direction=\"server_to_client\"}"
+        ) > 0.0
+    );
+
+    let (_, status_json) = http_get(admin_port, "/status").await;
+    let status: serde_json::Value = serde_json::from_str(&status_json).unwrap();
+    assert_eq!(status["login_role"], db.login.as_str());
+    assert!(!status_json.contains(LOGIN_PASSWORD));
+    drop(web);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_adds_a_client_without_dropping_a_session_and_refuses_a_bad_config() {
+    let db = TestDb::create("sighup").await;
+    let rg = Rolegate::start(&db).await;
+    let open = rg.client("web", &db).await;
+    let config_path = rg.config_path();
+    let config = std::fs::read_to_string(&config_path).unwrap();
+    let added = format!(
+        "{config}\n[[clients]]\nuser = \"newcomer\"\npassword = \"{}\"\nclass = \"app\"\n",
+        rolegate::scram::make_verifier("newcomer-pw")
+    );
+    std::fs::write(&config_path, &added).unwrap();
+    signal(&rg, "HUP");
+    let url = rg.url("newcomer", "newcomer-pw", &db.name);
+    let mut admitted = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if connect_url(&url).await.is_ok() {
+            admitted = true;
+            break;
+        }
+    }
+    assert!(admitted, "the new client was not let in: {}", rg.log_text());
+    open.query_one("SELECT 1", &[])
+        .await
+        .expect("the open session survives SIGHUP");
+
+    // A broken config is refused; the old one stays in force.
+    std::fs::write(&config_path, "this is not toml [").unwrap();
+    signal(&rg, "HUP");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        rg.log_text().contains("new config refused"),
+        "{}",
+        rg.log_text()
+    );
+    connect_url(&url)
+        .await
+        .expect("the old config stays in force");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_a_running_transaction_commit() {
+    let db = TestDb::create("sigterm").await;
+    let mut rg = Rolegate::start_with(
+        &db,
+        Options {
+            extra: "[limits]\nshutdown_timeout = \"20s\"\n".into(),
+            ..Options::default()
+        },
+    )
+    .await;
+    rg.client("migrate", &db)
+        .await
+        .batch_execute("CREATE TABLE done (id int)")
+        .await
+        .unwrap();
+    let web = rg.client("web", &db).await;
+    web.batch_execute("BEGIN; INSERT INTO done VALUES (1)")
+        .await
+        .unwrap();
+    signal(&rg, "TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // New clients are no longer accepted…
+    assert!(connect_url(&rg.url("web", "web-pw", &db.name))
+        .await
+        .is_err());
+    // …but the open transaction finishes.
+    web.batch_execute("INSERT INTO done VALUES (2); COMMIT")
+        .await
+        .unwrap();
+    let n: i64 = admin(&db.name)
+        .await
+        .query_one("SELECT count(*) FROM done", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2);
+    // Then the session ends and rolegate exits.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(web.query_one("SELECT 1", &[]).await.is_err());
+    let mut exited = false;
+    for _ in 0..50 {
+        if rg.has_exited() {
+            exited = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(exited, "rolegate did not exit after SIGTERM");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_clients_are_closed_after_idle_client_timeout() {
+    let db = TestDb::create("idle").await;
+    let rg = Rolegate::start_with(
+        &db,
+        Options {
+            extra: "[limits]\nidle_client_timeout = \"1s\"\n".into(),
+            ..Options::default()
+        },
+    )
+    .await;
+    let mut raw = RawClient::login(rg.port, "web", "web-pw", &db.name).await;
+    let (tag, body) = raw.read().await.expect("an error before the close");
+    assert_eq!(tag, b'E');
+    let fields = rolegate::wire::error_fields(&body);
+    assert_eq!(rolegate::wire::field(&fields, b'C'), Some("57P05"));
+    assert!(raw.read().await.is_none());
+    // A client inside a transaction is not idle.
+    let web = rg.client("web", &db).await;
+    web.batch_execute("BEGIN").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    web.batch_execute("SELECT 1; COMMIT")
+        .await
+        .expect("a transaction is not idle");
+}
