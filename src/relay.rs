@@ -166,6 +166,17 @@ pub async fn run(
     }
 }
 
+/// Relays between any two byte streams (used by the benches with in-memory pipes).
+pub async fn run_io<C, S>(client: C, server: S, ctx: &RelayContext<'_>) -> (RelayStats, RelayEnd)
+where
+    C: AsyncRead + AsyncWrite,
+    S: AsyncRead + AsyncWrite,
+{
+    let (cr, cw) = tokio::io::split(client);
+    let (sr, sw) = tokio::io::split(server);
+    pump(cr, cw, sr, sw, ctx).await
+}
+
 async fn pump<CR, CW, SR, SW>(
     mut client_r: CR,
     mut client_w: CW,

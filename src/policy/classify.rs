@@ -65,14 +65,38 @@ pub fn classify(sql: &str, standard_conforming_strings: bool) -> Classification 
         Ok(parsed) => parsed,
         Err(e) => return Classification::SyntaxError(parse_error_message(e)),
     };
+    let walk_needed = may_hide_effects(sql);
     let statements = parsed
         .protobuf
         .stmts
         .iter()
         .filter_map(|raw| raw.stmt.as_deref())
-        .map(classify_statement)
+        .map(|stmt| classify_statement(stmt, walk_needed))
         .collect();
     Classification::Statements(statements)
+}
+
+/// Whether the tree walk can find anything in this text. Every node the walk looks for
+/// needs one of these words in the source: INSERT/UPDATE/DELETE/MERGE for nested writes,
+/// INTO for SELECT INTO, and `set_config` as a plain or quoted identifier, or written
+/// with Unicode escapes (`U&"…"`). Keywords cannot be escaped or split, so a text without
+/// any of them needs no walk; this only saves time, the verdict still comes from the tree.
+fn may_hide_effects(sql: &str) -> bool {
+    const WORDS: [&[u8]; 7] = [
+        b"insert",
+        b"update",
+        b"delete",
+        b"merge",
+        b"into",
+        b"set_config",
+        b"u&",
+    ];
+    let bytes = sql.as_bytes();
+    WORDS.iter().any(|word| {
+        bytes
+            .windows(word.len())
+            .any(|w| w.eq_ignore_ascii_case(word))
+    })
 }
 
 fn parse_error_message(e: pg_query::Error) -> String {
@@ -84,7 +108,7 @@ fn parse_error_message(e: pg_query::Error) -> String {
     }
 }
 
-fn classify_statement(node: &pg_query::protobuf::Node) -> StatementInfo {
+fn classify_statement(node: &pg_query::protobuf::Node, walk_needed: bool) -> StatementInfo {
     let mut info = match node.node.as_ref() {
         Some(inner) => top_level(inner),
         None => StatementInfo::new("(empty)", Effect::Read),
@@ -92,10 +116,12 @@ fn classify_statement(node: &pg_query::protobuf::Node) -> StatementInfo {
     // The typed match above judged the statement itself; nested parts (CTEs, subqueries,
     // function calls in any expression) are found by walking the whole tree.
     let mut findings = Findings::default();
-    match serde_json::to_value(node) {
-        Ok(tree) => walk(&tree, &mut findings),
-        // Cannot happen for prost types; fail closed if it ever does.
-        Err(_) => findings.unknown_set_config = true,
+    if walk_needed {
+        match serde_json::to_value(node) {
+            Ok(tree) => walk(&tree, &mut findings),
+            // Cannot happen for prost types; fail closed if it ever does.
+            Err(_) => findings.unknown_set_config = true,
+        }
     }
     info.modifies_data |= findings.modifies_data;
     if findings.select_into && !matches!(info.effect, Effect::TempTable | Effect::Schema) {
@@ -490,6 +516,13 @@ mod tests {
         assert!(one("set role postgres").changes_role);
         assert!(one("reset session authorization").changes_role);
         assert!(one("discard all").changes_role);
+    }
+
+    #[test]
+    fn unicode_escaped_function_names_are_still_found() {
+        assert!(one(r#"select U&"set\005fconfig"('role', 'x', false)"#).changes_role);
+        assert!(one(r#"select pg_catalog."set_config"('role', 'x', false)"#).changes_role);
+        assert!(!one("select abalance from pgbench_accounts where aid = $1").changes_role);
     }
 
     #[test]

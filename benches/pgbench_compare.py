@@ -1,0 +1,243 @@
+"""Whole-path benchmark: pgbench against direct PostgreSQL, rolegate (app class, policy
+enforcing), PgBouncer (session mode) and a bare tokio byte relay, in alternation.
+
+Run through benches/pgbench.sh, which builds the binaries first. Everything runs on a
+private cluster in a temp dir; nothing is left behind.
+
+Environment: DURATION (seconds per run, default 10), ROUNDS (default 3), SCALE (default 10),
+IDLE_CLIENTS (default 1000), SCENARIOS (comma list, default all).
+"""
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DURATION = int(os.environ.get("DURATION", "10"))
+ROUNDS = int(os.environ.get("ROUNDS", "3"))
+SCALE = int(os.environ.get("SCALE", "10"))
+IDLE_CLIENTS = int(os.environ.get("IDLE_CLIENTS", "1000"))
+AS_ROOT = os.geteuid() == 0
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def pg_bin():
+    for version in sorted(os.listdir("/usr/lib/postgresql"), key=int, reverse=True):
+        path = f"/usr/lib/postgresql/{version}/bin"
+        if os.path.exists(f"{path}/initdb"):
+            return path
+    sys.exit("PostgreSQL server programs not found under /usr/lib/postgresql/*/bin")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def as_postgres(cmd):
+    return ["runuser", "-u", "postgres", "--"] + cmd if AS_ROOT else cmd
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
+
+
+def wait_port(port, timeout=30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    sys.exit(f"nothing listens on {port}")
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def main():
+    bindir = pg_bin()
+    if shutil.which("pgbouncer") is None:
+        print("installing pgbouncer from the distribution", file=sys.stderr)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "pgbouncer"], check=True,
+                       env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+    work = tempfile.mkdtemp(prefix="rolegate-bench-")
+    os.chmod(work, 0o755)
+    procs = []
+    try:
+        pg_port, rg_port, pb_port, bare_port = free_port(), free_port(), free_port(), free_port()
+        admin_password = "bench-admin"
+        with open(f"{work}/pw", "w") as f:
+            f.write(admin_password)
+        if AS_ROOT:
+            run(["chown", "-R", "postgres:postgres", work])
+        run(as_postgres([f"{bindir}/initdb", "-D", f"{work}/data", "-U", "postgres",
+                         "--auth=scram-sha-256", f"--pwfile={work}/pw", "-E", "UTF8", "--locale=C"]))
+        run(as_postgres([f"{bindir}/pg_ctl", "-D", f"{work}/data", "-l", f"{work}/pg.log", "-w", "-o",
+                         f"-p {pg_port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={work} "
+                         f"-c max_connections={IDLE_CLIENTS + 100} -c shared_buffers=256MB "
+                         "-c fsync=off -c synchronous_commit=off", "start"]))
+        rolegate = f"{ROOT}/target/release/rolegate"
+        verifier = lambda pw: run([rolegate, "hash-password"], input=pw).stdout.strip()
+        config = f"""listen = "127.0.0.1:{rg_port}"
+[tls]
+mode = "disable"
+[backend]
+host = "127.0.0.1"
+port = {pg_port}
+database = "bench"
+owner_role = "bench_owner"
+login_user = "bench_login_0001"
+login_password_file = "login.secret"
+[[clients]]
+user = "bench"
+password = "{verifier('bench')}"
+class = "app"
+[[clients]]
+user = "migrator"
+password = "{verifier('migrator')}"
+class = "migrator"
+[limits]
+max_client_connections = {IDLE_CLIENTS + 100}
+"""
+        with open(f"{work}/rolegate.toml", "w") as f:
+            f.write(config)
+        admin_url = f"host=127.0.0.1 port={pg_port} user=postgres password={admin_password} dbname=postgres"
+        run([rolegate, "setup", "--config", f"{work}/rolegate.toml", "--admin-url", admin_url])
+        login_password = open(f"{work}/login.secret").read().strip()
+
+        rg = subprocess.Popen([rolegate, "serve", "--config", f"{work}/rolegate.toml"],
+                              stderr=open(f"{work}/rolegate.log", "w"), env=dict(os.environ, ROLEGATE_LOG="warn"))
+        procs.append(rg)
+        wait_port(rg_port)
+        # The schema is made the way rolegate intends: by the migrator, through rolegate.
+        env = dict(os.environ, PGPASSWORD="migrator")
+        run([f"{bindir}/pgbench", "-i", "-q", "-s", str(SCALE), "-h", "127.0.0.1", "-p", str(rg_port),
+             "-U", "migrator", "bench"], env=env)
+
+        with open(f"{work}/userlist.txt", "w") as f:
+            f.write('"bench" "bench"\n')
+        with open(f"{work}/pgbouncer.ini", "w") as f:
+            f.write(f"""[databases]
+bench = host=127.0.0.1 port={pg_port} dbname=bench user=bench_login_0001 password={login_password}
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {pb_port}
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = {work}/userlist.txt
+pool_mode = session
+max_client_conn = {IDLE_CLIENTS + 100}
+default_pool_size = 100
+logfile = {work}/pgbouncer.log
+""")
+        if AS_ROOT:
+            run(["chown", "-R", "postgres:postgres", work])
+        pb = subprocess.Popen(as_postgres(["pgbouncer", f"{work}/pgbouncer.ini"]),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(pb)
+        wait_port(pb_port)
+        pb_pid = int(run(["pgrep", "-f", f"pgbouncer {work}/pgbouncer.ini"]).stdout.split()[-1])
+        bare = subprocess.Popen([f"{ROOT}/target/release/examples/bare_relay",
+                                 f"127.0.0.1:{bare_port}", f"127.0.0.1:{pg_port}"])
+        procs.append(bare)
+        wait_port(bare_port)
+
+        targets = {
+            "direct": (pg_port, "bench_login_0001", login_password, None),
+            "rolegate": (rg_port, "bench", "bench", rg.pid),
+            "pgbouncer": (pb_port, "bench", "bench", pb_pid),
+            "bare relay": (bare_port, "bench_login_0001", login_password, bare.pid),
+        }
+        scenarios = [
+            ("select simple c1", ["-S", "-M", "simple", "-c", "1", "-j", "1"]),
+            ("select simple c20", ["-S", "-M", "simple", "-c", "20", "-j", "2"]),
+            ("select extended c1", ["-S", "-M", "extended", "-c", "1", "-j", "1"]),
+            ("select extended c20", ["-S", "-M", "extended", "-c", "20", "-j", "2"]),
+            ("select prepared c1", ["-S", "-M", "prepared", "-c", "1", "-j", "1"]),
+            ("select prepared c20", ["-S", "-M", "prepared", "-c", "20", "-j", "2"]),
+            ("tpcb-like c1", ["-b", "tpcb-like", "-c", "1", "-j", "1"]),
+            ("tpcb-like c20", ["-b", "tpcb-like", "-c", "20", "-j", "2"]),
+            ("select simple c20 -C", ["-S", "-M", "simple", "-c", "20", "-j", "2", "-C"]),
+        ]
+        wanted = os.environ.get("SCENARIOS")
+        if wanted:
+            scenarios = [s for s in scenarios if s[0] in wanted.split(",")]
+
+        results = {}
+        for name, args in scenarios:
+            for _ in range(ROUNDS):
+                for target, (port, user, password, pid) in targets.items():
+                    before = cpu_seconds(pid) if pid else None
+                    out = run([f"{bindir}/pgbench", "-n", "-T", str(DURATION), "-h", "127.0.0.1",
+                               "-p", str(port), "-U", user, *args, "bench"],
+                              env=dict(os.environ, PGPASSWORD=password)).stdout
+                    tps = float(next(l for l in out.splitlines() if l.startswith("tps")).split()[2])
+                    lat = float(next(l for l in out.splitlines() if "latency average" in l).split()[3])
+                    txs = int(next(l for l in out.splitlines() if "transactions actually processed" in l)
+                              .split(":")[1].split("/")[0])
+                    cpu = (cpu_seconds(pid) - before) / txs * 1000 if pid else None
+                    results.setdefault((name, target), []).append((tps, lat, cpu))
+
+        print(f"\npgbench, {DURATION}s x {ROUNDS} rounds per cell (median), scale {SCALE}, "
+              f"{os.cpu_count()} cores, PostgreSQL {os.path.basename(os.path.dirname(bindir))}\n")
+        header = "| scenario | target | TPS | latency ms | proxy CPU s / 1k tx | vs PgBouncer | vs direct |"
+        print(header)
+        print("|" + "---|" * 7)
+        for name, _ in scenarios:
+            med = {t: tuple(statistics.median(x[i] for x in results[(name, t)] if x[i] is not None)
+                            if any(x[i] is not None for x in results[(name, t)]) else None
+                            for i in range(3)) for t in targets}
+            for t in targets:
+                tps, lat, cpu = med[t]
+                vs_pb = f"{tps / med['pgbouncer'][0]:.2f}x" if t == "rolegate" else ""
+                vs_direct = f"{tps / med['direct'][0]:.2f}x" if t != "direct" else ""
+                cpu_text = f"{cpu:.3f}" if cpu is not None else "-"
+                print(f"| {name} | {t} | {tps:,.0f} | {lat:.3f} | {cpu_text} | {vs_pb} | {vs_direct} |")
+
+        # Memory of idle authenticated clients.
+        print()
+        import psycopg
+        base = rss_kib(rg.pid)
+        conns = []
+        for n in (1, IDLE_CLIENTS):
+            while len(conns) < n:
+                conns.append(psycopg.connect(f"host=127.0.0.1 port={rg_port} user=bench password=bench dbname=bench"))
+            time.sleep(1)
+            rss = rss_kib(rg.pid)
+            print(f"rolegate RSS with {n} idle clients: {rss} KiB "
+                  f"({(rss - base) / n:.1f} KiB per client over the {base} KiB at rest)")
+        for c in conns:
+            c.close()
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        subprocess.run(as_postgres([f"{bindir}/pg_ctl", "-D", f"{work}/data", "-m", "immediate", "stop"]),
+                       capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+main()
