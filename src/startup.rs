@@ -229,14 +229,7 @@ async fn scram_exchange(
     );
     stream.write_all(&out).await.map_err(WireError::Io)?;
 
-    let (tag, body) = wire::read_message(stream, wire::MAX_AUTH_MESSAGE).await?;
-    if tag != b'p' {
-        return Err(StartupError::refused(
-            "08P01",
-            format!("expected SASL response, got message type {:?}", tag as char),
-        ));
-    }
-    let mut body = body.freeze();
+    let mut body = read_sasl_response(stream).await?.freeze();
     let mechanism = wire::take_cstr(&mut body)?;
     if &mechanism[..] != b"SCRAM-SHA-256" {
         return Err(StartupError::refused(
@@ -262,6 +255,17 @@ async fn scram_exchange(
     );
     stream.write_all(&out).await.map_err(WireError::Io)?;
 
+    let body = read_sasl_response(stream).await?;
+    waiting.on_client_final_message(&body).map_err(|e| match e {
+        pgwire::error::PgWireError::InvalidPassword(_) => {
+            StartupError::refused("28P01", "password authentication failed")
+        }
+        _ => StartupError::refused("08P01", "malformed SCRAM message"),
+    })
+}
+
+/// The client's next SASL message ('p'), or a protocol violation.
+async fn read_sasl_response(stream: &mut MaybeTls) -> Result<BytesMut, StartupError> {
     let (tag, body) = wire::read_message(stream, wire::MAX_AUTH_MESSAGE).await?;
     if tag != b'p' {
         return Err(StartupError::refused(
@@ -269,12 +273,7 @@ async fn scram_exchange(
             format!("expected SASL response, got message type {:?}", tag as char),
         ));
     }
-    waiting.on_client_final_message(&body).map_err(|e| match e {
-        pgwire::error::PgWireError::InvalidPassword(_) => {
-            StartupError::refused("28P01", "password authentication failed")
-        }
-        _ => StartupError::refused("08P01", "malformed SCRAM message"),
-    })
+    Ok(body)
 }
 
 /// Startup parameters are settings the server applies at login; the ones that would

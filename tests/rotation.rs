@@ -26,8 +26,8 @@ async fn make_rotator(db: &TestDb) -> String {
     rotator
 }
 
-async fn managed(db: &TestDb, rotation: &str) -> Rolegate {
-    let rotator = make_rotator(db).await;
+/// A file holding the rotator's connection URL (kept for the life of the test process).
+fn rotator_url_file(rotator: &str) -> std::path::PathBuf {
     let url_file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(
         url_file.path(),
@@ -37,7 +37,12 @@ async fn managed(db: &TestDb, rotation: &str) -> Rolegate {
         ),
     )
     .unwrap();
-    let (_, url_path) = url_file.keep().unwrap();
+    url_file.keep().unwrap().1
+}
+
+async fn managed(db: &TestDb, rotation: &str) -> Rolegate {
+    let rotator = make_rotator(db).await;
+    let url_path = rotator_url_file(&rotator);
     let admin_port = free_port();
     Rolegate::start_with(
         db,
@@ -86,7 +91,7 @@ async fn session_user(rg: &Rolegate, db: &TestDb) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_rotations_under_load_lose_no_query() {
     let db = TestDb::create("rot").await;
-    let rg = managed(&db, "drain = \"2s\"\non_drain_timeout = \"terminate\"").await;
+    let rg = managed(&db, "drain = \"4s\"\non_drain_timeout = \"terminate\"").await;
     let prefix = format!("{}_login_", db.name);
     rg.client("migrate", &db)
         .await
@@ -134,17 +139,19 @@ async fn three_rotations_under_load_lose_no_query() {
         }));
     }
     let mut seen_logins = vec![first_login.clone()];
-    for _ in 0..3 {
+    for round in 0..3 {
         tokio::time::sleep(Duration::from_millis(700)).await;
         let (ok, out) = rotate(&rg).await;
         assert!(ok, "rotation failed: {out}\n{}", rg.log_text());
         seen_logins.push(session_user(&rg, &db).await);
+        if round == 0 {
+            // Its login was just replaced, but the drain deadline is seconds away.
+            long_lived
+                .query_one("SELECT 1", &[])
+                .await
+                .expect("long-lived session within the drain");
+        }
     }
-    // Before the drain deadline the long-lived session still works.
-    long_lived
-        .query_one("SELECT 1", &[])
-        .await
-        .expect("long-lived session within the drain");
     tokio::time::sleep(Duration::from_millis(700)).await;
     stop.store(true, Ordering::Relaxed);
     let mut failures = Vec::new();
@@ -168,8 +175,8 @@ async fn three_rotations_under_load_lose_no_query() {
         "each rotation must switch the login: {seen_logins:?}"
     );
 
-    // After the drain deadline: the long-lived session was ended, the old roles are gone.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // After the drain deadlines: the long-lived session was ended, the old roles are gone.
+    tokio::time::sleep(Duration::from_secs(6)).await;
     let err = long_lived.query_one("SELECT 1", &[]).await.unwrap_err();
     assert!(
         err.is_closed() || sqlstate(&err).as_deref() == Some("57P01"),
@@ -289,16 +296,7 @@ async fn file_mode_switches_to_a_rewritten_file_and_refuses_a_wrong_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_rotate_against_one_database() {
     let db = TestDb::create("rottwo").await;
-    let rotator = make_rotator(&db).await;
-    let url_file = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(
-        url_file.path(),
-        format!(
-            "host=127.0.0.1 port={} user={rotator} password={ROTATOR_PASSWORD} dbname=postgres",
-            cluster().port
-        ),
-    )
-    .unwrap();
+    let url_path = rotator_url_file(&make_rotator(&db).await);
     let mut instances = Vec::new();
     for id in ["a", "b"] {
         let admin_port = free_port();
@@ -309,7 +307,7 @@ async fn two_instances_rotate_against_one_database() {
                     top: format!("admin_listen = \"127.0.0.1:{admin_port}\"\n"),
                     extra: format!(
                         "[rotation]\nmode = \"managed\"\ninstance_id = \"{id}\"\ndrain = \"1s\"\nrotator_url_file = \"{}\"\n",
-                        url_file.path().display()
+                        url_path.display()
                     ),
                     ..Options::default()
                 },

@@ -338,25 +338,15 @@ async fn drain_and_drop(
             break;
         }
         if Instant::now() >= deadline && policy == DrainPolicy::Terminate {
-            // The rotator holds pg_signal_backend without inheriting it (NOINHERIT).
-            let row = client
-                .query_one(
-                    "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-                     WHERE usename = $1) t",
-                    &[&role],
-                )
-                .await;
-            let row = match row {
+            const TERMINATE: &str = "SELECT count(*) FROM (SELECT pg_terminate_backend(pid)
+                 FROM pg_stat_activity WHERE usename = $1) t";
+            let row = match client.query_one(TERMINATE, &[&role]).await {
                 Ok(row) => row,
+                // The rotator holds pg_signal_backend without inheriting it (NOINHERIT):
+                // it has to take the role for the call.
                 Err(_) => {
                     client.batch_execute("SET ROLE pg_signal_backend").await?;
-                    let row = client
-                        .query_one(
-                            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-                             WHERE usename = $1) t",
-                            &[&role],
-                        )
-                        .await;
+                    let row = client.query_one(TERMINATE, &[&role]).await;
                     client.batch_execute("RESET ROLE").await?;
                     row?
                 }
