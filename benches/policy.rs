@@ -30,6 +30,15 @@ fn verdicts(c: &mut Criterion) {
     c.bench_function("verdict/cached", |b| {
         b.iter(|| policy.check(&who, black_box(short.as_bytes()), true))
     });
+    // pgbench -M simple: the same statement with a new literal every time.
+    let mut aid = 0u64;
+    c.bench_function("verdict/new_literal_short", |b| {
+        b.iter(|| {
+            aid += 1;
+            let sql = format!("SELECT abalance FROM pgbench_accounts WHERE aid = {aid};");
+            policy.check(&who, black_box(sql.as_bytes()), true)
+        })
+    });
     c.bench_function("verdict/uncached_short", |b| {
         b.iter(|| classify(black_box(short), true))
     });

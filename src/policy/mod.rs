@@ -133,12 +133,20 @@ impl ClassificationCache {
         if let Some(hit) = map.get(sql) {
             return hit.clone();
         }
+        // Texts that differ only in numeric constants share a verdict, so they share an
+        // entry: `... WHERE aid = 17` and `... WHERE aid = 42` are parsed once. Only with
+        // standard_conforming_strings on, the one setting pg_query's scanner knows.
+        let key = if scs { numeric_literal_key(sql) } else { None };
+        if let Some(hit) = key.as_deref().and_then(|k| map.get(k)) {
+            return hit.clone();
+        }
         let classification = Arc::new(classify(sql, scs));
-        if sql.len() <= MAX_CACHED_STATEMENT && self.capacity > 0 {
+        let key = key.as_deref().unwrap_or(sql);
+        if key.len() <= MAX_CACHED_STATEMENT && self.capacity > 0 {
             if self.entries.load(Ordering::Relaxed) >= self.capacity {
                 self.evict();
             }
-            if map.insert(sql.into(), classification.clone()).is_none() {
+            if map.insert(key.into(), classification.clone()).is_none() {
                 self.entries.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -165,9 +173,90 @@ impl ClassificationCache {
     }
 }
 
+/// The text with every integer and numeric constant (as PostgreSQL's own scanner sees
+/// them) replaced by `0` / `0.0`; `None` when it has none or does not scan. No verdict
+/// depends on the value of a number: statement kinds, setting names and `set_config`'s
+/// setting name are all words or strings, which stay as they are.
+fn numeric_literal_key(sql: &str) -> Option<String> {
+    use pg_query::protobuf::Token;
+    let tokens = pg_query::scan_tokens(sql).ok()?;
+    let mut key = String::with_capacity(sql.len());
+    let mut last = 0usize;
+    for token in tokens {
+        let placeholder = if token.token == Token::Iconst as i32 {
+            "0"
+        } else if token.token == Token::Fconst as i32 {
+            "0.0"
+        } else {
+            continue;
+        };
+        let (start, end) = (
+            usize::try_from(token.start).ok()?,
+            usize::try_from(token.end).ok()?,
+        );
+        if start < last || end < start || !sql.is_char_boundary(start) || !sql.is_char_boundary(end)
+        {
+            return None;
+        }
+        key.push_str(sql.get(last..start)?);
+        key.push_str(placeholder);
+        last = end;
+    }
+    if last == 0 {
+        return None;
+    }
+    key.push_str(sql.get(last..)?);
+    Some(key)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn numbers_share_a_key_strings_and_names_do_not() {
+        let key = |s| numeric_literal_key(s);
+        assert_eq!(
+            key("SELECT a FROM t WHERE id = 42 AND x > 1.5").as_deref(),
+            Some("SELECT a FROM t WHERE id = 0 AND x > 0.0")
+        );
+        assert_eq!(
+            key("SELECT a FROM t2 WHERE id = 7"),
+            key("SELECT a FROM t2 WHERE id = 8")
+        );
+        assert_ne!(
+            key("SELECT a FROM t1 WHERE id = 7"),
+            key("SELECT a FROM t2 WHERE id = 7")
+        );
+        assert_eq!(key("SELECT '42', \"x1\" FROM t"), None);
+        assert_eq!(
+            key("SELECT set_config('role', '1', false), 3").as_deref(),
+            Some("SELECT set_config('role', '1', false), 0")
+        );
+    }
+
+    #[test]
+    fn a_cached_number_does_not_leak_a_verdict() {
+        let cache = ClassificationCache::new(100);
+        let select = cache.get_or_classify("SELECT * FROM t WHERE id = 1", true);
+        assert_eq!(
+            cache.get_or_classify("SELECT * FROM t WHERE id = 2", true),
+            select
+        );
+        let role =
+            cache.get_or_classify("SELECT set_config('role', 'x', false) FROM t LIMIT 1", true);
+        let Classification::Statements(s) = &*role else {
+            panic!()
+        };
+        assert!(s[0].changes_role);
+        let Classification::Statements(s) = &*cache.get_or_classify(
+            "SELECT set_config('search_path', 'x', false) FROM t LIMIT 2",
+            true,
+        ) else {
+            panic!()
+        };
+        assert!(!s[0].changes_role);
+    }
 
     #[test]
     fn cache_stays_bounded() {
