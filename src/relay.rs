@@ -95,6 +95,18 @@ struct Shared {
 }
 
 impl Shared {
+    fn new(standard_conforming_strings: bool) -> Shared {
+        Shared {
+            standard_conforming_strings: AtomicBool::new(standard_conforming_strings),
+            pending: Mutex::new(VecDeque::new()),
+            sync_points_sent: AtomicU64::new(0),
+            ready_received: AtomicU64::new(0),
+            status: AtomicU8::new(b'I'),
+            last_client_activity_ms: AtomicU64::new(0),
+            started: Instant::now(),
+        }
+    }
+
     /// Nothing in flight and no transaction open: ending the session now loses nothing.
     fn is_idle(&self) -> bool {
         self.status.load(Ordering::Relaxed) == b'I'
@@ -190,15 +202,7 @@ where
     SR: AsyncRead + Unpin,
     SW: AsyncWrite + Unpin,
 {
-    let shared = Shared {
-        standard_conforming_strings: AtomicBool::new(ctx.standard_conforming_strings),
-        pending: Mutex::new(VecDeque::new()),
-        sync_points_sent: AtomicU64::new(0),
-        ready_received: AtomicU64::new(0),
-        status: AtomicU8::new(b'I'),
-        last_client_activity_ms: AtomicU64::new(0),
-        started: Instant::now(),
-    };
+    let shared = Shared::new(ctx.standard_conforming_strings);
     let mut up = Upstream::new(ctx);
     let mut down = Downstream::default();
     let end = {
@@ -653,6 +657,78 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    fn with_upstream<T>(f: impl FnOnce(&mut Upstream<'_>, &Shared) -> T) -> T {
+        let policy = Policy::new(&crate::config::PolicyConfig::default());
+        let metrics = Metrics::default();
+        let (_tx, shutdown) = tokio::sync::watch::channel(false);
+        let ctx = RelayContext {
+            policy: &policy,
+            requester: Requester {
+                user: "prop",
+                class: crate::config::ClientClass::App,
+                allow: &[],
+            },
+            standard_conforming_strings: true,
+            max_message_bytes: 1 << 16,
+            idle_timeout: None,
+            shutdown,
+            metrics: &metrics,
+        };
+        let shared = Shared::new(true);
+        let mut up = Upstream::new(&ctx);
+        f(&mut up, &shared)
+    }
+
+    proptest! {
+        /// Any byte stream, in any chunking: the scanner never panics, never claims more
+        /// than it has, and stops at the first bad length.
+        #[test]
+        fn client_frames_scan_without_panicking(
+            chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..96), 1..8)
+        ) {
+            with_upstream(|up, shared| {
+                for chunk in chunks {
+                    up.buf.extend_from_slice(&chunk);
+                    match up.scan(shared) {
+                        Ok((end, _)) => {
+                            prop_assert!(end <= up.buf.len());
+                            up.buf.advance(end);
+                            up.out.clear();
+                        }
+                        Err(_) => break,
+                    }
+                }
+                Ok(())
+            })?;
+        }
+
+        #[test]
+        fn server_frames_scan_without_panicking(
+            chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..96), 1..8)
+        ) {
+            let shared = Shared::new(true);
+            let mut down = Downstream::default();
+            for chunk in chunks {
+                down.buf.extend_from_slice(&chunk);
+                match down.scan(&shared) {
+                    Ok(end) => {
+                        prop_assert!(end <= down.buf.len());
+                        down.buf.advance(end);
+                        down.out.clear();
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+
+        #[test]
+        fn parse_bodies_never_panic(body in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = parse_query_text(&body);
+            let _ = parse_statement_name(&body);
+        }
+    }
 
     #[test]
     fn parse_bodies_are_checked() {

@@ -111,6 +111,29 @@ mod tests {
         assert_eq!(v.salt.len(), 16);
     }
 
+    /// A full exchange: postgres-protocol's client against pgwire's server with our verifier.
+    fn exchange(verifier: &ScramVerifier, password: &str) -> bool {
+        use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+        let mut client = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
+        let server = pgwire::api::auth::sasl::scram::ScramServerAuth::new();
+        let (server_first, waiting) = server
+            .on_client_first_message_with_secret(client.message(), verifier.to_secret())
+            .unwrap();
+        client.update(server_first.as_bytes()).unwrap();
+        match waiting.on_client_final_message(client.message()) {
+            Ok(server_final) => client.finish(server_final.as_bytes()).is_ok(),
+            Err(_) => false,
+        }
+    }
+
+    #[test]
+    fn made_verifiers_verify_exactly_their_password() {
+        let verifier = ScramVerifier::parse(&make_verifier("s3cret")).unwrap();
+        assert!(exchange(&verifier, "s3cret"));
+        assert!(!exchange(&verifier, "s3cret "));
+        assert!(!exchange(&ScramVerifier::mock(&[1; 32], "web"), "s3cret"));
+    }
+
     #[test]
     fn malformed_verifiers_are_refused() {
         assert_eq!(ScramVerifier::parse("md5abc"), Err(VerifierError::Scheme));

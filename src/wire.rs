@@ -256,6 +256,24 @@ pub fn field(fields: &[(u8, String)], code: u8) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn startup_and_error_bodies_never_panic(body in proptest::collection::vec(any::<u8>(), 0..128)) {
+            let _ = startup_parameters(Bytes::from(body.clone()));
+            let _ = error_fields(&body);
+            let mut b = Bytes::from(body);
+            let _ = take_cstr(&mut b);
+        }
+
+        #[test]
+        fn frame_sizes_are_within_bounds(len in any::<i32>()) {
+            if let Ok(size) = frame_size(len, 1 << 20) {
+                prop_assert!((5..=(1 << 20) + 5).contains(&size));
+            }
+        }
+    }
 
     #[tokio::test]
     async fn startup_packet_lengths_are_bounded() {

@@ -148,6 +148,24 @@ async fn startup_settings_cannot_pick_a_role() {
             "{options}: {err:?}"
         );
     }
+    // Replication connections never reach the server.
+    let mut raw = RawClient::connect(rg.port).await;
+    let mut out = bytes::BytesMut::new();
+    rolegate::wire::put_startup(
+        &mut out,
+        &[
+            ("user", "migrate"),
+            ("database", &db.name),
+            ("replication", "database"),
+        ],
+    );
+    raw.send(&out).await;
+    let (tag, body) = raw.read().await.expect("an error");
+    assert_eq!(tag, b'E');
+    let fields = rolegate::wire::error_fields(&body);
+    assert!(rolegate::wire::field(&fields, b'M')
+        .unwrap_or_default()
+        .contains("replication"));
     let url = format!(
         "{} options='-c default_transaction_read_only=off'",
         rg.url("analyst", "analyst-pw", &db.name)

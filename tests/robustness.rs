@@ -196,3 +196,41 @@ async fn random_frames_after_login_never_crash_rolegate() {
     }
     still_serves(&rg, &db).await;
 }
+
+/// The startup and authentication state machine fed random (but well-framed) packets:
+/// random protocol codes and parameter bytes, then random SASL messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_startup_and_auth_messages_never_crash_rolegate() {
+    let db = TestDb::create("fuzzstart").await;
+    let rg = quick_login_timeout(&db).await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
+    for case in 0..150 {
+        let mut raw = RawClient::connect(rg.port).await;
+        let mut bytes = Vec::new();
+        let body_len = rng.gen_range(0..200usize);
+        let code: i32 = match case % 3 {
+            0 => 196_608,
+            1 => 80_877_103,
+            _ => rng.gen(),
+        };
+        bytes.extend_from_slice(&((body_len + 8) as i32).to_be_bytes());
+        bytes.extend_from_slice(&code.to_be_bytes());
+        if case % 2 == 0 {
+            bytes.extend_from_slice(b"user\0web\0database\0");
+            bytes.extend_from_slice(db.name.as_bytes());
+            bytes.push(0);
+            let filler = body_len.saturating_sub(bytes.len() - 8);
+            bytes.extend((0..filler).map(|_| rng.gen::<u8>()));
+        } else {
+            bytes.extend((0..body_len).map(|_| rng.gen::<u8>()));
+        }
+        // A random SASL answer after it.
+        bytes.push(b'p');
+        let sasl_len = rng.gen_range(0..80usize);
+        bytes.extend_from_slice(&((sasl_len + 4) as i32).to_be_bytes());
+        bytes.extend((0..sasl_len).map(|_| rng.gen::<u8>()));
+        raw.send(&bytes).await;
+        closed_within(&mut raw.stream, Duration::from_secs(5)).await;
+    }
+    still_serves(&rg, &db).await;
+}

@@ -371,3 +371,23 @@ async fn backend_tls_is_used_and_verified() {
     assert_eq!(sqlstate(&err).as_deref(), Some("08006"), "{err:?}");
     assert!(message(&err).contains("TLS"), "{err:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hash_password_prints_a_verifier_for_the_config() {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_rolegate"))
+        .arg("hash-password")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"correct horse\n").await.unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().await.unwrap();
+    assert!(out.status.success());
+    let verifier = String::from_utf8(out.stdout).unwrap();
+    assert!(verifier.starts_with("SCRAM-SHA-256$4096:"), "{verifier}");
+    assert!(!verifier.contains("correct horse"));
+    rolegate::scram::ScramVerifier::parse(verifier.trim()).expect("a verifier the config accepts");
+}
