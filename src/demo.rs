@@ -47,7 +47,7 @@ pub fn find_pg_bin() -> anyhow::Result<PathBuf> {
     }
 }
 
-fn running_as_root() -> bool {
+pub fn running_as_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()
@@ -55,8 +55,9 @@ fn running_as_root() -> bool {
         .unwrap_or(false)
 }
 
-/// A server program, run as the `postgres` OS user when we are root.
-fn pg_command(bin: &Path, program: &str, as_postgres: bool) -> Command {
+/// A server program, run as the `postgres` OS user when we are root (PostgreSQL refuses
+/// to run as root).
+pub fn pg_command(bin: &Path, program: &str, as_postgres: bool) -> Command {
     if as_postgres {
         let mut command = Command::new("runuser");
         command

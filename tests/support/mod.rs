@@ -27,19 +27,10 @@ pub struct Cluster {
 }
 
 fn pg_bin() -> PathBuf {
-    if let Ok(dir) = std::env::var("PG_BIN") {
-        return PathBuf::from(dir);
+    match std::env::var("PG_BIN") {
+        Ok(dir) => PathBuf::from(dir),
+        Err(_) => rolegate::demo::find_pg_bin().expect("PostgreSQL server programs"),
     }
-    for candidate in [
-        "/usr/lib/postgresql/17/bin",
-        "/usr/lib/postgresql/16/bin",
-        "/usr/lib/postgresql/15/bin",
-    ] {
-        if Path::new(candidate).join("initdb").exists() {
-            return PathBuf::from(candidate);
-        }
-    }
-    PathBuf::from("/usr/lib/postgresql/15/bin")
 }
 
 pub fn free_port() -> u16 {
@@ -49,24 +40,8 @@ pub fn free_port() -> u16 {
         .expect("no free port")
 }
 
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
-}
-
-/// Runs a PostgreSQL server program, as the `postgres` OS user when we are root
-/// (PostgreSQL refuses to run as root).
 fn pg_command(bin: &Path, program: &str) -> Command {
-    if is_root() {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(bin.join(program));
-        c
-    } else {
-        Command::new(bin.join(program))
-    }
+    rolegate::demo::pg_command(bin, program, rolegate::demo::running_as_root())
 }
 
 /// The cluster for this test binary, started on first use and stopped by a watchdog
@@ -108,7 +83,7 @@ fn start_cluster() -> Cluster {
         )
         .unwrap();
     }
-    if is_root() {
+    if rolegate::demo::running_as_root() {
         let ok = Command::new("chown")
             .args(["-R", "postgres:postgres"])
             .arg(&dir)
