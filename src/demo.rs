@@ -23,7 +23,10 @@ pub fn find_pg_bin() -> anyhow::Result<PathBuf> {
     if let Some(path) = std::env::var_os("PATH") {
         for dir in std::env::split_paths(&path) {
             if dir.join("initdb").is_file() && dir.join("pg_ctl").is_file() {
-                return Ok(dir);
+                // Follow a symlink (/usr/local/bin/initdb → …/15/bin/initdb) to the
+                // directory that holds the rest of that version's programs.
+                let real = std::fs::canonicalize(dir.join("initdb"))?;
+                return Ok(real.parent().map(Path::to_path_buf).unwrap_or(dir));
             }
         }
     }
