@@ -52,11 +52,10 @@ async fn healthz(State(proxy): State<Arc<Proxy>>) -> Response {
 }
 
 async fn metrics(State(proxy): State<Arc<Proxy>>) -> Response {
-    if let Some(rotator) = &proxy.rotator {
-        let since = rotator.stats.current_since.load(Ordering::Relaxed);
-        let age = crate::credentials::rotate::unix_now().saturating_sub(since);
-        proxy.metrics.login_age_seconds.set(age as i64);
-    }
+    proxy
+        .metrics
+        .login_age_seconds
+        .set(proxy.credentials.age_seconds() as i64);
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -71,6 +70,7 @@ async fn status(State(proxy): State<Arc<Proxy>>) -> Json<serde_json::Value> {
     let login = proxy.credentials.current();
     let mut status = serde_json::json!({
         "login_role": login.user,
+        "login_since_unix": proxy.credentials.since(),
         "database": proxy.config().backend.database,
         "owner_role": proxy.config().backend.owner_role,
     });
@@ -78,7 +78,6 @@ async fn status(State(proxy): State<Arc<Proxy>>) -> Json<serde_json::Value> {
         let stats = &rotator.stats;
         status["rotations"] = stats.rotations.load(Ordering::Relaxed).into();
         status["rotation_failures"] = stats.failures.load(Ordering::Relaxed).into();
-        status["login_since_unix"] = stats.current_since.load(Ordering::Relaxed).into();
     }
     Json(status)
 }

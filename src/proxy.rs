@@ -142,7 +142,8 @@ impl Proxy {
 
     /// SIGHUP: re-reads the config file. A config that does not load (or whose TLS
     /// certificate does not) is refused and the old one stays in force. Clients, TLS and
-    /// the policy change for new sessions; `[backend]`, `listen` and `[rotation]` need a
+    /// the policy change for new sessions, managed-rotation settings (schedule, drain,
+    /// names) from the next rotation; `[backend]`, `listen` and the rotation mode need a
     /// restart.
     pub fn reload(&self, path: &std::path::Path) -> anyhow::Result<()> {
         let config = Config::load(path)?;
@@ -155,6 +156,9 @@ impl Proxy {
             tracing::warn!("[backend] and listen changes take effect only after a restart");
         }
         let live = Arc::new(Live::build(config)?);
+        if let Some(rotator) = &self.rotator {
+            rotator.update_config(live.config.clone());
+        }
         match self.live.write() {
             Ok(mut slot) => *slot = live,
             Err(poisoned) => *poisoned.into_inner() = live,

@@ -336,3 +336,36 @@ async fn two_instances_rotate_against_one_database() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_turns_on_a_rotation_schedule() {
+    let db = TestDb::create("rotsighup").await;
+    let rg = managed(&db, "drain = \"1s\"").await;
+    let before = session_user(&rg, &db).await;
+    let config_path = rg.config_path();
+    let config = std::fs::read_to_string(&config_path).unwrap();
+    std::fs::write(
+        &config_path,
+        config.replace("drain = \"1s\"", "drain = \"1s\"\nevery = \"1s\""),
+    )
+    .unwrap();
+    let ok = std::process::Command::new("kill")
+        .args(["-HUP", &rg.pid().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let mut rotated = false;
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if session_user(&rg, &db).await != before {
+            rotated = true;
+            break;
+        }
+    }
+    assert!(
+        rotated,
+        "the schedule set by SIGHUP did not rotate: {}",
+        rg.log_text()
+    );
+}

@@ -6,6 +6,7 @@
 pub mod file;
 pub mod rotate;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use crate::config::BackendConfig;
@@ -63,12 +64,22 @@ impl LoginCredential {
 #[derive(Debug)]
 pub struct CredentialStore {
     current: RwLock<Arc<LoginCredential>>,
+    /// Unix seconds when the current login was put in.
+    since: AtomicU64,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
 }
 
 impl CredentialStore {
     pub fn new(initial: LoginCredential) -> CredentialStore {
         CredentialStore {
             current: RwLock::new(Arc::new(initial)),
+            since: AtomicU64::new(unix_now()),
         }
     }
 
@@ -88,7 +99,18 @@ impl CredentialStore {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
         };
+        self.since.store(unix_now(), Ordering::Relaxed);
         std::mem::replace(&mut *guard, next)
+    }
+
+    /// Unix seconds when the current login was put in.
+    pub fn since(&self) -> u64 {
+        self.since.load(Ordering::Relaxed)
+    }
+
+    /// How long the current login has been in use.
+    pub fn age_seconds(&self) -> u64 {
+        unix_now().saturating_sub(self.since())
     }
 }
 

@@ -24,8 +24,6 @@ use crate::sql::{quote_ident, quote_literal};
 pub struct RotationStats {
     pub rotations: AtomicU64,
     pub failures: AtomicU64,
-    /// Unix seconds when the current login was swapped in.
-    pub current_since: AtomicU64,
 }
 
 /// What one rotation did.
@@ -37,20 +35,14 @@ pub struct RotationOutcome {
 }
 
 pub struct Rotator {
-    config: Arc<Config>,
+    /// Replaced on SIGHUP: schedule, drain and names take effect from the next rotation.
+    config: std::sync::RwLock<Arc<Config>>,
     store: Arc<CredentialStore>,
     target: Arc<BackendTarget>,
     metrics: Arc<Metrics>,
     pub stats: Arc<RotationStats>,
     /// One rotation at a time.
     lock: tokio::sync::Mutex<()>,
-}
-
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default()
 }
 
 impl Rotator {
@@ -61,7 +53,7 @@ impl Rotator {
         metrics: Arc<Metrics>,
     ) -> Rotator {
         Rotator {
-            config,
+            config: std::sync::RwLock::new(config),
             store,
             target,
             metrics,
@@ -70,8 +62,24 @@ impl Rotator {
         }
     }
 
+    fn config(&self) -> Arc<Config> {
+        match self.config.read() {
+            Ok(config) => config.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// SIGHUP: the rotation settings of a reloaded config.
+    pub fn update_config(&self, config: Arc<Config>) {
+        match self.config.write() {
+            Ok(mut slot) => *slot = config,
+            Err(poisoned) => *poisoned.into_inner() = config,
+        }
+    }
+
     fn rotator_url(&self) -> anyhow::Result<String> {
-        let rotation = &self.config.rotation;
+        let config = self.config();
+        let rotation = &config.rotation;
         if let Some(path) = &rotation.rotator_url_file {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading the rotator URL from {}", path.display()))?;
@@ -103,7 +111,7 @@ impl Rotator {
             .chars()
             .filter(char::is_ascii_digit)
             .collect();
-        format!("{}{stamp}", self.config.own_login_prefix())
+        format!("{}{stamp}", self.config().own_login_prefix())
     }
 
     /// Rotates once. `first` is the start-up rotation, which also sweeps stale roles.
@@ -115,9 +123,6 @@ impl Rotator {
             Ok(outcome) => {
                 self.stats.rotations.fetch_add(1, Ordering::Relaxed);
                 self.metrics.rotations.inc();
-                self.stats
-                    .current_since
-                    .store(unix_now(), Ordering::Relaxed);
                 tracing::info!(
                     old = outcome.old_login.as_deref().unwrap_or("-"),
                     new = outcome.new_login.as_str(),
@@ -140,15 +145,11 @@ impl Rotator {
     async fn rotate_locked(&self) -> anyhow::Result<RotationOutcome> {
         let started = Instant::now();
         let rotator = self.connect_rotator().await?;
-        let backend = &self.config.backend;
+        let config = self.config();
+        let backend = &config.backend;
         let name = self.new_login_name();
         let password = random_password();
-        let valid_for = self
-            .config
-            .rotation
-            .every
-            .unwrap_or(Duration::from_secs(86_400))
-            * 2;
+        let valid_for = config.rotation.every.unwrap_or(Duration::from_secs(86_400)) * 2;
         let valid_until = humantime::format_rfc3339_seconds(SystemTime::now() + valid_for);
         let mut create = format!(
             "CREATE ROLE {role} LOGIN PASSWORD {verifier} VALID UNTIL {until} IN ROLE {owner}",
@@ -200,7 +201,8 @@ impl Rotator {
         rotator: &Client,
         new: &LoginCredential,
     ) -> anyhow::Result<()> {
-        let backend = &self.config.backend;
+        let config = self.config();
+        let backend = &config.backend;
         rotator
             .batch_execute(&format!(
                 "ALTER ROLE {} SET role = {}",
@@ -220,8 +222,9 @@ impl Rotator {
     /// Waits for the old login's sessions to end (or ends them at the deadline, by
     /// policy), then drops the role.
     fn spawn_drain(&self, old_user: String) {
-        let rotation = self.config.rotation.clone();
-        let owner = self.config.backend.owner_role.clone();
+        let config = self.config();
+        let rotation = config.rotation.clone();
+        let owner = config.backend.owner_role.clone();
         let rotator_url = self.rotator_url();
         tokio::spawn(async move {
             let result = async {
@@ -261,7 +264,8 @@ impl Rotator {
     pub async fn start(&self) -> anyhow::Result<RotationOutcome> {
         let outcome = self.rotate().await?;
         let rotator = self.connect_rotator().await?;
-        let prefix = self.config.own_login_prefix();
+        let config = self.config();
+        let prefix = config.own_login_prefix();
         let stale = rotator
             .query(
                 "SELECT rolname::text FROM pg_roles r
@@ -276,7 +280,7 @@ impl Rotator {
             if !role[prefix.len()..].chars().all(|c| c.is_ascii_digit()) {
                 continue;
             }
-            let owner = &self.config.backend.owner_role;
+            let owner = &config.backend.owner_role;
             match drain_and_drop(
                 &rotator,
                 &role,
@@ -297,13 +301,18 @@ impl Rotator {
         Ok(outcome)
     }
 
-    /// Rotates on the schedule, retrying a failed rotation with backoff.
+    /// Rotates on the schedule, retrying a failed rotation with backoff. The schedule is
+    /// read again after every wait, so a SIGHUP that sets or changes `every` takes effect.
     pub async fn run_schedule(self: Arc<Self>) {
-        let Some(every) = self.config.rotation.every else {
-            return;
-        };
         loop {
+            let Some(every) = self.config().rotation.every else {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            };
             tokio::time::sleep(every).await;
+            if self.config().rotation.every.is_none() {
+                continue;
+            }
             let mut backoff = Duration::from_secs(5);
             while self.rotate().await.is_err() {
                 tokio::time::sleep(backoff.min(every)).await;
