@@ -72,6 +72,25 @@ pub fn pg_command(bin: &Path, program: &str, as_postgres: bool) -> Command {
     }
 }
 
+/// `initdb` for a private cluster: superuser `postgres` with the password in `pwfile`,
+/// scram-sha-256 for every connection (never trust), UTF8, C locale.
+pub fn initdb_command(bin: &Path, data: &Path, pwfile: &Path, as_postgres: bool) -> Command {
+    let mut initdb = pg_command(bin, "initdb", as_postgres);
+    initdb
+        .arg("-D")
+        .arg(data)
+        .args([
+            "-U",
+            "postgres",
+            "--auth=scram-sha-256",
+            "-E",
+            "UTF8",
+            "--locale=C",
+        ])
+        .arg(format!("--pwfile={}", pwfile.display()));
+    initdb
+}
+
 fn run(mut command: Command, what: &str) -> anyhow::Result<()> {
     let output = command
         .output()
@@ -119,19 +138,7 @@ pub async fn run_demo(listen: &str) -> anyhow::Result<()> {
         run(chown, "chown (the cluster runs as the postgres OS user)")?;
     }
     let data = dir.path().join("data");
-    let mut initdb = pg_command(&bin, "initdb", as_postgres);
-    initdb
-        .arg("-D")
-        .arg(&data)
-        .args([
-            "-U",
-            "postgres",
-            "--auth=scram-sha-256",
-            "-E",
-            "UTF8",
-            "--locale=C",
-        ])
-        .arg(format!("--pwfile={}", dir.path().join("pwfile").display()));
+    let initdb = initdb_command(&bin, &data, &dir.path().join("pwfile"), as_postgres);
     run(initdb, "initdb")?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?

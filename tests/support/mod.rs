@@ -93,20 +93,10 @@ fn start_cluster() -> Cluster {
         assert!(ok, "chown of the cluster dir failed");
     }
     let data = dir.join("data");
-    let out = pg_command(&bin, "initdb")
-        .arg("-D")
-        .arg(&data)
-        .args([
-            "-U",
-            "postgres",
-            "--auth=scram-sha-256",
-            "-E",
-            "UTF8",
-            "--locale=C",
-        ])
-        .arg(format!("--pwfile={}", pwfile.display()))
-        .output()
-        .expect("initdb could not run");
+    let out =
+        rolegate::demo::initdb_command(&bin, &data, &pwfile, rolegate::demo::running_as_root())
+            .output()
+            .expect("initdb could not run");
     assert!(
         out.status.success(),
         "initdb failed: {}",
