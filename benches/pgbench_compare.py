@@ -5,7 +5,9 @@ Run through benches/pgbench.sh, which builds the binaries first. Everything runs
 private cluster in a temp dir; nothing is left behind.
 
 Environment: DURATION (seconds per run, default 10), ROUNDS (default 3), SCALE (default 10),
-IDLE_CLIENTS (default 1000), SCENARIOS (comma list, default all).
+IDLE_CLIENTS (default 1000), SCENARIOS (comma list, default all), BASELINE (path to another
+rolegate binary, e.g. one built from main before a change: it joins the alternation as
+"baseline" with the same config, so a change is measured against its parent in one run).
 """
 import os
 import shutil
@@ -22,6 +24,7 @@ DURATION = int(os.environ.get("DURATION", "10"))
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 SCALE = int(os.environ.get("SCALE", "10"))
 IDLE_CLIENTS = int(os.environ.get("IDLE_CLIENTS", "1000"))
+BASELINE = os.environ.get("BASELINE")
 AS_ROOT = os.geteuid() == 0
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -83,7 +86,7 @@ def main():
     os.chmod(work, 0o755)
     procs = []
     try:
-        pg_port, rg_port, pb_port, bare_port = free_port(), free_port(), free_port(), free_port()
+        pg_port, rg_port, pb_port, bare_port, base_port = (free_port() for _ in range(5))
         admin_password = "bench-admin"
         with open(f"{work}/pw", "w") as f:
             f.write(admin_password)
@@ -160,6 +163,15 @@ logfile = {work}/pgbouncer.log
                                  f"127.0.0.1:{bare_port}", f"127.0.0.1:{pg_port}"])
         procs.append(bare)
         wait_port(bare_port)
+        if BASELINE:
+            with open(f"{work}/baseline.toml", "w") as f:
+                f.write(config.replace(f'listen = "127.0.0.1:{rg_port}"',
+                                       f'listen = "127.0.0.1:{base_port}"'))
+            base = subprocess.Popen([BASELINE, "serve", "--config", f"{work}/baseline.toml"],
+                                    stderr=open(f"{work}/baseline.log", "w"),
+                                    env=dict(os.environ, ROLEGATE_LOG="warn"))
+            procs.append(base)
+            wait_port(base_port)
 
         targets = {
             "direct": (pg_port, "bench_login_0001", login_password, None),
@@ -167,6 +179,8 @@ logfile = {work}/pgbouncer.log
             "pgbouncer": (pb_port, "bench", "bench", pb_pid),
             "bare relay": (bare_port, "bench_login_0001", login_password, bare.pid),
         }
+        if BASELINE:
+            targets["baseline"] = (base_port, "bench", "bench", base.pid)
         scenarios = [
             ("select simple c1", ["-S", "-M", "simple", "-c", "1", "-j", "1"]),
             ("select simple c20", ["-S", "-M", "simple", "-c", "20", "-j", "2"]),
@@ -208,7 +222,7 @@ logfile = {work}/pgbouncer.log
                             for i in range(3)) for t in targets}
             for t in targets:
                 tps, lat, cpu = med[t]
-                vs_pb = f"{tps / med['pgbouncer'][0]:.2f}x" if t == "rolegate" else ""
+                vs_pb = f"{tps / med['pgbouncer'][0]:.2f}x" if t in ("rolegate", "baseline") else ""
                 vs_direct = f"{tps / med['direct'][0]:.2f}x" if t != "direct" else ""
                 cpu_text = f"{cpu:.3f}" if cpu is not None else "-"
                 print(f"| {name} | {t} | {tps:,.0f} | {lat:.3f} | {cpu_text} | {vs_pb} | {vs_direct} |")

@@ -39,6 +39,16 @@ fn verdicts(c: &mut Criterion) {
             policy.check(&who, black_box(sql.as_bytes()), true)
         })
     });
+    // The same with a string in it: the numbers are found by pg_query's scanner.
+    c.bench_function("verdict/new_literal_scanned", |b| {
+        b.iter(|| {
+            aid += 1;
+            let sql = format!(
+                "SELECT abalance FROM pgbench_accounts WHERE aid = {aid} AND filler <> 'x'"
+            );
+            policy.check(&who, black_box(sql.as_bytes()), true)
+        })
+    });
     c.bench_function("verdict/uncached_short", |b| {
         b.iter(|| classify(black_box(short), true))
     });
