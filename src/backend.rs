@@ -5,13 +5,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::config::{BackendConfig, BackendTlsMode};
 use crate::credentials::LoginCredential;
+use crate::scram::{SaltedPasswordCache, ScramClient};
 use crate::tls::{self, MaybeTls};
 use crate::wire::{self, WireError};
 
@@ -73,6 +73,7 @@ pub struct BackendTarget {
     pub database: String,
     pub connect_timeout: Duration,
     tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
+    salted_passwords: SaltedPasswordCache,
 }
 
 impl BackendTarget {
@@ -101,6 +102,7 @@ impl BackendTarget {
             database: config.database.clone(),
             connect_timeout: config.connect_timeout,
             tls,
+            salted_passwords: SaltedPasswordCache::default(),
         })
     }
 
@@ -150,7 +152,7 @@ pub async fn connect(
     wire::put_startup(&mut out, &startup);
     stream.write_all(&out).await.map_err(WireError::Io)?;
 
-    authenticate(&mut stream, login).await?;
+    authenticate(&mut stream, login, &target.salted_passwords).await?;
 
     let mut session = BackendSession {
         stream,
@@ -196,8 +198,12 @@ async fn negotiate_tls(
     }
 }
 
-async fn authenticate(stream: &mut MaybeTls, login: &LoginCredential) -> Result<(), BackendError> {
-    let mut scram: Option<ScramSha256> = None;
+async fn authenticate(
+    stream: &mut MaybeTls,
+    login: &LoginCredential,
+    salted_passwords: &SaltedPasswordCache,
+) -> Result<(), BackendError> {
+    let mut scram: Option<ScramClient> = None;
     loop {
         let (tag, mut body) = wire::read_message(stream, MAX_SETUP_MESSAGE).await?;
         match tag {
@@ -234,26 +240,27 @@ async fn authenticate(stream: &mut MaybeTls, login: &LoginCredential) -> Result<
                         if !mechanisms.contains(&&b"SCRAM-SHA-256"[..]) {
                             return Err(BackendError::UnsupportedAuth(code));
                         }
-                        let client = ScramSha256::new(
-                            login.password.as_bytes(),
-                            ChannelBinding::unsupported(),
-                        );
-                        let first = client.message();
+                        let client = ScramClient::new();
+                        let first = client.first_message();
                         let mut payload = BytesMut::new();
                         payload.put_slice(b"SCRAM-SHA-256\0");
                         payload.put_i32(first.len() as i32);
-                        payload.put_slice(first);
+                        payload.put_slice(first.as_bytes());
                         wire::put_message(&mut reply, b'p', &payload);
                         scram = Some(client);
                     }
                     11 => {
                         let client = scram.as_mut().ok_or(WireError::Unexpected('R'))?;
-                        client.update(&body).map_err(BackendError::Scram)?;
-                        wire::put_message(&mut reply, b'p', client.message());
+                        let message = client
+                            .final_message(&body, &login.password, salted_passwords)
+                            .map_err(BackendError::Scram)?;
+                        wire::put_message(&mut reply, b'p', message.as_bytes());
                     }
                     12 => {
                         let client = scram.as_mut().ok_or(WireError::Unexpected('R'))?;
-                        client.finish(&body).map_err(BackendError::Scram)?;
+                        client
+                            .verify_server_final(&body)
+                            .map_err(BackendError::Scram)?;
                     }
                     other => return Err(BackendError::UnsupportedAuth(other)),
                 }
