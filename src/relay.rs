@@ -315,8 +315,11 @@ impl<'a> Upstream<'a> {
                 Ok(n) => {
                     self.bytes += n as u64;
                     self.bytes_counter.inc_by(n as u64);
-                    let now = shared.started.elapsed().as_millis() as u64;
-                    shared.last_client_activity_ms.store(now, Ordering::Relaxed);
+                    // Only the idle timeout reads it: no clock read per message without one.
+                    if self.ctx.idle_timeout.is_some() {
+                        let now = shared.started.elapsed().as_millis() as u64;
+                        shared.last_client_activity_ms.store(now, Ordering::Relaxed);
+                    }
                 }
                 Err(e) => return RelayEnd::ClientIo(e),
             }
