@@ -322,8 +322,7 @@ mod tests {
         assert!(!exchange(&ScramVerifier::mock(&[1; 32], "web"), "s3cret"));
     }
 
-    /// Our client against pgwire's server, twice with one cache: the second exchange
-    /// reuses the salted password and still proves it.
+    /// One exchange of our client against pgwire's server, with the given cache.
     fn client_exchange(
         verifier: &ScramVerifier,
         password: &str,
