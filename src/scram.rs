@@ -1,5 +1,6 @@
-//! SCRAM-SHA-256 verifiers: parsing the ones in the config, making new ones, and the mock
-//! verifier that lets an unknown user go through the same exchange as a known one.
+//! SCRAM-SHA-256: parsing the verifiers in the config, making new ones, the mock verifier
+//! that lets an unknown user go through the same exchange as a known one, and the client
+//! side rolegate uses to log in to PostgreSQL.
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
@@ -69,13 +70,7 @@ impl ScramVerifier {
     /// A verifier no password matches, the same for the same user name on this instance,
     /// so that probing names cannot tell known users from unknown ones.
     pub fn mock(instance_secret: &[u8; 32], user: &str) -> ScramVerifier {
-        let derive = |label: &[u8]| {
-            let mut mac = Hmac::<Sha256>::new_from_slice(instance_secret)
-                .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
-            mac.update(label);
-            mac.update(user.as_bytes());
-            mac.finalize().into_bytes().to_vec()
-        };
+        let derive = |label: &[u8]| hmac(instance_secret, &[label, user.as_bytes()]).to_vec();
         ScramVerifier {
             iterations: 4096,
             salt: derive(b"salt")[..16].to_vec(),
@@ -131,15 +126,18 @@ struct SaltedEntry {
     salted_password: [u8; 32],
 }
 
-/// PostgreSQL refuses fewer; more than this is an unreasonable CPU cost per login.
+/// The most PBKDF2 rounds a server may ask of rolegate (PostgreSQL's default is 4096):
+/// more would be an unreasonable CPU cost per login.
 const MAX_ITERATIONS: u32 = 1 << 20;
 
 fn scram_error(message: &str) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, message.to_owned())
 }
 
+/// HMAC-SHA-256 of the concatenated `parts`.
 fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
-    let mut mac = Hmac::<Sha256>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
+    let mut mac = Hmac::<Sha256>::new_from_slice(key)
+        .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
     for part in parts {
         mac.update(part);
     }
