@@ -215,42 +215,38 @@ where
             end = closing => end,
         }
     };
-    match &end {
-        RelayEnd::Shutdown | RelayEnd::IdleTimeout => {
-            let (code, message) = if matches!(end, RelayEnd::Shutdown) {
-                (
-                    "57P01",
-                    "rolegate: terminating connection because rolegate is shutting down",
-                )
-            } else {
-                (
-                    "57P05",
-                    "rolegate: terminating connection due to idle_client_timeout",
-                )
-            };
-            let mut fatal = BytesMut::new();
-            wire::put_error(&mut fatal, &ErrorFields::fatal(code, message));
-            let _ = client_w.write_all(&fatal).await;
-            let _ = client_w.flush().await;
-            let mut terminate = BytesMut::new();
-            wire::put_message(&mut terminate, b'X', &[]);
-            let _ = server_w.write_all(&terminate).await;
-        }
-        RelayEnd::ClientProtocol(e) => {
-            let message = format!("rolegate: invalid message from client: {e}");
-            let mut out = BytesMut::new();
-            wire::put_error(&mut out, &ErrorFields::fatal("08P01", &message));
-            let _ = client_w.write_all(&out).await;
-            let _ = client_w.flush().await;
-        }
-        RelayEnd::ClientClosed | RelayEnd::ClientIo(_) => {
-            // Tell the server the session is over rather than just dropping the socket.
-            // (After a client Terminate the server has it already; a second one is harmless.)
-            let mut out = BytesMut::new();
-            wire::put_message(&mut out, b'X', &[]);
-            let _ = server_w.write_all(&out).await;
-        }
-        _ => {}
+    // The client hears why rolegate ended its session, as PostgreSQL's own FATALs do.
+    let fatal = match &end {
+        RelayEnd::Shutdown => Some((
+            "57P01",
+            "rolegate: terminating connection because rolegate is shutting down".to_owned(),
+        )),
+        RelayEnd::IdleTimeout => Some((
+            "57P05",
+            "rolegate: terminating connection due to idle_client_timeout".to_owned(),
+        )),
+        RelayEnd::ClientProtocol(e) => Some((
+            "08P01",
+            format!("rolegate: invalid message from client: {e}"),
+        )),
+        _ => None,
+    };
+    if let Some((code, message)) = fatal {
+        let mut out = BytesMut::new();
+        wire::put_error(&mut out, &ErrorFields::fatal(code, &message));
+        let _ = client_w.write_all(&out).await;
+        let _ = client_w.flush().await;
+    }
+    // Tell a server that is still there that the session is over rather than just dropping
+    // the socket. (After a client Terminate the server has it already; a second one is
+    // harmless.)
+    if matches!(
+        end,
+        RelayEnd::Shutdown | RelayEnd::IdleTimeout | RelayEnd::ClientClosed | RelayEnd::ClientIo(_)
+    ) {
+        let mut terminate = BytesMut::new();
+        wire::put_message(&mut terminate, b'X', &[]);
+        let _ = server_w.write_all(&terminate).await;
     }
     let _ = client_w.shutdown().await;
     let _ = server_w.shutdown().await;
