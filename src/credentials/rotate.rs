@@ -94,14 +94,7 @@ impl Rotator {
     }
 
     async fn connect_rotator(&self) -> anyhow::Result<Client> {
-        let url = self.rotator_url()?;
-        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-            .await
-            .context("connecting as the rotator")?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        Ok(client)
+        connect_rotator_at(&self.rotator_url()?).await
     }
 
     /// A new login name: the own prefix and the UTC time to the millisecond.
@@ -228,12 +221,7 @@ impl Rotator {
         let rotator_url = self.rotator_url();
         tokio::spawn(async move {
             let result = async {
-                let url = rotator_url?;
-                let (client, connection) =
-                    tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
-                tokio::spawn(async move {
-                    let _ = connection.await;
-                });
+                let client = connect_rotator_at(&rotator_url?).await?;
                 drain_and_drop(
                     &client,
                     &old_user,
@@ -320,6 +308,16 @@ impl Rotator {
             }
         }
     }
+}
+
+/// A connection as the rotator role, from its connection URL.
+async fn connect_rotator_at(url: &str) -> anyhow::Result<Client> {
+    let config = url
+        .parse()
+        .context("parsing the rotator's connection URL")?;
+    crate::provision::connect(&config)
+        .await
+        .context("connecting as the rotator")
 }
 
 /// Drops a login role once its sessions are gone. Returns how many sessions had to be

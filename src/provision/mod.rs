@@ -142,10 +142,12 @@ pub fn random_password() -> String {
         .collect()
 }
 
-async fn connect(url: &str) -> anyhow::Result<Client> {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .context("connecting with the admin URL")?;
+/// An administrative connection (tokio-postgres; setup, check and the rotator use it),
+/// with its connection task running.
+pub(crate) async fn connect(
+    config: &tokio_postgres::Config,
+) -> Result<Client, tokio_postgres::Error> {
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "admin connection ended");
@@ -177,7 +179,10 @@ enum PasswordHome<'a> {
 /// Plans and (unless printing) applies the layout. Safe to run again.
 pub async fn setup(config: &Config, options: SetupOptions<'_>) -> anyhow::Result<()> {
     let names = Names::from_config(config)?;
-    let admin = connect(options.admin_url).await?;
+    let admin_url = options.admin_url.parse().context("parsing the admin URL")?;
+    let admin = connect(&admin_url)
+        .await
+        .context("connecting with the admin URL")?;
     let version: i32 = admin
         .query_one("SELECT current_setting('server_version_num')::int", &[])
         .await?
@@ -330,11 +335,9 @@ pub async fn setup(config: &Config, options: SetupOptions<'_>) -> anyhow::Result
     for step in &steps {
         let client = if step.in_database {
             if db_client.is_none() {
-                let (client, connection) = in_db
-                    .connect(tokio_postgres::NoTls)
+                let client = connect(&in_db)
                     .await
                     .context("connecting to the database")?;
-                tokio::spawn(connection);
                 db_client = Some(client);
             }
             db_client.as_ref().context("database connection")?
@@ -393,11 +396,9 @@ pub struct Problem {
 /// Audits a live database against the layout.
 pub async fn check(config: &Config, admin_url: &str) -> anyhow::Result<Vec<Problem>> {
     let names = Names::from_config(config)?;
-    let (client, connection) = url_for_database(admin_url, &names.database)?
-        .connect(tokio_postgres::NoTls)
+    let client = connect(&url_for_database(admin_url, &names.database)?)
         .await
         .with_context(|| format!("connecting to database {}", names.database))?;
-    tokio::spawn(connection);
     // With no schema on the search path, regclass and regprocedure print qualified names,
     // so every printed fix names exactly one object.
     client.batch_execute("SET search_path = pg_catalog").await?;
