@@ -166,10 +166,6 @@ impl Proxy {
         Ok(())
     }
 
-    pub fn is_shutting_down(&self) -> bool {
-        *self.shutdown.borrow()
-    }
-
     pub fn instance_secret(&self) -> &[u8; 32] {
         &self.instance_secret
     }
