@@ -13,7 +13,6 @@ use axum::{Json, Router};
 
 use crate::backend;
 use crate::proxy::Proxy;
-use crate::sql::quote_ident;
 
 pub fn router(proxy: Arc<Proxy>) -> Router {
     Router::new()
@@ -37,12 +36,9 @@ pub async fn serve(proxy: Arc<Proxy>, listen: String) -> anyhow::Result<()> {
 /// 200 only when a backend login with the current credential works.
 async fn healthz(State(proxy): State<Arc<Proxy>>) -> Response {
     let login = proxy.credentials.current();
-    let setup = format!(
-        "SET ROLE {}",
-        quote_ident(&proxy.config().backend.owner_role)
-    );
-    match backend::connect(&proxy.backend, &login, &[], &setup).await {
-        Ok(_) => (StatusCode::OK, "ok\n").into_response(),
+    let owner_role = &proxy.config().backend.owner_role;
+    match backend::prove_login(&proxy.backend, &login, owner_role).await {
+        Ok(()) => (StatusCode::OK, "ok\n").into_response(),
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("backend login failed: {e}\n"),

@@ -12,6 +12,7 @@ use tokio::net::TcpStream;
 use crate::config::{BackendConfig, BackendTlsMode};
 use crate::credentials::LoginCredential;
 use crate::scram::{SaltedPasswordCache, ScramClient};
+use crate::sql::quote_ident;
 use crate::tls::{self, MaybeTls};
 use crate::wire::{self, WireError};
 
@@ -171,6 +172,17 @@ pub async fn connect(
         .map_err(WireError::Io)?;
     read_until_ready(&mut session).await?;
     Ok(session)
+}
+
+/// Proves that `login` opens a session and can take `owner_role`: the check a new
+/// credential passes before it is used (rotation, file mode), and /healthz's.
+pub async fn prove_login(
+    target: &BackendTarget,
+    login: &LoginCredential,
+    owner_role: &str,
+) -> Result<(), BackendError> {
+    let setup = format!("SET ROLE {}", quote_ident(owner_role));
+    connect(target, login, &[], &setup).await.map(drop)
 }
 
 async fn negotiate_tls(

@@ -9,7 +9,6 @@ use anyhow::Context;
 
 use super::{CredentialStore, LoginCredential};
 use crate::backend::{self, BackendTarget};
-use crate::sql::quote_ident;
 
 #[derive(serde::Deserialize)]
 struct FileCredential {
@@ -62,9 +61,8 @@ pub async fn watch(
                 continue;
             }
         };
-        let setup = format!("SET ROLE {}", quote_ident(&owner_role));
-        match backend::connect(&target, &credential, &[], &setup).await {
-            Ok(_) => {
+        match backend::prove_login(&target, &credential, &owner_role).await {
+            Ok(()) => {
                 let new_user = credential.user.clone();
                 let old = store.swap(credential);
                 tracing::info!(

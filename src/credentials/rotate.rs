@@ -204,11 +204,9 @@ impl Rotator {
             ))
             .await
             .context("setting the new login's default role")?;
-        let setup = format!("SET ROLE {}", quote_ident(&backend.owner_role));
-        let session = backend::connect(&self.target, new, &[], &setup)
+        backend::prove_login(&self.target, new, &backend.owner_role)
             .await
             .context("the new login could not open a session")?;
-        drop(session);
         Ok(())
     }
 
