@@ -5,7 +5,7 @@ Run through benches/pgbench.sh, which builds the binaries first. Everything runs
 private cluster in a temp dir; nothing is left behind.
 
 Environment: DURATION (seconds per run, default 10), ROUNDS (default 3), SCALE (default 10),
-IDLE_CLIENTS (default 1000), SCENARIOS (comma list, default all), BASELINE (path to another
+IDLE_CLIENTS (default 1000), SCENARIOS and TARGETS (comma lists, default all), BASELINE (path to another
 rolegate binary, e.g. one built from main before a change: it joins the alternation as
 "baseline" with the same config, so a change is measured against its parent in one run).
 """
@@ -63,9 +63,24 @@ def wait_port(port, timeout=30):
 
 
 def cpu_seconds(pid):
+    """(user, system) CPU seconds the process has used so far."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
+    return int(fields[11]) / TICKS, int(fields[12]) / TICKS
+
+
+def context_switches(pid):
+    """Voluntary + involuntary context switches of all the process's threads so far."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                        total += int(line.split()[1])
+        except FileNotFoundError:
+            pass  # a thread that ended between listdir and open
+    return total
 
 
 def rss_kib(pid):
@@ -195,12 +210,16 @@ logfile = {work}/pgbouncer.log
         wanted = os.environ.get("SCENARIOS")
         if wanted:
             scenarios = [s for s in scenarios if s[0] in wanted.split(",")]
+        wanted = os.environ.get("TARGETS")
+        if wanted:
+            targets = {t: v for t, v in targets.items() if t in wanted.split(",")}
 
         results = {}
         for name, args in scenarios:
             for _ in range(ROUNDS):
                 for target, (port, user, password, pid) in targets.items():
                     before = cpu_seconds(pid) if pid else None
+                    switches_before = context_switches(pid) if pid else None
                     out = run([f"{bindir}/pgbench", "-n", "-T", str(DURATION), "-h", "127.0.0.1",
                                "-p", str(port), "-U", user, *args, "bench"],
                               env=dict(os.environ, PGPASSWORD=password)).stdout
@@ -208,24 +227,35 @@ logfile = {work}/pgbouncer.log
                     lat = float(next(l for l in out.splitlines() if "latency average" in l).split()[3])
                     txs = int(next(l for l in out.splitlines() if "transactions actually processed" in l)
                               .split(":")[1].split("/")[0])
-                    cpu = (cpu_seconds(pid) - before) / txs * 1000 if pid else None
-                    results.setdefault((name, target), []).append((tps, lat, cpu))
+                    if pid:
+                        after = cpu_seconds(pid)
+                        user = (after[0] - before[0]) / txs * 1000
+                        cpu = user + (after[1] - before[1]) / txs * 1000
+                        switches = (context_switches(pid) - switches_before) / txs * 1000
+                    else:
+                        user = cpu = switches = None
+                    results.setdefault((name, target), []).append((tps, lat, cpu, user, switches))
 
         print(f"\npgbench, {DURATION}s x {ROUNDS} rounds per cell (median), scale {SCALE}, "
               f"{os.cpu_count()} cores, PostgreSQL {os.path.basename(os.path.dirname(bindir))}\n")
-        header = "| scenario | target | TPS | latency ms | proxy CPU s / 1k tx | vs PgBouncer | vs direct |"
+        header = ("| scenario | target | TPS | latency ms | proxy CPU s / 1k tx | of which user "
+                  "| proxy context switches / 1k tx | vs PgBouncer | vs direct |")
         print(header)
-        print("|" + "---|" * 7)
+        print("|" + "---|" * 9)
         for name, _ in scenarios:
             med = {t: tuple(statistics.median(x[i] for x in results[(name, t)] if x[i] is not None)
                             if any(x[i] is not None for x in results[(name, t)]) else None
-                            for i in range(3)) for t in targets}
+                            for i in range(5)) for t in targets}
             for t in targets:
-                tps, lat, cpu = med[t]
-                vs_pb = f"{tps / med['pgbouncer'][0]:.2f}x" if t in ("rolegate", "baseline") else ""
-                vs_direct = f"{tps / med['direct'][0]:.2f}x" if t != "direct" else ""
-                cpu_text = f"{cpu:.3f}" if cpu is not None else "-"
-                print(f"| {name} | {t} | {tps:,.0f} | {lat:.3f} | {cpu_text} | {vs_pb} | {vs_direct} |")
+                tps, lat, cpu, user, switches = med[t]
+                vs_pb = (f"{tps / med['pgbouncer'][0]:.2f}x"
+                         if t in ("rolegate", "baseline") and "pgbouncer" in med else "")
+                vs_direct = f"{tps / med['direct'][0]:.2f}x" if t != "direct" and "direct" in med else ""
+                cpu_text = f"{cpu:.4f}" if cpu is not None else "-"
+                user_text = f"{user:.4f}" if user is not None else "-"
+                switches_text = f"{switches:,.0f}" if switches is not None else "-"
+                print(f"| {name} | {t} | {tps:,.0f} | {lat:.3f} | {cpu_text} | {user_text} | {switches_text} "
+                      f"| {vs_pb} | {vs_direct} |")
 
         # Memory of idle authenticated clients.
         print()
