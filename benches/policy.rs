@@ -26,9 +26,9 @@ fn verdicts(c: &mut Criterion) {
     let orm = orm_statement();
     assert!(orm.len() > 2000);
 
-    policy.check(&who, short.as_bytes(), true);
+    policy.check(&who, short.as_bytes(), true, None);
     c.bench_function("verdict/cached", |b| {
-        b.iter(|| policy.check(&who, black_box(short.as_bytes()), true))
+        b.iter(|| policy.check(&who, black_box(short.as_bytes()), true, None))
     });
     // pgbench -M simple: the same statement with a new literal every time.
     let mut aid = 0u64;
@@ -36,7 +36,7 @@ fn verdicts(c: &mut Criterion) {
         b.iter(|| {
             aid += 1;
             let sql = format!("SELECT abalance FROM pgbench_accounts WHERE aid = {aid};");
-            policy.check(&who, black_box(sql.as_bytes()), true)
+            policy.check(&who, black_box(sql.as_bytes()), true, None)
         })
     });
     // The same with a string in it: the numbers are found by pg_query's scanner.
@@ -46,7 +46,7 @@ fn verdicts(c: &mut Criterion) {
             let sql = format!(
                 "SELECT abalance FROM pgbench_accounts WHERE aid = {aid} AND filler <> 'x'"
             );
-            policy.check(&who, black_box(sql.as_bytes()), true)
+            policy.check(&who, black_box(sql.as_bytes()), true, None)
         })
     });
     c.bench_function("verdict/uncached_short", |b| {

@@ -2,11 +2,57 @@
 //!
 //! The relay adds to them once per read burst, not per message.
 
-use prometheus_client::encoding::EncodeLabelSet;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
+
+const SHARDS: usize = 8;
+
+/// One shard per cache line, so that threads adding to different shards never share one.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Shard(AtomicU64);
+
+/// A counter every session adds to on every round trip (`bytes`, `queries`). With one
+/// atomic shared by all sessions, each add on one worker thread takes the cache line from
+/// the other; here a thread adds to its own shard and only a scrape sums them.
+#[derive(Debug, Clone, Default)]
+pub struct ShardedCounter(Arc<[Shard; SHARDS]>);
+
+impl ShardedCounter {
+    pub fn inc_by(&self, v: u64) {
+        static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
+        thread_local! {
+            static SHARD: usize = NEXT_SHARD.fetch_add(1, Ordering::Relaxed) % SHARDS;
+        }
+        let shard = SHARD.with(|s| *s);
+        self.0[shard].0.fetch_add(v, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.iter().map(|s| s.0.load(Ordering::Relaxed)).sum()
+    }
+}
+
+impl TypedMetric for ShardedCounter {
+    const TYPE: MetricType = MetricType::Counter;
+}
+
+impl EncodeMetric for ShardedCounter {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        encoder.encode_counter::<NoLabelSet, _, u64>(&self.get(), None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ClassLabel {
@@ -32,10 +78,10 @@ pub struct Metrics {
     pub client_connecting: Gauge,
     pub backend_connections: Gauge,
     /// Query and Sync messages relayed to the server.
-    pub queries: Counter,
+    pub queries: ShardedCounter,
     pub refusals: Family<RefusalLabels, Counter>,
     pub auth_failures: Counter,
-    pub bytes: Family<DirectionLabel, Counter>,
+    pub bytes: Family<DirectionLabel, ShardedCounter>,
     pub rotations: Counter,
     pub rotation_failures: Counter,
     pub login_age_seconds: Gauge,
@@ -47,7 +93,7 @@ impl Default for Metrics {
             client_sessions: Family::default(),
             client_connecting: Gauge::default(),
             backend_connections: Gauge::default(),
-            queries: Counter::default(),
+            queries: ShardedCounter::default(),
             refusals: Family::default(),
             auth_failures: Counter::default(),
             bytes: Family::default(),
@@ -114,5 +160,44 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sharded_counters_sum_what_every_thread_added() {
+        let metrics = Metrics::default();
+        std::thread::scope(|scope| {
+            for _ in 0..SHARDS + 3 {
+                scope.spawn(|| {
+                    for _ in 0..1000 {
+                        metrics.queries.inc_by(1);
+                        metrics
+                            .bytes
+                            .get_or_create(&DirectionLabel {
+                                direction: "client_to_server",
+                            })
+                            .inc_by(2);
+                    }
+                });
+            }
+        });
+        let text = metrics.encode();
+        let total = (SHARDS as u64 + 3) * 1000;
+        assert!(
+            text.contains(&format!("rolegate_queries_total {total}\n")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "rolegate_bytes_total{{direction=\"client_to_server\"}} {}\n",
+                2 * total
+            )),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE rolegate_queries counter"), "{text}");
     }
 }

@@ -22,7 +22,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::metrics::{DirectionLabel, Metrics, RefusalLabels};
-use crate::policy::{Policy, Refusal, Requester};
+use crate::policy::{Policy, Refusal, Requester, SessionVerdicts};
 use crate::tls::MaybeTls;
 use crate::wire::{self, ErrorFields, WireError};
 
@@ -158,6 +158,69 @@ impl Shared {
     }
 }
 
+/// Polls its future only when that future's own waker fired (and on the first poll).
+///
+/// `select!` polls every branch whenever the task wakes, which is twice per round trip.
+/// The closing future waits on the one shutdown channel all sessions share, and polling
+/// that takes a lock that every session on every worker thread takes too; gated, it is
+/// polled only when shutdown or its idle timer actually wakes it.
+struct PollWhenWoken<F> {
+    inner: std::pin::Pin<Box<F>>,
+    gate: std::sync::Arc<Gate>,
+    waker: std::task::Waker,
+}
+
+struct Gate {
+    woken: AtomicBool,
+    task: atomic_waker::AtomicWaker,
+}
+
+impl std::task::Wake for Gate {
+    fn wake(self: std::sync::Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &std::sync::Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl<F: std::future::Future> PollWhenWoken<F> {
+    fn new(inner: F) -> Self {
+        let gate = std::sync::Arc::new(Gate {
+            woken: AtomicBool::new(true),
+            task: atomic_waker::AtomicWaker::new(),
+        });
+        PollWhenWoken {
+            inner: Box::pin(inner),
+            waker: std::task::Waker::from(gate.clone()),
+            gate,
+        }
+    }
+}
+
+impl<F: std::future::Future> std::future::Future for PollWhenWoken<F> {
+    type Output = F::Output;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        // Register first: a wake after the check below then wakes this task again.
+        self.gate.task.register(cx.waker());
+        if !self.gate.woken.load(Ordering::Relaxed)
+            || !self.gate.woken.swap(false, Ordering::Acquire)
+        {
+            return std::task::Poll::Pending;
+        }
+        let this = &mut *self;
+        this.inner
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(&this.waker))
+    }
+}
+
 /// Relays until either side ends; returns the byte counts and how it ended.
 pub async fn run(
     client: MaybeTls,
@@ -208,7 +271,7 @@ where
     let end = {
         let c2s = up.run(&mut client_r, &mut server_w, &shared);
         let s2c = down.run(&mut server_r, &mut client_w, &shared, ctx.metrics);
-        let closing = shared.closing(ctx.shutdown.clone(), ctx.idle_timeout);
+        let closing = PollWhenWoken::new(shared.closing(ctx.shutdown.clone(), ctx.idle_timeout));
         tokio::select! {
             end = c2s => end,
             end = s2c => end,
@@ -271,8 +334,9 @@ struct Upstream<'a> {
     sync_points: u64,
     next_marker: u64,
     bytes: u64,
-    bytes_counter: prometheus_client::metrics::counter::Counter,
+    bytes_counter: crate::metrics::ShardedCounter,
     refused: u64,
+    verdicts: SessionVerdicts,
 }
 
 impl<'a> Upstream<'a> {
@@ -294,6 +358,7 @@ impl<'a> Upstream<'a> {
                 })
                 .clone(),
             refused: 0,
+            verdicts: SessionVerdicts::default(),
         }
     }
 
@@ -388,7 +453,13 @@ impl<'a> Upstream<'a> {
             let refusal = if oversized {
                 Some(oversized_refusal(size - 5))
             } else {
-                self.judge(tag, &self.buf[pos..pos + size], shared)
+                judge(
+                    self.ctx,
+                    &mut self.verdicts,
+                    tag,
+                    &self.buf[pos..pos + size],
+                    shared,
+                )
             };
             match refusal {
                 None => {
@@ -414,33 +485,6 @@ impl<'a> Upstream<'a> {
             }
         }
         Ok((pos, false))
-    }
-
-    /// The policy's verdict on a Query, Parse or FunctionCall frame (tag and length
-    /// included).
-    fn judge(&self, tag: u8, frame: &[u8], shared: &Shared) -> Option<Refusal> {
-        let body = &frame[5..];
-        let sql = match tag {
-            b'Q' => body.strip_suffix(&[0]).unwrap_or(body),
-            b'P' => match parse_query_text(body) {
-                Some(sql) => sql,
-                None => return Some(malformed_refusal("Parse")),
-            },
-            _ => {
-                return Some(Refusal {
-                    code: "42501",
-                    message: "rolegate: the FunctionCall protocol message is not allowed".into(),
-                    hint: Some("Call the function in a SELECT instead.".into()),
-                    kind: "FunctionCall".into(),
-                    leaves_owner_role: true,
-                })
-            }
-        };
-        if sql.contains(&0) {
-            return Some(malformed_refusal("statement text with a NUL byte"));
-        }
-        let scs = shared.standard_conforming_strings.load(Ordering::Relaxed);
-        self.ctx.policy.check(&self.ctx.requester, sql, scs)
     }
 
     /// Puts the stand-in for a refused frame into `out` and registers the refusal.
@@ -484,6 +528,39 @@ impl<'a> Upstream<'a> {
             error: error.freeze(),
         });
     }
+}
+
+/// The policy's verdict on a Query, Parse or FunctionCall frame (tag and length
+/// included).
+fn judge(
+    ctx: &RelayContext<'_>,
+    verdicts: &mut SessionVerdicts,
+    tag: u8,
+    frame: &[u8],
+    shared: &Shared,
+) -> Option<Refusal> {
+    let body = &frame[5..];
+    let sql = match tag {
+        b'Q' => body.strip_suffix(&[0]).unwrap_or(body),
+        b'P' => match parse_query_text(body) {
+            Some(sql) => sql,
+            None => return Some(malformed_refusal("Parse")),
+        },
+        _ => {
+            return Some(Refusal {
+                code: "42501",
+                message: "rolegate: the FunctionCall protocol message is not allowed".into(),
+                hint: Some("Call the function in a SELECT instead.".into()),
+                kind: "FunctionCall".into(),
+                leaves_owner_role: true,
+            })
+        }
+    };
+    if sql.contains(&0) {
+        return Some(malformed_refusal("statement text with a NUL byte"));
+    }
+    let scs = shared.standard_conforming_strings.load(Ordering::Relaxed);
+    ctx.policy.check(&ctx.requester, sql, scs, Some(verdicts))
 }
 
 fn oversized_refusal(len: usize) -> Refusal {
@@ -657,6 +734,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::future::Future;
 
     fn with_upstream<T>(f: impl FnOnce(&mut Upstream<'_>, &Shared) -> T) -> T {
         let policy = Policy::new(&crate::config::PolicyConfig::default());
@@ -727,6 +805,30 @@ mod tests {
             let _ = parse_query_text(&body);
             let _ = parse_statement_name(&body);
         }
+    }
+
+    /// The gated future is polled once to start, then only when its own waker fires,
+    /// however often the task around it is polled; and it still completes.
+    #[tokio::test]
+    async fn gated_future_is_polled_only_when_woken() {
+        let polls = std::sync::atomic::AtomicUsize::new(0);
+        let (tx, mut rx) = tokio::sync::oneshot::channel::<u8>();
+        let mut gated = std::pin::pin!(PollWhenWoken::new(std::future::poll_fn(|cx| {
+            polls.fetch_add(1, Ordering::Relaxed);
+            std::pin::Pin::new(&mut rx).poll(cx)
+        })));
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        for _ in 0..5 {
+            assert!(gated.as_mut().poll(&mut cx).is_pending());
+        }
+        assert_eq!(polls.load(Ordering::Relaxed), 1);
+        assert!(tx.send(7).is_ok());
+        assert!(matches!(
+            gated.as_mut().poll(&mut cx),
+            std::task::Poll::Ready(Ok(7))
+        ));
+        assert_eq!(polls.load(Ordering::Relaxed), 2);
     }
 
     #[test]

@@ -52,13 +52,17 @@ impl Policy {
     /// `Some`: refuse it with this error. Every refusal is logged as one audit line; in
     /// report mode it is logged and `None` is returned, unless it would leave the owner
     /// role.
+    ///
+    /// `session`: what this client's session has had allowed so far (the relay keeps one
+    /// per session); `None` judges from the shared cache alone.
     pub fn check(
         &self,
         who: &Requester<'_>,
         sql: &[u8],
         standard_conforming_strings: bool,
+        session: Option<&mut SessionVerdicts>,
     ) -> Option<Refusal> {
-        let refusal = self.judge(who, sql, standard_conforming_strings)?;
+        let refusal = self.judge(who, sql, standard_conforming_strings, session)?;
         let fingerprint = std::str::from_utf8(sql)
             .ok()
             .and_then(|text| pg_query::fingerprint(text, 0, 0).ok())
@@ -80,7 +84,13 @@ impl Policy {
         enforced.then_some(refusal)
     }
 
-    fn judge(&self, who: &Requester<'_>, sql: &[u8], scs: bool) -> Option<Refusal> {
+    fn judge(
+        &self,
+        who: &Requester<'_>,
+        sql: &[u8],
+        scs: bool,
+        session: Option<&mut SessionVerdicts>,
+    ) -> Option<Refusal> {
         let refuse = |message: &str, kind: &str| {
             Some(Refusal {
                 code: "42501",
@@ -106,8 +116,63 @@ impl Policy {
                 "invalid UTF-8",
             );
         };
-        let classification = self.cache.get_or_classify(text, scs);
-        rules::judge(who.class, who.allow, &classification).err()
+        let Some(session) = session else {
+            let classification = self.cache.get_or_classify(text, scs);
+            return rules::judge(who.class, who.allow, &classification).err();
+        };
+        if session.scs != scs {
+            session.forget(scs);
+        }
+        if session.allowed.contains(text) {
+            return None;
+        }
+        let key = if scs { numeric_literal_key(text) } else { None };
+        if key.as_deref().is_some_and(|k| session.allowed.contains(k)) {
+            return None;
+        }
+        let classification = self.cache.get_or_classify_keyed(text, scs, key.as_deref());
+        let verdict = rules::judge(who.class, who.allow, &classification).err();
+        if verdict.is_none() {
+            session.remember(key.map_or_else(|| text.into(), String::into_boxed_str));
+        }
+        verdict
+    }
+}
+
+/// Largest total of statement text one session remembers as allowed.
+const SESSION_VERDICT_BYTES: usize = 16 * 1024;
+
+/// The statements (or their numeric-constant keys) one session has had allowed.
+///
+/// A statement the session sends again is let through from here, not from the shared
+/// cache: a lookup there takes a shard lock and a reference count that every worker
+/// thread touches, so their cache lines would travel between cores on every statement.
+/// The verdict depends only on the text, `standard_conforming_strings` and who asks, and
+/// a session's requester and policy never change, so what is remembered stays true.
+#[derive(Default)]
+pub struct SessionVerdicts {
+    allowed: std::collections::HashSet<Box<str>, ahash::RandomState>,
+    /// The `standard_conforming_strings` the entries were judged under.
+    scs: bool,
+    bytes: usize,
+}
+
+impl SessionVerdicts {
+    fn forget(&mut self, scs: bool) {
+        self.allowed.clear();
+        self.bytes = 0;
+        self.scs = scs;
+    }
+
+    fn remember(&mut self, text: Box<str>) {
+        if text.len() > SESSION_VERDICT_BYTES {
+            return;
+        }
+        if self.bytes + text.len() > SESSION_VERDICT_BYTES {
+            self.forget(self.scs);
+        }
+        self.bytes += text.len();
+        self.allowed.insert(text);
     }
 }
 
@@ -129,19 +194,41 @@ impl ClassificationCache {
     }
 
     pub fn get_or_classify(&self, sql: &str, scs: bool) -> Arc<Classification> {
-        let map = &self.maps[usize::from(scs)];
-        if let Some(hit) = map.get(sql) {
+        if let Some(hit) = self.maps[usize::from(scs)].get(sql) {
             return hit.clone();
         }
         // Texts that differ only in numeric constants share a verdict, so they share an
         // entry: `... WHERE aid = 17` and `... WHERE aid = 42` are parsed once. Only with
         // standard_conforming_strings on, the one setting pg_query's scanner knows.
         let key = if scs { numeric_literal_key(sql) } else { None };
-        if let Some(hit) = key.as_deref().and_then(|k| map.get(k)) {
+        self.get_by_key_or_classify(sql, scs, key.as_deref())
+    }
+
+    /// [`Self::get_or_classify`] for a caller that has the numeric-constant key already.
+    fn get_or_classify_keyed(
+        &self,
+        sql: &str,
+        scs: bool,
+        key: Option<&str>,
+    ) -> Arc<Classification> {
+        if let Some(hit) = self.maps[usize::from(scs)].get(sql) {
+            return hit.clone();
+        }
+        self.get_by_key_or_classify(sql, scs, key)
+    }
+
+    fn get_by_key_or_classify(
+        &self,
+        sql: &str,
+        scs: bool,
+        key: Option<&str>,
+    ) -> Arc<Classification> {
+        let map = &self.maps[usize::from(scs)];
+        if let Some(hit) = key.and_then(|k| map.get(k)) {
             return hit.clone();
         }
         let classification = Arc::new(classify(sql, scs));
-        let key = key.as_deref().unwrap_or(sql);
+        let key = key.unwrap_or(sql);
         if key.len() <= MAX_CACHED_STATEMENT && self.capacity > 0 {
             if self.entries.load(Ordering::Relaxed) >= self.capacity {
                 self.evict();
@@ -401,8 +488,57 @@ mod tests {
             class: ClientClass::Migrator,
             allow: &[],
         };
-        assert!(policy.check(&who, b"select 1", true).is_none());
-        assert!(policy.check(&who, b"select 1234567890", true).is_some());
-        assert!(policy.check(&who, b"select '\xff'", true).is_some());
+        assert!(policy.check(&who, b"select 1", true, None).is_none());
+        assert!(policy
+            .check(&who, b"select 1234567890", true, None)
+            .is_some());
+        assert!(policy.check(&who, b"select '\xff'", true, None).is_some());
+    }
+
+    /// A session's remembered verdicts let through only what was judged allowed for it:
+    /// a refused statement is refused (and audited) every time, and a text differing from
+    /// an allowed one in more than its numbers is judged afresh.
+    #[test]
+    fn session_verdicts_remember_only_what_was_allowed() {
+        let policy = Policy::new(&PolicyConfig::default());
+        let who = Requester {
+            user: "u",
+            class: ClientClass::Readonly,
+            allow: &[],
+        };
+        let mut session = SessionVerdicts::default();
+        let mut check = |sql: &str, scs: bool| {
+            policy
+                .check(&who, sql.as_bytes(), scs, Some(&mut session))
+                .map(|r| r.kind)
+        };
+        assert_eq!(check("SELECT * FROM t WHERE id = 1", true), None);
+        assert_eq!(check("SELECT * FROM t WHERE id = 2", true), None);
+        for _ in 0..2 {
+            assert!(check("UPDATE t SET a = 1", true).is_some());
+            assert!(check("SELECT * FROM t WHERE id = 1; DROP TABLE t", true).is_some());
+        }
+        // With standard_conforming_strings off, `\'` does not end the string: one SELECT.
+        // With it on, the string ends there and a DROP follows. What was allowed under
+        // one setting is not carried over to the other.
+        let text = r"SELECT 'a\' ; DROP TABLE t; --'";
+        assert_eq!(check(text, false), None);
+        assert!(check(text, true).is_some());
+        assert!(
+            session.allowed.is_empty(),
+            "cleared when the setting changed"
+        );
+    }
+
+    #[test]
+    fn session_verdicts_stay_bounded() {
+        let mut session = SessionVerdicts::default();
+        for i in 0..10_000 {
+            session.remember(format!("SELECT * FROM t{i}").into());
+        }
+        session.remember("x".repeat(SESSION_VERDICT_BYTES + 1).into());
+        assert!(session.bytes <= SESSION_VERDICT_BYTES);
+        assert!(session.allowed.iter().map(|t| t.len()).sum::<usize>() == session.bytes);
+        assert!(!session.allowed.is_empty());
     }
 }
