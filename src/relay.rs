@@ -168,11 +168,16 @@ struct PollWhenWoken<F> {
     inner: std::pin::Pin<Box<F>>,
     gate: std::sync::Arc<Gate>,
     waker: std::task::Waker,
+    /// The task's waker as last registered with the gate.
+    registered: Option<std::task::Waker>,
 }
 
 struct Gate {
     woken: AtomicBool,
-    task: atomic_waker::AtomicWaker,
+    /// The waker of the task that polls the gate. Kept, not taken, by a wake: the task
+    /// registers it once, and the gate may fire many times (shutdown's ticks, the idle
+    /// timer).
+    task: Mutex<Option<std::task::Waker>>,
 }
 
 impl std::task::Wake for Gate {
@@ -182,7 +187,10 @@ impl std::task::Wake for Gate {
 
     fn wake_by_ref(self: &std::sync::Arc<Self>) {
         self.woken.store(true, Ordering::Release);
-        self.task.wake();
+        let task = self.task.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(task) = task.as_ref() {
+            task.wake_by_ref();
+        }
     }
 }
 
@@ -190,12 +198,13 @@ impl<F: std::future::Future> PollWhenWoken<F> {
     fn new(inner: F) -> Self {
         let gate = std::sync::Arc::new(Gate {
             woken: AtomicBool::new(true),
-            task: atomic_waker::AtomicWaker::new(),
+            task: Mutex::new(None),
         });
         PollWhenWoken {
             inner: Box::pin(inner),
             waker: std::task::Waker::from(gate.clone()),
             gate,
+            registered: None,
         }
     }
 }
@@ -207,8 +216,16 @@ impl<F: std::future::Future> std::future::Future for PollWhenWoken<F> {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<F::Output> {
-        // Register first: a wake after the check below then wakes this task again.
-        self.gate.task.register(cx.waker());
+        // Register first: a wake after the check below then wakes this task again. A
+        // task's waker rarely changes; comparing it is cheaper than registering it.
+        if !self
+            .registered
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            *self.gate.task.lock().unwrap_or_else(|p| p.into_inner()) = Some(cx.waker().clone());
+            self.registered = Some(cx.waker().clone());
+        }
         if !self.gate.woken.load(Ordering::Relaxed)
             || !self.gate.woken.swap(false, Ordering::Acquire)
         {
@@ -807,28 +824,49 @@ mod tests {
         }
     }
 
-    /// The gated future is polled once to start, then only when its own waker fires,
-    /// however often the task around it is polled; and it still completes.
-    #[tokio::test]
-    async fn gated_future_is_polled_only_when_woken() {
+    /// The gated future is polled once to start, then once per wake of its own, however
+    /// often the task around it is polled; every such wake reaches the task.
+    #[test]
+    fn gated_future_is_polled_only_when_woken() {
+        struct CountingWaker(std::sync::atomic::AtomicUsize);
+        impl std::task::Wake for CountingWaker {
+            fn wake(self: std::sync::Arc<Self>) {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let task = std::sync::Arc::new(CountingWaker(Default::default()));
+        let task_waker = std::task::Waker::from(task.clone());
+        let mut cx = std::task::Context::from_waker(&task_waker);
         let polls = std::sync::atomic::AtomicUsize::new(0);
-        let (tx, mut rx) = tokio::sync::oneshot::channel::<u8>();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<u8>();
+        // Ends when it receives 3; anything else it takes and waits on.
         let mut gated = std::pin::pin!(PollWhenWoken::new(std::future::poll_fn(|cx| {
             polls.fetch_add(1, Ordering::Relaxed);
-            std::pin::Pin::new(&mut rx).poll(cx)
+            while let std::task::Poll::Ready(got) = rx.poll_recv(cx) {
+                if got == Some(3) {
+                    return std::task::Poll::Ready(());
+                }
+            }
+            std::task::Poll::Pending
         })));
-        let waker = std::task::Waker::noop();
-        let mut cx = std::task::Context::from_waker(waker);
         for _ in 0..5 {
             assert!(gated.as_mut().poll(&mut cx).is_pending());
         }
         assert_eq!(polls.load(Ordering::Relaxed), 1);
-        assert!(tx.send(7).is_ok());
-        assert!(matches!(
-            gated.as_mut().poll(&mut cx),
-            std::task::Poll::Ready(Ok(7))
-        ));
-        assert_eq!(polls.load(Ordering::Relaxed), 2);
+        for (round, value) in [1u8, 2].into_iter().enumerate() {
+            assert!(tx.send(value).is_ok());
+            assert_eq!(
+                task.0.load(Ordering::Relaxed),
+                round + 1,
+                "the task was woken"
+            );
+            for _ in 0..3 {
+                assert!(gated.as_mut().poll(&mut cx).is_pending());
+            }
+            assert_eq!(polls.load(Ordering::Relaxed), round + 2);
+        }
+        assert!(tx.send(3).is_ok());
+        assert!(gated.as_mut().poll(&mut cx).is_ready());
     }
 
     #[test]
