@@ -7,7 +7,9 @@ private cluster in a temp dir; nothing is left behind.
 Environment: DURATION (seconds per run, default 10), ROUNDS (default 3), SCALE (default 10),
 IDLE_CLIENTS (default 1000), SCENARIOS and TARGETS (comma lists, default all), BASELINE (path to another
 rolegate binary, e.g. one built from main before a change: it joins the alternation as
-"baseline" with the same config, so a change is measured against its parent in one run).
+"baseline" with the same config, so a change is measured against its parent in one run),
+CALLGRIND (transactions per client: instead of the timed runs, count each proxy's user-space
+instructions per transaction under valgrind's callgrind; see count_instructions).
 """
 import os
 import shutil
@@ -25,6 +27,7 @@ ROUNDS = int(os.environ.get("ROUNDS", "3"))
 SCALE = int(os.environ.get("SCALE", "10"))
 IDLE_CLIENTS = int(os.environ.get("IDLE_CLIENTS", "1000"))
 BASELINE = os.environ.get("BASELINE")
+CALLGRIND = int(os.environ.get("CALLGRIND", "0"))
 AS_ROOT = os.geteuid() == 0
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -89,6 +92,97 @@ def rss_kib(pid):
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     return 0
+
+
+def callgrind_dump(pid, work, name):
+    """Has callgrind write the counts since its last dump; returns their instruction total."""
+    before = set(os.listdir(work))
+    control = ["callgrind_control", "--dump", str(pid)]
+    # vgdb finds a process by its user: ask as the user PgBouncer runs as.
+    run(as_postgres(control) if name == "pgbouncer" else control)
+    for _ in range(100):
+        new = [f for f in set(os.listdir(work)) - before if f.startswith(f"cg.{name}")]
+        if new:
+            time.sleep(0.5)  # let the dump finish
+            with open(f"{work}/{new[0]}") as f:
+                for line in f:
+                    if line.startswith(("summary:", "totals:")):
+                        return int(line.split()[1])
+        time.sleep(0.2)
+    sys.exit(f"callgrind wrote no dump for {name}")
+
+
+def count_instructions(bindir, work, rg_config, pg_port, login_password, rg_listen):
+    """User-space instructions per transaction of rolegate, PgBouncer and the bare relay.
+
+    Each runs under callgrind, whose counts are the same for the same binaries and
+    inputs however busy the machine is (the timed runs are not). pgbench runs a short and
+    a long run against each; the difference of their counts over the difference of their
+    transactions is the cost of a transaction, without connection setup. Kernel time
+    (most of a proxy's CPU on loopback) is not in these numbers.
+    """
+    rg_port, pb_port, bare_port = (free_port() for _ in range(3))
+    with open(f"{work}/callgrind.toml", "w") as f:
+        f.write(rg_config.replace(rg_listen, f'listen = "127.0.0.1:{rg_port}"'))
+    with open(f"{work}/pgbouncer.ini") as f:
+        ini = f.read()
+    with open(f"{work}/callgrind-pgbouncer.ini", "w") as f:
+        f.write("\n".join(f"listen_port = {pb_port}" if l.startswith("listen_port") else l
+                          for l in ini.splitlines()) + "\n")
+    if AS_ROOT:
+        run(["chown", "-R", "postgres:postgres", work])
+    grind = lambda name: ["valgrind", "--tool=callgrind", "--dump-instr=no",
+                          f"--callgrind-out-file={work}/cg.{name}.%p"]
+    procs = [
+        subprocess.Popen(grind("rolegate") + [f"{ROOT}/target/release/rolegate", "serve", "--config",
+                                              f"{work}/callgrind.toml"],
+                         stderr=subprocess.DEVNULL, env=dict(os.environ, ROLEGATE_LOG="warn")),
+        subprocess.Popen(as_postgres(grind("pgbouncer") + ["pgbouncer", f"{work}/callgrind-pgbouncer.ini"]),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+        subprocess.Popen(grind("bare") + [f"{ROOT}/target/release/examples/bare_relay",
+                                          f"127.0.0.1:{bare_port}", f"127.0.0.1:{pg_port}"],
+                         stderr=subprocess.DEVNULL),
+    ]
+    try:
+        for port in (rg_port, pb_port, bare_port):
+            wait_port(port, timeout=120)
+        pb_pid = int(run(["pgrep", "-f", f"callgrind-pgbouncer.ini"]).stdout.split()[-1])
+        targets = {
+            "rolegate": (rg_port, "bench", "bench", procs[0].pid, "rolegate"),
+            "pgbouncer": (pb_port, "bench", "bench", pb_pid, "pgbouncer"),
+            "bare relay": (bare_port, "bench_login_0001", login_password, procs[2].pid, "bare"),
+        }
+        short, long = max(CALLGRIND // 10, 1), CALLGRIND
+        print(f"\nuser-space instructions per transaction (callgrind; 20 clients, "
+              f"{20 * (long - short):,} transactions counted)\n")
+        print("| scenario | target | instructions / tx | vs PgBouncer | vs bare relay |")
+        print("|" + "---|" * 5)
+        for mode in ("simple", "extended", "prepared"):
+            counts = {}
+            for target, (port, user, password, pid, name) in targets.items():
+                runs = []
+                # The first run is a warm-up, as long as the long one: first-time work
+                # (parsing a new statement, PgBouncer filling its pool) must not land in only
+                # one of the two runs counted.
+                callgrind_dump(pid, work, name)  # start from zero
+                for txs in (long, short, long):
+                    run([f"{bindir}/pgbench", "-n", "-S", "-M", mode, "-c", "20", "-j", "2", "-t", str(txs),
+                         "-h", "127.0.0.1", "-p", str(port), "-U", user, "bench"],
+                        env=dict(os.environ, PGPASSWORD=password))
+                    runs.append(callgrind_dump(pid, work, name))
+                counts[target] = (runs[2] - runs[1]) / (20 * (long - short))
+            for target, n in counts.items():
+                vs_pb = f"{n / counts['pgbouncer']:.2f}x" if target == "rolegate" else ""
+                vs_bare = f"{n / counts['bare relay']:.2f}x" if target == "rolegate" else ""
+                print(f"| select {mode} c20 | {target} | {n:,.0f} | {vs_pb} | {vs_bare} |")
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
 
 
 def main():
@@ -196,6 +290,10 @@ logfile = {work}/pgbouncer.log
         }
         if BASELINE:
             targets["baseline"] = (base_port, "bench", "bench", base.pid)
+        if CALLGRIND:
+            count_instructions(bindir, work, config, pg_port, login_password,
+                               f'listen = "127.0.0.1:{rg_port}"')
+            return
         scenarios = [
             ("select simple c1", ["-S", "-M", "simple", "-c", "1", "-j", "1"]),
             ("select simple c20", ["-S", "-M", "simple", "-c", "20", "-j", "2"]),

@@ -1,9 +1,10 @@
 //! The policy verdict, the one piece of work rolegate adds per statement:
-//! a cached hit, an uncached short statement, an uncached 2 KB ORM statement.
+//! a cached hit (shared cache, and a session's own memory), an uncached short statement,
+//! an uncached 2 KB ORM statement.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use rolegate::config::{ClientClass, PolicyConfig};
-use rolegate::policy::{classify, Policy, Requester};
+use rolegate::policy::{classify, Policy, Requester, SessionVerdicts};
 
 fn orm_statement() -> String {
     let columns: Vec<String> = (0..60)
@@ -37,6 +38,19 @@ fn verdicts(c: &mut Criterion) {
             aid += 1;
             let sql = format!("SELECT abalance FROM pgbench_accounts WHERE aid = {aid};");
             policy.check(&who, black_box(sql.as_bytes()), true, None)
+        })
+    });
+    // What the relay does: judged in a session that sent these before, so the verdict
+    // comes from the session's own memory, not from the cache all sessions share.
+    let mut session = SessionVerdicts::default();
+    c.bench_function("verdict/cached_in_session", |b| {
+        b.iter(|| policy.check(&who, black_box(short.as_bytes()), true, Some(&mut session)))
+    });
+    c.bench_function("verdict/new_literal_in_session", |b| {
+        b.iter(|| {
+            aid += 1;
+            let sql = format!("SELECT abalance FROM pgbench_accounts WHERE aid = {aid};");
+            policy.check(&who, black_box(sql.as_bytes()), true, Some(&mut session))
         })
     });
     // The same with a string in it: the numbers are found by pg_query's scanner.
