@@ -94,6 +94,17 @@ def rss_kib(pid):
     return 0
 
 
+def stop_all(procs, timeout):
+    """SIGTERM to every process, then wait for each; kill what does not end in time."""
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 def callgrind_dump(pid, work, name):
     """Has callgrind write the counts since its last dump; returns their instruction total."""
     before = set(os.listdir(work))
@@ -176,13 +187,7 @@ def count_instructions(bindir, work, rg_config, pg_port, login_password, rg_list
                 vs_bare = f"{n / counts['bare relay']:.2f}x" if target == "rolegate" else ""
                 print(f"| select {mode} c20 | {target} | {n:,.0f} | {vs_pb} | {vs_bare} |")
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs, timeout=30)  # valgrind writes its last dump on the way out
 
 
 def main():
@@ -370,13 +375,7 @@ logfile = {work}/pgbouncer.log
         for c in conns:
             c.close()
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs, timeout=10)
         subprocess.run(as_postgres([f"{bindir}/pg_ctl", "-D", f"{work}/data", "-m", "immediate", "stop"]),
                        capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
