@@ -194,6 +194,7 @@ impl ClassificationCache {
     }
 
     pub fn get_or_classify(&self, sql: &str, scs: bool) -> Arc<Classification> {
+        // A text without numbers is stored as itself: found here without computing a key.
         if let Some(hit) = self.maps[usize::from(scs)].get(sql) {
             return hit.clone();
         }
@@ -201,34 +202,23 @@ impl ClassificationCache {
         // entry: `... WHERE aid = 17` and `... WHERE aid = 42` are parsed once. Only with
         // standard_conforming_strings on, the one setting pg_query's scanner knows.
         let key = if scs { numeric_literal_key(sql) } else { None };
-        self.get_by_key_or_classify(sql, scs, key.as_deref())
+        self.get_or_classify_keyed(sql, scs, key.as_deref())
     }
 
     /// [`Self::get_or_classify`] for a caller that has the numeric-constant key already.
+    /// The entry is stored under the key when there is one, else under the text.
     fn get_or_classify_keyed(
         &self,
         sql: &str,
         scs: bool,
         key: Option<&str>,
     ) -> Arc<Classification> {
-        if let Some(hit) = self.maps[usize::from(scs)].get(sql) {
-            return hit.clone();
-        }
-        self.get_by_key_or_classify(sql, scs, key)
-    }
-
-    fn get_by_key_or_classify(
-        &self,
-        sql: &str,
-        scs: bool,
-        key: Option<&str>,
-    ) -> Arc<Classification> {
         let map = &self.maps[usize::from(scs)];
-        if let Some(hit) = key.and_then(|k| map.get(k)) {
+        let key = key.unwrap_or(sql);
+        if let Some(hit) = map.get(key) {
             return hit.clone();
         }
         let classification = Arc::new(classify(sql, scs));
-        let key = key.unwrap_or(sql);
         if key.len() <= MAX_CACHED_STATEMENT && self.capacity > 0 {
             if self.entries.load(Ordering::Relaxed) >= self.capacity {
                 self.evict();
