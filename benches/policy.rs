@@ -22,12 +22,13 @@ fn verdicts(c: &mut Criterion) {
         user: "web",
         class: ClientClass::App,
         allow: &[],
+        role: "owner",
     };
     let short = "SELECT abalance FROM pgbench_accounts WHERE aid = $1";
     let orm = orm_statement();
     assert!(orm.len() > 2000);
 
-    policy.check(&who, short.as_bytes(), true, None);
+    let _ = policy.check(&who, short.as_bytes(), true, None);
     c.bench_function("verdict/cached", |b| {
         b.iter(|| policy.check(&who, black_box(short.as_bytes()), true, None))
     });

@@ -50,12 +50,15 @@ fn relay(c: &mut Criterion) {
                 user: "bench",
                 class: ClientClass::App,
                 allow: &[],
+                role: "owner",
             },
             standard_conforming_strings: true,
             max_message_bytes: 1 << 30,
             idle_timeout: None,
             shutdown,
             metrics,
+            large_objects: Box::leak(Box::default()),
+            restore_sql: "SET ROLE owner",
         };
         run_io(client_proxy, server_proxy, &ctx).await
     });

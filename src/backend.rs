@@ -122,13 +122,45 @@ pub struct BackendSession {
     pub parameter_status: Vec<(String, Bytes)>,
 }
 
-/// Connects as `login`, forwards the client's startup `params`, then runs `setup_sql`
-/// (`SET ROLE …`) and returns only if all of it succeeded.
+/// Where a backend session must stay for its client: the role, and read-only mode for
+/// readonly clients.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionRole<'a> {
+    pub role: &'a str,
+    pub read_only: bool,
+}
+
+impl SessionRole<'_> {
+    /// Startup settings: what the server starts the session with is also what every
+    /// reset returns to (`RESET ROLE`, `RESET ALL`, `DISCARD ALL`), so a driver's session
+    /// reset cannot take the session out of its role or out of read-only mode.
+    fn startup_settings(&self) -> Vec<(&str, &str)> {
+        let mut settings = vec![("role", self.role)];
+        if self.read_only {
+            settings.push(("default_transaction_read_only", "on"));
+        }
+        settings
+    }
+
+    /// Run before the client sees the session: the role again, explicitly, so that the
+    /// session is proved to be in it whatever the server did with the startup settings.
+    pub fn setup_sql(&self) -> String {
+        let mut sql = format!("SET ROLE {}", quote_ident(self.role));
+        if self.read_only {
+            sql.push_str("; SET default_transaction_read_only = on");
+        }
+        sql
+    }
+}
+
+/// Connects as `login`, forwards the client's startup `params`, starts the session in
+/// `session`'s role (startup settings, then `SET ROLE …`) and returns only if all of it
+/// succeeded.
 pub async fn connect(
     target: &BackendTarget,
     login: &LoginCredential,
     params: &[(String, String)],
-    setup_sql: &str,
+    session_role: SessionRole<'_>,
 ) -> Result<BackendSession, BackendError> {
     let addr = target.addr();
     let mut stream = tokio::time::timeout(target.connect_timeout, async {
@@ -149,6 +181,7 @@ pub async fn connect(
         ("database", target.database.as_str()),
     ];
     startup.extend(params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    startup.extend(session_role.startup_settings());
     let mut out = BytesMut::new();
     wire::put_startup(&mut out, &startup);
     stream.write_all(&out).await.map_err(WireError::Io)?;
@@ -163,15 +196,19 @@ pub async fn connect(
     };
     read_until_ready(&mut session).await?;
 
-    let mut query = BytesMut::new();
-    wire::put_query(&mut query, setup_sql);
-    session
-        .stream
-        .write_all(&query)
-        .await
-        .map_err(WireError::Io)?;
-    read_until_ready(&mut session).await?;
+    session.query(&session_role.setup_sql()).await?;
     Ok(session)
+}
+
+impl BackendSession {
+    /// Runs `sql` (simple protocol) before the session is handed to a client; returns
+    /// the text values of its rows.
+    pub async fn query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, BackendError> {
+        let mut query = BytesMut::new();
+        wire::put_query(&mut query, sql);
+        self.stream.write_all(&query).await.map_err(WireError::Io)?;
+        read_until_ready(self).await
+    }
 }
 
 /// Proves that `login` opens a session and can take `owner_role`: the check a new
@@ -181,8 +218,11 @@ pub async fn prove_login(
     login: &LoginCredential,
     owner_role: &str,
 ) -> Result<(), BackendError> {
-    let setup = format!("SET ROLE {}", quote_ident(owner_role));
-    connect(target, login, &[], &setup).await.map(drop)
+    let role = SessionRole {
+        role: owner_role,
+        read_only: false,
+    };
+    connect(target, login, &[], role).await.map(drop)
 }
 
 async fn negotiate_tls(
@@ -289,9 +329,12 @@ async fn authenticate(
 }
 
 /// Reads the server's messages up to ReadyForQuery, keeping ParameterStatus and
-/// BackendKeyData, failing on any ErrorResponse.
-async fn read_until_ready(session: &mut BackendSession) -> Result<(), BackendError> {
+/// BackendKeyData and the text values of DataRows, failing on any ErrorResponse.
+async fn read_until_ready(
+    session: &mut BackendSession,
+) -> Result<Vec<Vec<Option<String>>>, BackendError> {
     let mut error = None;
+    let mut rows = Vec::new();
     loop {
         let (tag, body) = wire::read_message(&mut session.stream, MAX_SETUP_MESSAGE).await?;
         match tag {
@@ -319,16 +362,36 @@ async fn read_until_ready(session: &mut BackendSession) -> Result<(), BackendErr
                 session.secret = body.get_i32();
             }
             b'E' => error = Some(wire::error_fields(&body)),
+            b'D' => rows.push(data_row(&body).ok_or(WireError::Malformed("DataRow"))?),
             b'Z' => {
                 return match error {
                     Some(fields) => Err(BackendError::Server(fields)),
-                    None => Ok(()),
+                    None => Ok(rows),
                 }
             }
             // CommandComplete of the setup SQL, notices.
             _ => {}
         }
     }
+}
+
+/// The values of a DataRow in text format.
+fn data_row(mut body: &[u8]) -> Option<Vec<Option<String>>> {
+    let count = i16::from_be_bytes(body.get(..2)?.try_into().ok()?);
+    body = &body[2..];
+    let mut values = Vec::with_capacity(count.max(0) as usize);
+    for _ in 0..count {
+        let len = i32::from_be_bytes(body.get(..4)?.try_into().ok()?);
+        body = &body[4..];
+        if len < 0 {
+            values.push(None);
+        } else {
+            let value = body.get(..len as usize)?;
+            values.push(Some(String::from_utf8_lossy(value).into_owned()));
+            body = &body[len as usize..];
+        }
+    }
+    Some(values)
 }
 
 /// Sends a CancelRequest for backend `pid`/`secret` on a fresh connection, as PostgreSQL

@@ -47,6 +47,8 @@ pub struct Proxy {
     /// Present in managed rotation mode.
     pub rotator: Option<Arc<Rotator>>,
     pub cancel_keys: Arc<CancelKeys>,
+    /// The server's large-object functions, looked up by the first session.
+    pub large_objects: std::sync::OnceLock<crate::policy::fastpath::LargeObjectFunctions>,
     pub metrics: Arc<Metrics>,
     /// Client connections open, in any state.
     pub open_connections: std::sync::atomic::AtomicUsize,
@@ -112,6 +114,7 @@ impl Proxy {
             rotator: None,
             credentials: Arc::new(CredentialStore::new(login)),
             cancel_keys: Arc::new(CancelKeys::default()),
+            large_objects: std::sync::OnceLock::new(),
             metrics: Arc::new(Metrics::default()),
             open_connections: std::sync::atomic::AtomicUsize::new(0),
             shutdown: tokio::sync::watch::channel(false).0,
@@ -186,11 +189,14 @@ pub struct CancelKeys {
 }
 
 impl CancelKeys {
-    /// Hands out a fresh (pid, secret) for `target`; dropping the guard forgets it.
+    /// Hands out a key for `target`: the backend's real process id, so that what a
+    /// driver reports agrees with `pg_stat_activity`, `pg_terminate_backend` and the pids
+    /// in notifications, and a secret of rolegate's own (the backend's never leaves
+    /// rolegate). Dropping the guard forgets it.
     pub fn register(self: &Arc<Self>, target: CancelTarget) -> CancelKeyGuard {
         let mut rng = rand::thread_rng();
         loop {
-            let key = (rng.gen_range(1..i32::MAX), rng.gen::<i32>());
+            let key = (target.pid, rng.gen::<i32>());
             if let dashmap::Entry::Vacant(slot) = self.keys.entry(key) {
                 slot.insert(target);
                 return CancelKeyGuard {

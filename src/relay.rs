@@ -22,6 +22,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::metrics::{DirectionLabel, Metrics, RefusalLabels};
+use crate::policy::fastpath::LargeObjectFunctions;
 use crate::policy::{Policy, Refusal, Requester, SessionVerdicts};
 use crate::tls::MaybeTls;
 use crate::wire::{self, ErrorFields, WireError};
@@ -42,6 +43,10 @@ pub struct RelayContext<'a> {
     /// Becomes true when rolegate shuts down: the session ends at its next idle moment.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     pub metrics: &'a Metrics,
+    /// The server's large-object functions: the only ones FunctionCall may call.
+    pub large_objects: &'a LargeObjectFunctions,
+    /// Puts the session back into its role (and read-only mode) after DISCARD ALL.
+    pub restore_sql: &'a str,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -70,6 +75,10 @@ pub enum RelayEnd {
     Shutdown,
     #[error("ended after idle_client_timeout")]
     IdleTimeout,
+    #[error("the session's role could not be set again after DISCARD ALL")]
+    RoleLost,
+    #[error("the server reported a client_encoding rolegate cannot judge statements in")]
+    UnsupportedEncoding,
 }
 
 /// A refusal waiting for the server's syntax error that carries its marker.
@@ -92,6 +101,11 @@ struct Shared {
     /// Milliseconds since `started` of the last bytes from the client.
     last_client_activity_ms: AtomicU64,
     started: Instant,
+    /// The ReadyForQuery numbers that answer rolegate's own queries (the role set again
+    /// after DISCARD ALL): everything the server sends for them stays with rolegate.
+    own_queries: Mutex<VecDeque<u64>>,
+    /// Whether `own_queries` may be non-empty: read per message, so no lock then.
+    has_own_queries: AtomicBool,
 }
 
 impl Shared {
@@ -104,7 +118,13 @@ impl Shared {
             status: AtomicU8::new(b'I'),
             last_client_activity_ms: AtomicU64::new(0),
             started: Instant::now(),
+            own_queries: Mutex::new(VecDeque::new()),
+            has_own_queries: AtomicBool::new(false),
         }
+    }
+
+    fn own_queries(&self) -> std::sync::MutexGuard<'_, VecDeque<u64>> {
+        self.own_queries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Nothing in flight and no transaction open: ending the session now loses nothing.
@@ -309,6 +329,9 @@ where
             "08P01",
             format!("rolegate: invalid message from client: {e}"),
         )),
+        RelayEnd::RoleLost | RelayEnd::UnsupportedEncoding => {
+            Some(("08006", format!("rolegate: terminating connection: {end}")))
+        }
         _ => None,
     };
     if let Some((code, message)) = fatal {
@@ -354,6 +377,10 @@ struct Upstream<'a> {
     bytes_counter: crate::metrics::ShardedCounter,
     refused: u64,
     verdicts: SessionVerdicts,
+    /// Prepared statements whose Bind needs a look (rare; empty for most sessions).
+    statement_checks: std::collections::HashMap<Vec<u8>, StatementCheck>,
+    /// A DISCARD ALL was bound in the current extended-protocol batch.
+    discard_all_in_batch: bool,
 }
 
 impl<'a> Upstream<'a> {
@@ -376,6 +403,8 @@ impl<'a> Upstream<'a> {
                 .clone(),
             refused: 0,
             verdicts: SessionVerdicts::default(),
+            statement_checks: Default::default(),
+            discard_all_in_batch: false,
         }
     }
 
@@ -447,7 +476,11 @@ impl<'a> Upstream<'a> {
         while let Some((tag, len)) = wire::peek_header(&self.buf[pos..]) {
             let size = wire::frame_size(len, self.ctx.max_message_bytes)?;
             let available = self.buf.len() - pos;
-            let judged = matches!(tag, b'Q' | b'P' | b'F');
+            // Bind and Close are read only while a statement needs a look at its Bind
+            // (rare): everything else of the extended protocol passes by its header.
+            let judged = matches!(tag, b'Q' | b'P' | b'F')
+                || (matches!(tag, b'B' | b'C')
+                    && (!self.statement_checks.is_empty() || self.discard_all_in_batch));
             if !judged {
                 if available < size {
                     self.passthrough = size - available;
@@ -456,44 +489,67 @@ impl<'a> Upstream<'a> {
                 }
                 pos += size;
                 match tag {
-                    b'S' => self.sync_points += 1,
+                    b'S' => {
+                        self.sync_points += 1;
+                        if std::mem::take(&mut self.discard_all_in_batch) {
+                            self.restore_role_after(pos, shared);
+                            pos = 0;
+                        }
+                    }
                     b'X' => return Ok((pos, true)),
                     _ => {}
                 }
                 continue;
             }
             // A statement longer than the policy judges is refused without buffering it.
-            let oversized = size - 5 > self.ctx.policy.max_statement_bytes() + 1024;
+            let oversized = matches!(tag, b'Q' | b'P')
+                && size - 5 > self.ctx.policy.max_statement_bytes() + 1024;
             if available < size && !oversized {
                 break;
             }
-            let refusal = if oversized {
-                Some(oversized_refusal(size - 5))
+            let decision = if oversized {
+                Decision::Refuse(oversized_refusal(size - 5))
             } else {
-                judge(
-                    self.ctx,
-                    &mut self.verdicts,
-                    tag,
-                    &self.buf[pos..pos + size],
-                    shared,
-                )
+                self.decide(tag, pos, size, shared)
             };
-            match refusal {
-                None => {
+            match decision {
+                Decision::Forward { restore_role } => {
                     pos += size;
-                    if tag != b'P' {
+                    if matches!(tag, b'Q' | b'F') {
                         self.sync_points += 1;
                     }
+                    if restore_role {
+                        self.restore_role_after(pos, shared);
+                        pos = 0;
+                    }
                 }
-                Some(refusal) => {
+                Decision::Replace {
+                    frame,
+                    restore_role,
+                } => {
+                    self.out.extend_from_slice(&self.buf[..pos]);
+                    self.out.extend_from_slice(&frame);
+                    self.buf.advance(pos + size);
+                    pos = 0;
+                    if tag == b'Q' {
+                        self.sync_points += 1;
+                    }
+                    if restore_role {
+                        self.restore_role_after(0, shared);
+                    }
+                }
+                Decision::Refuse(refusal) => {
                     // Everything before the refused frame goes out first, via `out`.
                     self.out.extend_from_slice(&self.buf[..pos]);
-                    let name = if tag == b'P' {
-                        parse_statement_name(&self.buf[pos + 5..pos + size.min(available)])
-                    } else {
-                        None
+                    let stand_in = match tag {
+                        b'P' => StandIn::Parse(
+                            parse_statement_name(&self.buf[pos + 5..pos + size.min(available)])
+                                .unwrap_or_default(),
+                        ),
+                        b'B' | b'C' => StandIn::OwnParse,
+                        _ => StandIn::Query,
                     };
-                    self.substitute(tag, name.as_deref(), &refusal, shared);
+                    self.substitute(stand_in, &refusal, shared);
                     let consumed = size.min(available);
                     self.discard = size - consumed;
                     self.buf.advance(pos + consumed);
@@ -504,8 +560,147 @@ impl<'a> Upstream<'a> {
         Ok((pos, false))
     }
 
+    /// The verdict on one complete Query, Parse, FunctionCall, Bind or Close frame at
+    /// `pos`, and what it means for the session's bookkeeping.
+    fn decide(&mut self, tag: u8, pos: usize, size: usize, shared: &Shared) -> Decision {
+        let frame = &self.buf[pos..pos + size];
+        let body = &frame[5..];
+        if self.discard_all_in_batch && tag != b'C' {
+            // After DISCARD ALL nothing may run before the role is set again (at Sync).
+            return Decision::Refuse(Refusal {
+                code: "25001",
+                message: "DISCARD ALL cannot be executed within a pipeline".into(),
+                hint: Some("Send Sync right after the Execute of DISCARD ALL.".into()),
+                kind: "DISCARD ALL".into(),
+                leaves_owner_role: true,
+            });
+        }
+        const FORWARD: Decision = Decision::Forward {
+            restore_role: false,
+        };
+        match tag {
+            b'F' => {
+                let refusal = crate::policy::fastpath::judge(
+                    self.ctx.requester.class,
+                    self.ctx.large_objects,
+                    body,
+                )
+                .err()
+                .and_then(|r| self.ctx.policy.audit(&self.ctx.requester, b"", r));
+                refusal.map_or(FORWARD, Decision::Refuse)
+            }
+            b'C' => {
+                if let Some(name) = body.strip_prefix(b"S").and_then(|n| n.strip_suffix(&[0])) {
+                    self.statement_checks.remove(name);
+                }
+                FORWARD
+            }
+            b'B' => {
+                let Some(BindParts { statement, params }) = bind_parts(body) else {
+                    return Decision::Refuse(malformed_refusal("Bind"));
+                };
+                match self.statement_checks.get(statement) {
+                    Some(StatementCheck::DiscardAll) => {
+                        self.discard_all_in_batch = true;
+                        FORWARD
+                    }
+                    Some(StatementCheck::BoundSettingNames(numbers)) => {
+                        for n in numbers {
+                            // NULL or missing: the server refuses it itself ("SET
+                            // requires parameter name", or a parameter count mismatch).
+                            let Some(Some(name)) = params.get(usize::from(*n) - 1) else {
+                                continue;
+                            };
+                            if let Some(refusal) = self
+                                .ctx
+                                .policy
+                                .check_bound_setting(&self.ctx.requester, name)
+                            {
+                                return Decision::Refuse(refusal);
+                            }
+                        }
+                        FORWARD
+                    }
+                    None => FORWARD,
+                }
+            }
+            _ => self.decide_statement(tag, pos, size, shared),
+        }
+    }
+
+    /// A Query or Parse: the policy's verdict on its text.
+    fn decide_statement(&mut self, tag: u8, pos: usize, size: usize, shared: &Shared) -> Decision {
+        let body = &self.buf[pos + 5..pos + size];
+        let (name, sql, tail): (&[u8], &[u8], &[u8]) = match tag {
+            // A simple Query replaces the unnamed statement, as a Parse does.
+            b'Q' => (b"", body.strip_suffix(&[0]).unwrap_or(body), b""),
+            _ => match parse_parts(body) {
+                Some(parts) => parts,
+                None => return Decision::Refuse(malformed_refusal("Parse")),
+            },
+        };
+        if sql.contains(&0) {
+            return Decision::Refuse(malformed_refusal("statement text with a NUL byte"));
+        }
+        let scs = shared.standard_conforming_strings.load(Ordering::Relaxed);
+        let pass =
+            match self
+                .ctx
+                .policy
+                .check(&self.ctx.requester, sql, scs, Some(&mut self.verdicts))
+            {
+                Ok(pass) => pass,
+                Err(refusal) => return Decision::Refuse(refusal),
+            };
+        let check = if pass.discard_all {
+            Some(StatementCheck::DiscardAll)
+        } else if !pass.bound_setting_names.is_empty() {
+            Some(StatementCheck::BoundSettingNames(pass.bound_setting_names))
+        } else {
+            None
+        };
+        match check {
+            Some(check) if tag == b'P' => {
+                self.statement_checks.insert(name.to_vec(), check);
+            }
+            _ if !self.statement_checks.is_empty() => {
+                self.statement_checks.remove(name);
+            }
+            _ => {}
+        }
+        let restore_role = tag == b'Q' && pass.discard_all;
+        let Some(text) = pass.rewritten else {
+            return Decision::Forward { restore_role };
+        };
+        let mut body = BytesMut::with_capacity(name.len() + text.len() + tail.len() + 2);
+        if tag == b'P' {
+            body.put_slice(name);
+            body.put_u8(0);
+        }
+        body.put_slice(&text);
+        body.put_u8(0);
+        body.put_slice(tail);
+        let mut frame = BytesMut::with_capacity(body.len() + 5);
+        wire::put_message(&mut frame, tag, &body);
+        Decision::Replace {
+            frame,
+            restore_role,
+        }
+    }
+
+    /// After DISCARD ALL (the frame that ends at `end`): the session's role is set again
+    /// by a query of rolegate's own, whose answer the client never sees.
+    fn restore_role_after(&mut self, end: usize, shared: &Shared) {
+        self.out.extend_from_slice(&self.buf[..end]);
+        self.buf.advance(end);
+        wire::put_query(&mut self.out, self.ctx.restore_sql);
+        self.sync_points += 1;
+        shared.own_queries().push_back(self.sync_points);
+        shared.has_own_queries.store(true, Ordering::Relaxed);
+    }
+
     /// Puts the stand-in for a refused frame into `out` and registers the refusal.
-    fn substitute(&mut self, tag: u8, name: Option<&[u8]>, refusal: &Refusal, shared: &Shared) {
+    fn substitute(&mut self, stand_in: StandIn, refusal: &Refusal, shared: &Shared) {
         self.next_marker += 1;
         self.refused += 1;
         self.ctx
@@ -517,24 +712,30 @@ impl<'a> Upstream<'a> {
             })
             .inc();
         let marker = format!("rolegate_refused_{}", self.next_marker);
-        let until_ready = if tag == b'P' {
-            // The server answers the batch's Sync, whenever it comes.
-            self.sync_points + 1
-        } else {
-            self.sync_points += 1;
-            self.sync_points
+        let parse_name = match stand_in {
+            StandIn::Parse(name) => Some(name),
+            // A name of rolegate's own, so the client's unnamed statement stays as it is.
+            StandIn::OwnParse => Some(marker.as_bytes().to_vec()),
+            StandIn::Query => None,
         };
-        if tag == b'P' {
-            let mut body = BytesMut::new();
-            body.put_slice(name.unwrap_or_default());
-            body.put_u8(0);
-            body.put_slice(marker.as_bytes());
-            body.put_u8(0);
-            body.put_i16(0);
-            wire::put_message(&mut self.out, b'P', &body);
-        } else {
-            wire::put_query(&mut self.out, &marker);
-        }
+        let until_ready = match &parse_name {
+            // The server answers the batch's Sync, whenever it comes.
+            Some(name) => {
+                let mut body = BytesMut::new();
+                body.put_slice(name);
+                body.put_u8(0);
+                body.put_slice(marker.as_bytes());
+                body.put_u8(0);
+                body.put_i16(0);
+                wire::put_message(&mut self.out, b'P', &body);
+                self.sync_points + 1
+            }
+            None => {
+                wire::put_query(&mut self.out, &marker);
+                self.sync_points += 1;
+                self.sync_points
+            }
+        };
         let mut error = BytesMut::new();
         let mut fields = ErrorFields::error(refusal.code, &refusal.message);
         fields.hint = refusal.hint.as_deref();
@@ -547,37 +748,36 @@ impl<'a> Upstream<'a> {
     }
 }
 
-/// The policy's verdict on a Query, Parse or FunctionCall frame (tag and length
-/// included).
-fn judge(
-    ctx: &RelayContext<'_>,
-    verdicts: &mut SessionVerdicts,
-    tag: u8,
-    frame: &[u8],
-    shared: &Shared,
-) -> Option<Refusal> {
-    let body = &frame[5..];
-    let sql = match tag {
-        b'Q' => body.strip_suffix(&[0]).unwrap_or(body),
-        b'P' => match parse_query_text(body) {
-            Some(sql) => sql,
-            None => return Some(malformed_refusal("Parse")),
-        },
-        _ => {
-            return Some(Refusal {
-                code: "42501",
-                message: "rolegate: the FunctionCall protocol message is not allowed".into(),
-                hint: Some("Call the function in a SELECT instead.".into()),
-                kind: "FunctionCall".into(),
-                leaves_owner_role: true,
-            })
-        }
-    };
-    if sql.contains(&0) {
-        return Some(malformed_refusal("statement text with a NUL byte"));
-    }
-    let scs = shared.standard_conforming_strings.load(Ordering::Relaxed);
-    ctx.policy.check(&ctx.requester, sql, scs, Some(verdicts))
+/// What happens to one judged client frame.
+enum Decision {
+    Forward {
+        restore_role: bool,
+    },
+    /// Send this frame instead (a statement rewritten to keep the role).
+    Replace {
+        frame: BytesMut,
+        restore_role: bool,
+    },
+    Refuse(Refusal),
+}
+
+/// What goes to the server in place of a refused frame: a statement that fails in the
+/// parser and carries the marker.
+enum StandIn {
+    /// A Parse under the client's statement name (the refused frame was that Parse).
+    Parse(Vec<u8>),
+    /// A Parse under a name of rolegate's own (the refused frame was a Bind or Close).
+    OwnParse,
+    /// A simple Query (the refused frame was a Query or FunctionCall).
+    Query,
+}
+
+/// A prepared statement whose Bind rolegate looks at.
+enum StatementCheck {
+    /// DISCARD ALL: nothing may follow its Execute before Sync.
+    DiscardAll,
+    /// `set_config`'s setting name comes from these parameters ($n).
+    BoundSettingNames(Vec<u16>),
 }
 
 fn oversized_refusal(len: usize) -> Refusal {
@@ -609,7 +809,13 @@ fn parse_statement_name(body: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// The query text of a Parse body, if the body is well formed.
+#[cfg(test)]
 fn parse_query_text(body: &[u8]) -> Option<&[u8]> {
+    parse_parts(body).map(|(_, sql, _)| sql)
+}
+
+/// A Parse body's statement name, query text and parameter-type tail, if well formed.
+fn parse_parts(body: &[u8]) -> Option<(&[u8], &[u8], &[u8])> {
     let name_end = body.iter().position(|&b| b == 0)?;
     let rest = &body[name_end + 1..];
     let query_end = rest.iter().position(|&b| b == 0)?;
@@ -622,7 +828,39 @@ fn parse_query_text(body: &[u8]) -> Option<&[u8]> {
     if count < 0 || tail.len() != 2 + 4 * count as usize {
         return None;
     }
-    Some(&rest[..query_end])
+    Some((&body[..name_end], &rest[..query_end], tail))
+}
+
+/// A Bind body's statement name and parameter values (`None` for NULL).
+struct BindParts<'a> {
+    statement: &'a [u8],
+    params: Vec<Option<&'a [u8]>>,
+}
+
+/// The parts of a Bind body, if it is well formed.
+fn bind_parts(body: &[u8]) -> Option<BindParts<'_>> {
+    let portal_end = body.iter().position(|&b| b == 0)?;
+    let rest = &body[portal_end + 1..];
+    let statement_end = rest.iter().position(|&b| b == 0)?;
+    let statement = &rest[..statement_end];
+    let mut rest = &rest[statement_end + 1..];
+    let mut take = |n: usize| -> Option<&[u8]> {
+        let (head, tail) = (rest.get(..n)?, rest.get(n..)?);
+        rest = tail;
+        Some(head)
+    };
+    let formats = i16::from_be_bytes(take(2)?.try_into().ok()?);
+    take(2 * usize::try_from(formats).ok()?)?;
+    let count = i16::from_be_bytes(take(2)?.try_into().ok()?);
+    let mut params = Vec::with_capacity(usize::try_from(count).ok()?);
+    for _ in 0..count {
+        let len = i32::from_be_bytes(take(4)?.try_into().ok()?);
+        params.push(match usize::try_from(len) {
+            Ok(len) => Some(take(len)?),
+            Err(_) => None,
+        });
+    }
+    Some(BindParts { statement, params })
 }
 
 /// Server → client.
@@ -633,6 +871,10 @@ struct Downstream {
     passthrough: usize,
     ready_count: u64,
     bytes: u64,
+    /// An ErrorResponse came for rolegate's own query now being answered.
+    own_query_failed: bool,
+    /// Why the session must end, found while scanning.
+    end: Option<RelayEnd>,
 }
 
 impl Downstream {
@@ -669,6 +911,9 @@ impl Downstream {
                 Ok(end) => end,
                 Err(e) => return RelayEnd::ServerProtocol(e),
             };
+            if let Some(reason) = self.end.take() {
+                return reason;
+            }
             let result = if self.out.is_empty() {
                 client.write_all(&self.buf[..end]).await
             } else {
@@ -691,13 +936,25 @@ impl Downstream {
             // The server is trusted to send sane lengths, but a bad one must not panic.
             let size = wire::frame_size(len, i32::MAX as usize)?;
             let available = self.buf.len() - pos;
-            let inspected = matches!(tag, b'Z' | b'S' | b'E');
+            // Notifications, notices and setting reports are the client's whoever caused
+            // them; everything else answering rolegate's own query is rolegate's.
+            let own = shared.has_own_queries.load(Ordering::Relaxed)
+                && !matches!(tag, b'A' | b'N' | b'S')
+                && shared.own_queries().front() == Some(&(self.ready_count + 1));
+            let inspected = own || matches!(tag, b'Z' | b'S' | b'E');
             if available < size {
                 if inspected {
                     break;
                 }
                 self.passthrough = size - available;
                 return Ok(self.buf.len());
+            }
+            if own {
+                self.own_reply(tag, pos, size, shared);
+                self.out.extend_from_slice(&self.buf[..pos]);
+                self.buf.advance(pos + size);
+                pos = 0;
+                continue;
             }
             match tag {
                 b'Z' => {
@@ -718,6 +975,16 @@ impl Downstream {
                         shared
                             .standard_conforming_strings
                             .store(value.starts_with(b"on"), Ordering::Relaxed);
+                    }
+                    // SET is judged before it is sent; this catches a change made where
+                    // rolegate does not look (inside a function).
+                    if let Some(value) = body.strip_prefix(b"client_encoding\0") {
+                        let value =
+                            String::from_utf8_lossy(value.strip_suffix(&[0]).unwrap_or(value));
+                        if crate::policy::unsupported_client_encoding(&value).is_some() {
+                            self.end = Some(RelayEnd::UnsupportedEncoding);
+                            return Ok(pos);
+                        }
                     }
                 }
                 b'E' => {
@@ -741,6 +1008,33 @@ impl Downstream {
         }
         Ok(pos)
     }
+
+    /// One message answering rolegate's own query (kept from the client). Its
+    /// ReadyForQuery counts like any other; a failure outside a transaction means the
+    /// role was not set again, and the session ends. (Inside a failed transaction it
+    /// fails harmlessly: DISCARD ALL itself was refused there.)
+    fn own_reply(&mut self, tag: u8, pos: usize, size: usize, shared: &Shared) {
+        match tag {
+            b'E' => self.own_query_failed = true,
+            b'Z' => {
+                self.ready_count += 1;
+                let status = if size == 6 { self.buf[pos + 5] } else { b'I' };
+                shared.status.store(status, Ordering::Relaxed);
+                shared
+                    .ready_received
+                    .store(self.ready_count, Ordering::Relaxed);
+                let mut own = shared.own_queries();
+                own.pop_front();
+                shared
+                    .has_own_queries
+                    .store(!own.is_empty(), Ordering::Relaxed);
+                if std::mem::take(&mut self.own_query_failed) && status != b'E' {
+                    self.end = Some(RelayEnd::RoleLost);
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -763,12 +1057,15 @@ mod tests {
                 user: "prop",
                 class: crate::config::ClientClass::App,
                 allow: &[],
+                role: "owner",
             },
             standard_conforming_strings: true,
             max_message_bytes: 1 << 16,
             idle_timeout: None,
             shutdown,
             metrics: &metrics,
+            large_objects: &Default::default(),
+            restore_sql: "SET ROLE owner",
         };
         let shared = Shared::new(true);
         let mut up = Upstream::new(&ctx);

@@ -9,13 +9,13 @@ use pgwire::messages::startup::Authentication;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::backend;
+use crate::backend::{self, BackendError, BackendSession, SessionRole};
 use crate::config::{BackendConfig, ClientClass};
 use crate::metrics::ClassLabel;
+use crate::policy::fastpath::{self, LargeObjectFunctions};
 use crate::policy::Requester;
 use crate::proxy::{CancelTarget, Proxy};
 use crate::relay::{self, RelayContext};
-use crate::sql::quote_ident;
 use crate::startup::{self, ClientIdentity, Opening, StartupError};
 use crate::tls::MaybeTls;
 use crate::wire::{self, ErrorFields, WireError};
@@ -67,6 +67,51 @@ pub async fn run(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
     }
 }
 
+static EMPTY_LARGE_OBJECTS: std::sync::LazyLock<LargeObjectFunctions> =
+    std::sync::LazyLock::new(LargeObjectFunctions::default);
+
+/// The first session asks the server for its large-object functions' OIDs (FunctionCall
+/// names functions by OID); they are the same for every session of the server.
+async fn large_object_functions(
+    proxy: &Proxy,
+    backend: &mut BackendSession,
+) -> Result<(), BackendError> {
+    if proxy.large_objects.get().is_none() {
+        let rows = backend.query(fastpath::LOOKUP_SQL).await?;
+        let functions =
+            LargeObjectFunctions::from_rows(rows.iter().filter_map(|row| match row.as_slice() {
+                [Some(oid), Some(name)] => Some((oid.as_str(), name.as_str())),
+                _ => None,
+            }));
+        let _ = proxy.large_objects.set(functions);
+    }
+    Ok(())
+}
+
+/// The server's `client_encoding` for the session must be one rolegate can judge
+/// statements in (the client's own choice was checked at startup; this catches a
+/// role's or database's default).
+fn judgeable_encoding(backend: &BackendSession) -> Result<(), BackendError> {
+    for (name, frame) in &backend.parameter_status {
+        if name != "client_encoding" {
+            continue;
+        }
+        let value = frame
+            .get(5 + name.len() + 1..frame.len().saturating_sub(1))
+            .unwrap_or_default();
+        if let Some(refusal) =
+            crate::policy::unsupported_client_encoding(&String::from_utf8_lossy(value))
+        {
+            return Err(BackendError::Server(vec![
+                (b'S', "FATAL".into()),
+                (b'C', refusal.code.into()),
+                (b'M', refusal.message),
+            ]));
+        }
+    }
+    Ok(())
+}
+
 /// Counts a connection as open for as long as it lives (shutdown waits for zero).
 struct OpenConnection<'a>(&'a Proxy);
 
@@ -87,18 +132,18 @@ impl Drop for OpenConnection<'_> {
     }
 }
 
-/// The SQL that puts a fresh backend session where the client's class needs it: the
-/// owner role (or, for app clients, the DML-only `app_role` when one is configured).
-pub fn session_setup_sql(backend: &BackendConfig, class: ClientClass) -> String {
+/// Where a backend session for a client of `class` must stay: the owner role (or, for
+/// app clients, the DML-only `app_role` when one is configured), read-only for readonly
+/// clients.
+pub fn session_role(backend: &BackendConfig, class: ClientClass) -> SessionRole<'_> {
     let role = match (&backend.app_role, class) {
         (Some(app_role), ClientClass::App) => app_role,
         _ => &backend.owner_role,
     };
-    let mut sql = format!("SET ROLE {}", quote_ident(role));
-    if class == ClientClass::Readonly {
-        sql.push_str("; SET default_transaction_read_only = on");
+    SessionRole {
+        role,
+        read_only: class == ClientClass::Readonly,
     }
-    sql
 }
 
 async fn serve(
@@ -112,17 +157,24 @@ async fn serve(
     let started = Instant::now();
     let config = proxy.config();
     let mut login = proxy.credentials.current();
-    let setup = session_setup_sql(&config.backend, identity.class);
-    let mut attempt = backend::connect(&proxy.backend, &login, &params, &setup).await;
+    let role = session_role(&config.backend, identity.class);
+    let mut attempt = backend::connect(&proxy.backend, &login, &params, role).await;
     if attempt.is_err() {
         // A rotation may have swapped (and disabled or dropped) the login while this
         // session was logging in with it: one more try with the new one.
         let current = proxy.credentials.current();
         if current.user != login.user {
             login = current;
-            attempt = backend::connect(&proxy.backend, &login, &params, &setup).await;
+            attempt = backend::connect(&proxy.backend, &login, &params, role).await;
         }
     }
+    let attempt = match attempt {
+        Ok(mut backend) => match large_object_functions(proxy, &mut backend).await {
+            Ok(()) => judgeable_encoding(&backend).map(|()| backend),
+            Err(e) => Err(e),
+        },
+        Err(e) => Err(e),
+    };
     let backend = match attempt {
         Ok(backend) => backend,
         Err(e) => {
@@ -180,6 +232,7 @@ async fn serve(
     );
 
     let policy = proxy.policy();
+    let restore_sql = role.setup_sql();
     let class_label = ClassLabel {
         class: identity.class.as_str().to_owned(),
     };
@@ -198,7 +251,10 @@ async fn serve(
             user: &identity.user,
             class: identity.class,
             allow: &identity.allow,
+            role: role.role,
         },
+        large_objects: proxy.large_objects.get().unwrap_or(&EMPTY_LARGE_OBJECTS),
+        restore_sql: &restore_sql,
         standard_conforming_strings,
         max_message_bytes: config.limits.max_message_bytes,
     };

@@ -282,18 +282,23 @@ async fn read_sasl_response(stream: &mut MaybeTls) -> Result<BytesMut, StartupEr
 fn check_settings(params: &[(String, String)], class: ClientClass) -> Result<(), StartupError> {
     for (name, value) in params {
         if name == "options" {
-            for setting in option_settings(value)? {
-                check_setting(&setting, class)?;
+            for (setting, value) in option_settings(value)? {
+                check_setting(&setting, &value, class)?;
             }
         } else if name != "application_name" {
-            check_setting(name, class)?;
+            check_setting(name, value, class)?;
         }
     }
     Ok(())
 }
 
-fn check_setting(name: &str, class: ClientClass) -> Result<(), StartupError> {
+fn check_setting(name: &str, value: &str, class: ClientClass) -> Result<(), StartupError> {
     let name = name.to_ascii_lowercase().replace('-', "_");
+    if name == "client_encoding" {
+        if let Some(refusal) = crate::policy::unsupported_client_encoding(value) {
+            return Err(StartupError::refused(refusal.code, refusal.message));
+        }
+    }
     let forbidden = matches!(name.as_str(), "role" | "session_authorization")
         || (class == ClientClass::Readonly
             && matches!(
@@ -309,10 +314,10 @@ fn check_setting(name: &str, class: ClientClass) -> Result<(), StartupError> {
     Ok(())
 }
 
-/// The setting names in an `options` value: `-c name=value`, `-cname=value` or
+/// The settings (name, value) in an `options` value: `-c name=value`, `-cname=value` or
 /// `--name=value`, separated by unescaped spaces. Anything else is refused: other
 /// switches change server behaviour that rolegate does not judge.
-fn option_settings(options: &str) -> Result<Vec<String>, StartupError> {
+fn option_settings(options: &str) -> Result<Vec<(String, String)>, StartupError> {
     let mut words = Vec::new();
     let mut word = String::new();
     let mut chars = options.chars();
@@ -346,8 +351,8 @@ fn option_settings(options: &str) -> Result<Vec<String>, StartupError> {
         } else {
             return Err(refuse());
         };
-        let (name, _) = setting.split_once('=').ok_or_else(refuse)?;
-        names.push(name.to_owned());
+        let (name, value) = setting.split_once('=').ok_or_else(refuse)?;
+        names.push((name.to_owned(), value.to_owned()));
     }
     Ok(names)
 }
@@ -359,8 +364,12 @@ mod tests {
     #[test]
     fn options_are_split_like_postgres_does() {
         assert_eq!(
-            option_settings("-c statement_timeout=5s --search_path=a\\ b -cwork_mem=1MB").unwrap(),
-            vec!["statement_timeout", "search_path", "work_mem"]
+            option_settings("-c statement_timeout=5s --search_path=a\\ b -cwork_mem=1MB")
+                .unwrap()
+                .into_iter()
+                .map(|(name, value)| format!("{name}={value}"))
+                .collect::<Vec<_>>(),
+            vec!["statement_timeout=5s", "search_path=a b", "work_mem=1MB"]
         );
         assert!(option_settings("-e").is_err());
         assert!(option_settings("-c").is_err());
@@ -387,5 +396,27 @@ mod tests {
         )
         .is_ok());
         assert!(check_settings(&params("application_name", "role"), ClientClass::App).is_ok());
+    }
+
+    #[test]
+    fn encodings_that_hide_ascii_bytes_are_refused_at_startup() {
+        let params = |k: &str, v: &str| vec![(k.to_owned(), v.to_owned())];
+        for ok in ["UTF8", "LATIN9", "win1252", "EUC_JP"] {
+            assert!(check_settings(&params("client_encoding", ok), ClientClass::App).is_ok());
+        }
+        for refused in ["SJIS", "Shift-JIS", "big5", "GB18030"] {
+            let Err(StartupError::Refused(code, message)) =
+                check_settings(&params("client_encoding", refused), ClientClass::App)
+            else {
+                panic!("{refused} was accepted");
+            };
+            assert_eq!(code, "0A000");
+            assert!(message.contains(refused), "{message}");
+        }
+        assert!(check_settings(
+            &params("options", "-c client_encoding=SJIS"),
+            ClientClass::Migrator
+        )
+        .is_err());
     }
 }

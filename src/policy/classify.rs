@@ -44,6 +44,32 @@ pub struct StatementInfo {
     pub changes_role: bool,
     /// It would turn read-only mode off (or reset it).
     pub leaves_read_only: bool,
+    /// A statement about the session's role that may keep it where it is; the rules
+    /// decide, knowing which role the session is in.
+    pub role_statement: Option<RoleStatement>,
+    /// `set_config`'s setting name is these bound parameters (`$n`): judged at Bind.
+    pub bound_setting_names: Vec<u16>,
+    /// It sets `client_encoding` (SET, SET NAMES, `set_config`): to this value, or to
+    /// one computed on the server (`None`).
+    pub sets_client_encoding: Option<Option<String>>,
+    /// Where the statement is in the text (byte offsets, end exclusive).
+    pub span: (usize, usize),
+}
+
+/// Statements that name the session's role, whose effect depends on which role the
+/// session is in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RoleStatement {
+    /// `SET [LOCAL] ROLE name` (`none`: SET ROLE NONE).
+    SetRole { target: String, local: bool },
+    /// `RESET ROLE`, `SET ROLE TO DEFAULT`: back to the session's start value.
+    ResetRole,
+    /// `SET [LOCAL] SESSION AUTHORIZATION name` (`None`: DEFAULT).
+    SetSessionAuthorization { target: Option<String>, local: bool },
+    /// `RESET SESSION AUTHORIZATION`.
+    ResetSessionAuthorization,
+    /// `DISCARD ALL`: a reset that includes SET SESSION AUTHORIZATION DEFAULT.
+    DiscardAll,
 }
 
 /// A whole query string, classified, or why it could not be.
@@ -70,8 +96,16 @@ pub fn classify(sql: &str, standard_conforming_strings: bool) -> Classification 
         .protobuf
         .stmts
         .iter()
-        .filter_map(|raw| raw.stmt.as_deref())
-        .map(|stmt| classify_statement(stmt, walk_needed))
+        .filter_map(|raw| {
+            let start = usize::try_from(raw.stmt_location).ok()?.min(sql.len());
+            let end = match usize::try_from(raw.stmt_len) {
+                Ok(0) | Err(_) => sql.len(),
+                Ok(len) => (start + len).min(sql.len()),
+            };
+            let mut info = classify_statement(raw.stmt.as_deref()?, walk_needed);
+            info.span = (start, end);
+            Some(info)
+        })
         .collect();
     Classification::Statements(statements)
 }
@@ -124,6 +158,17 @@ fn classify_statement(node: &pg_query::protobuf::Node, walk_needed: bool) -> Sta
         }
     }
     info.modifies_data |= findings.modifies_data;
+    // A parameter is bound at the protocol's Bind, where rolegate judges it; a SQL-level
+    // PREPARE takes its values from EXECUTE, which rolegate does not look into.
+    let prepared_in_sql = matches!(node.node.as_ref(), Some(NodeEnum::PrepareStmt(_)));
+    if prepared_in_sql && !findings.bound_setting_names.is_empty() {
+        findings.unknown_set_config = true;
+    } else {
+        info.bound_setting_names = findings.bound_setting_names;
+    }
+    if findings.sets_client_encoding.is_some() {
+        info.sets_client_encoding = findings.sets_client_encoding;
+    }
     if findings.select_into && !matches!(info.effect, Effect::TempTable | Effect::Schema) {
         info.label = "SELECT INTO".into();
         info.effect = Effect::Schema;
@@ -151,6 +196,10 @@ impl StatementInfo {
             modifies_data: effect == Effect::Write,
             changes_role: false,
             leaves_read_only: false,
+            role_statement: None,
+            bound_setting_names: Vec::new(),
+            sets_client_encoding: None,
+            span: (0, 0),
         }
     }
 }
@@ -192,7 +241,7 @@ fn top_level(node: &NodeEnum) -> StatementInfo {
             if d.target == DiscardMode::DiscardAll as i32 {
                 // DISCARD ALL includes SET SESSION AUTHORIZATION DEFAULT and RESET ALL.
                 let mut info = S::new("DISCARD ALL", Effect::Session);
-                info.changes_role = true;
+                info.role_statement = Some(RoleStatement::DiscardAll);
                 info
             } else {
                 S::new("DISCARD", Effect::Session)
@@ -265,6 +314,9 @@ fn top_level(node: &NodeEnum) -> StatementInfo {
         NodeEnum::CommentStmt(_) => S::new("COMMENT", Effect::Schema),
         NodeEnum::SecLabelStmt(_) => S::new("SECURITY LABEL", Effect::Schema),
         NodeEnum::LockStmt(_) => S::new("LOCK", Effect::Other),
+        // Deferrable constraints are checked at the end of the transaction by default;
+        // this only moves the check, within the transaction.
+        NodeEnum::ConstraintsSetStmt(_) => S::new("SET CONSTRAINTS", Effect::Transaction),
         NodeEnum::LoadStmt(_) => S::new("LOAD", Effect::Other),
         other => S::new(fallback_label(other), Effect::Schema),
     }
@@ -354,16 +406,78 @@ fn variable_set(v: &pg_query::protobuf::VariableSetStmt) -> StatementInfo {
         ),
     };
     if is_role_setting(&name) {
-        info.changes_role = true;
+        info.role_statement = role_statement(&name, kind, v);
+        info.changes_role = info.role_statement.is_none();
     }
-    // RESET ALL would also reset default_transaction_read_only.
-    if kind == VariableSetKind::VarResetAll || is_read_only_setting(&name) {
+    // RESET ALL returns default_transaction_read_only to the value the backend session
+    // started with, which rolegate sets for readonly sessions; a RESET of the setting
+    // itself is refused all the same (it is never needed).
+    if is_read_only_setting(&name) {
         info.leaves_read_only = true;
     }
     if kind == VariableSetKind::VarSetMulti && v.args.iter().any(sets_read_write) {
         info.leaves_read_only = true;
     }
+    if name == "client_encoding" && kind == VariableSetKind::VarSetValue {
+        let value = match v.args.as_slice() {
+            [arg] => constant_node_string(arg),
+            _ => None,
+        };
+        info.sets_client_encoding = Some(value);
+    }
     info
+}
+
+/// `SET ROLE`, `RESET ROLE`, `SET SESSION AUTHORIZATION`… in the forms that can keep
+/// the session in its role; `None` for the rest (FROM CURRENT, several values).
+fn role_statement(
+    name: &str,
+    kind: VariableSetKind,
+    v: &pg_query::protobuf::VariableSetStmt,
+) -> Option<RoleStatement> {
+    let target = match v.args.as_slice() {
+        [arg] => constant_node_string(arg),
+        _ => None,
+    };
+    let local = v.is_local;
+    match (name, kind) {
+        ("role", VariableSetKind::VarSetValue) => Some(RoleStatement::SetRole {
+            target: target?,
+            local,
+        }),
+        ("role", VariableSetKind::VarReset | VariableSetKind::VarSetDefault) => {
+            Some(RoleStatement::ResetRole)
+        }
+        ("session_authorization", VariableSetKind::VarSetValue) => {
+            Some(RoleStatement::SetSessionAuthorization {
+                target: Some(target?),
+                local,
+            })
+        }
+        ("session_authorization", VariableSetKind::VarSetDefault) => {
+            Some(RoleStatement::SetSessionAuthorization {
+                target: None,
+                local,
+            })
+        }
+        ("session_authorization", VariableSetKind::VarReset) => {
+            Some(RoleStatement::ResetSessionAuthorization)
+        }
+        _ => None,
+    }
+}
+
+/// A string constant node of the typed tree (`'x'`, or an identifier the grammar made
+/// into one, as in `SET ROLE x`).
+fn constant_node_string(node: &pg_query::protobuf::Node) -> Option<String> {
+    match node.node.as_ref()? {
+        NodeEnum::AConst(c) => match &c.val {
+            Some(a_const::Val::Sval(s)) => Some(s.sval.clone()),
+            _ => None,
+        },
+        NodeEnum::TypeCast(t) => constant_node_string(t.arg.as_deref()?),
+        _ => None,
+    }
 }
 
 fn object_type_words(objtype: i32) -> String {
@@ -401,6 +515,8 @@ struct Findings {
     changes_role: bool,
     leaves_read_only: bool,
     unknown_set_config: bool,
+    bound_setting_names: Vec<u16>,
+    sets_client_encoding: Option<Option<String>>,
 }
 
 /// Walks every node of a parse tree (as serde sees it, so no node type is skipped).
@@ -436,17 +552,36 @@ fn func_call(call: &Value, findings: &mut Findings) {
     if name != Some("set_config") {
         return;
     }
-    let setting = call
-        .get("args")
-        .and_then(Value::as_array)
-        .and_then(|args| args.first())
-        .and_then(constant_string);
-    match setting {
-        Some(s) if is_role_setting(s.trim()) => findings.changes_role = true,
-        Some(s) if is_read_only_setting(s.trim()) => findings.leaves_read_only = true,
+    let args = call.get("args").and_then(Value::as_array);
+    let arg = |i: usize| args.and_then(|args| args.get(i));
+    let Some(first) = arg(0) else {
+        findings.unknown_set_config = true;
+        return;
+    };
+    if let Some(n) = param_number(first) {
+        findings.bound_setting_names.push(n);
+        return;
+    }
+    match constant_string(first).map(str::trim) {
+        Some(s) if is_role_setting(s) => findings.changes_role = true,
+        Some(s) if is_read_only_setting(s) => findings.leaves_read_only = true,
+        Some(s) if s.eq_ignore_ascii_case("client_encoding") => {
+            findings.sets_client_encoding =
+                Some(arg(1).and_then(constant_string).map(str::to_owned));
+        }
         Some(_) => {}
         None => findings.unknown_set_config = true,
     }
+}
+
+/// `$n`, possibly under type casts (`$1::text`).
+fn param_number(node: &Value) -> Option<u16> {
+    let inner = node.get("node")?;
+    if let Some(cast) = inner.get("TypeCast") {
+        return param_number(cast.get("arg")?);
+    }
+    let number = inner.get("ParamRef")?.get("number")?.as_u64()?;
+    u16::try_from(number).ok().filter(|&n| n > 0)
 }
 
 /// `{"node": {"String": {"sval": "x"}}}` → "x".
@@ -513,9 +648,33 @@ mod tests {
         assert!(
             one("select set_config('default_transaction_read_only','off',false)").leaves_read_only
         );
-        assert!(one("set role postgres").changes_role);
-        assert!(one("reset session authorization").changes_role);
-        assert!(one("discard all").changes_role);
+        assert_eq!(
+            one("set role \"Postgres\"").role_statement,
+            Some(RoleStatement::SetRole {
+                target: "Postgres".into(),
+                local: false
+            })
+        );
+        assert_eq!(
+            one("SET LOCAL SESSION AUTHORIZATION DEFAULT").role_statement,
+            Some(RoleStatement::SetSessionAuthorization {
+                target: None,
+                local: true
+            })
+        );
+        assert_eq!(
+            one("reset session authorization").role_statement,
+            Some(RoleStatement::ResetSessionAuthorization)
+        );
+        assert_eq!(
+            one("discard all").role_statement,
+            Some(RoleStatement::DiscardAll)
+        );
+        assert!(one("set role from current").changes_role);
+        assert_eq!(
+            one("SET CONSTRAINTS ALL IMMEDIATE").effect,
+            Effect::Transaction
+        );
     }
 
     #[test]
@@ -532,8 +691,20 @@ mod tests {
         assert!(one("set transaction read write").leaves_read_only);
         assert!(one("set session characteristics as transaction read write").leaves_read_only);
         assert!(one("set default_transaction_read_only = off").leaves_read_only);
-        assert!(one("reset all").leaves_read_only);
+        // The backend session starts read-only for readonly clients: RESET ALL keeps it.
+        assert!(!one("reset all").leaves_read_only);
+        assert!(one("reset default_transaction_read_only").leaves_read_only);
         assert!(!one("set statement_timeout = 5").leaves_read_only);
+    }
+
+    #[test]
+    fn statements_know_where_they_are() {
+        let sql = "SELECT 1; /* c */ SET ROLE NONE;RESET ALL";
+        let Classification::Statements(s) = classify(sql, true) else {
+            panic!()
+        };
+        let spans: Vec<&str> = s.iter().map(|s| &sql[s.span.0..s.span.1]).collect();
+        assert_eq!(spans, ["SELECT 1", "SET ROLE NONE", "RESET ALL"]);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! repeated statements (ORMs send the same few hundred) cost a hash lookup.
 
 pub mod classify;
+pub mod fastpath;
 pub mod rules;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,8 +13,8 @@ use std::sync::Arc;
 
 use dashmap::DashMap;
 
-pub use classify::{classify, Classification, Effect, StatementInfo};
-pub use rules::Refusal;
+pub use classify::{classify, Classification, Effect, RoleStatement, StatementInfo};
+pub use rules::{unsupported_client_encoding, Allowed, Refusal};
 
 use crate::config::{Allowance, ClientClass, PolicyConfig, PolicyMode};
 
@@ -27,6 +28,20 @@ pub struct Requester<'a> {
     pub user: &'a str,
     pub class: ClientClass,
     pub allow: &'a [Allowance],
+    /// The role the session is kept in: the owner, or `app_role` for app clients.
+    pub role: &'a str,
+}
+
+/// An allowed statement string: what goes to the server, and what the relay does
+/// around it. The default is "forward the client's bytes, nothing else".
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Pass {
+    /// Send this text instead of the client's (in the client's encoding).
+    pub rewritten: Option<Vec<u8>>,
+    /// It is DISCARD ALL: the relay sets the session's role again right after it.
+    pub discard_all: bool,
+    /// `set_config` takes its setting name from these parameters: judged at Bind.
+    pub bound_setting_names: Vec<u16>,
 }
 
 pub struct Policy {
@@ -48,10 +63,10 @@ impl Policy {
         self.max_statement_bytes
     }
 
-    /// Judges one statement string (a `Query` or a `Parse`). `None`: send it on.
-    /// `Some`: refuse it with this error. Every refusal is logged as one audit line; in
-    /// report mode it is logged and `None` is returned, unless it would leave the owner
-    /// role.
+    /// Judges one statement string (a `Query` or a `Parse`). `Ok`: send it on, as the
+    /// [`Pass`] says. `Err`: refuse it with this error. Every refusal is logged as one
+    /// audit line; in report mode it is logged and let through, unless it would leave
+    /// the owner role.
     ///
     /// `session`: what this client's session has had allowed so far (the relay keeps one
     /// per session); `None` judges from the shared cache alone.
@@ -61,10 +76,58 @@ impl Policy {
         sql: &[u8],
         standard_conforming_strings: bool,
         session: Option<&mut SessionVerdicts>,
-    ) -> Option<Refusal> {
-        let refusal = self.judge(who, sql, standard_conforming_strings, session)?;
+    ) -> Result<Pass, Refusal> {
+        match self.judge(who, sql, standard_conforming_strings, session) {
+            Ok(pass) => Ok(pass),
+            Err(refusal) => self
+                .audit(who, sql, refusal)
+                .map_or(Ok(Pass::default()), Err),
+        }
+    }
+
+    /// Judges the setting name `set_config` gets from a bound parameter, by the rules a
+    /// literal name follows.
+    pub fn check_bound_setting(&self, who: &Requester<'_>, name: &[u8]) -> Option<Refusal> {
+        let name = String::from_utf8_lossy(name);
+        let name = name.trim();
+        let (kind, refused) = if name.eq_ignore_ascii_case("role")
+            || name.eq_ignore_ascii_case("session_authorization")
+        {
+            (
+                "set_config('role')",
+                "changing the session role is not allowed",
+            )
+        } else if name.eq_ignore_ascii_case("client_encoding") {
+            (
+                "set_config('client_encoding')",
+                "client_encoding is set with SET client_encoding, where rolegate sees the value",
+            )
+        } else if who.class == ClientClass::Readonly
+            && (name.eq_ignore_ascii_case("default_transaction_read_only")
+                || name.eq_ignore_ascii_case("transaction_read_only"))
+        {
+            (
+                "set_config('transaction_read_only')",
+                "readonly sessions cannot leave read-only mode",
+            )
+        } else {
+            return None;
+        };
+        let refusal = Refusal {
+            code: "42501",
+            message: format!("rolegate: {refused} ({kind} with a bound setting name)"),
+            hint: None,
+            kind: kind.into(),
+            leaves_owner_role: true,
+        };
+        self.audit(who, b"", refusal)
+    }
+
+    /// Logs a refusal as one audit line; returns it when it is enforced.
+    pub fn audit(&self, who: &Requester<'_>, sql: &[u8], refusal: Refusal) -> Option<Refusal> {
         let fingerprint = std::str::from_utf8(sql)
             .ok()
+            .filter(|text| !text.is_empty())
             .and_then(|text| pg_query::fingerprint(text, 0, 0).ok())
             .map(|f| f.hex)
             .unwrap_or_else(|| "-".into());
@@ -90,52 +153,84 @@ impl Policy {
         sql: &[u8],
         scs: bool,
         session: Option<&mut SessionVerdicts>,
-    ) -> Option<Refusal> {
-        let refuse = |message: &str, kind: &str| {
-            Some(Refusal {
-                code: "42501",
-                message: format!("rolegate: {message}"),
-                hint: None,
-                kind: kind.into(),
-                leaves_owner_role: false,
-            })
-        };
+    ) -> Result<Pass, Refusal> {
         if sql.len() > self.max_statement_bytes {
-            return refuse(
-                &format!(
-                    "statement of {} bytes is longer than the {} bytes rolegate judges ([policy] max_statement_bytes)",
+            return Err(Refusal {
+                code: "42501",
+                message: format!(
+                    "rolegate: statement of {} bytes is longer than the {} bytes rolegate judges ([policy] max_statement_bytes)",
                     sql.len(),
                     self.max_statement_bytes
                 ),
-                "oversized statement",
-            );
+                hint: None,
+                kind: "oversized statement".into(),
+                leaves_owner_role: false,
+            });
         }
-        let Ok(text) = std::str::from_utf8(sql) else {
-            return refuse(
-                "statement is not valid UTF-8 (rolegate needs client_encoding UTF8)",
-                "invalid UTF-8",
-            );
-        };
+        let text = statement_text(sql);
         let Some(session) = session else {
-            let classification = self.cache.get_or_classify(text, scs);
-            return rules::judge(who.class, who.allow, &classification).err();
+            let classification = self.cache.get_or_classify(&text, scs);
+            return rules::judge(who.class, who.allow, who.role, &classification)
+                .map(|allowed| pass(&text, sql, allowed));
         };
         if session.scs != scs {
             session.forget(scs);
         }
-        if session.allowed.contains(text) {
-            return None;
+        if session.allowed.contains(&*text) {
+            return Ok(Pass::default());
         }
-        let key = if scs { numeric_literal_key(text) } else { None };
+        let key = if scs {
+            numeric_literal_key(&text)
+        } else {
+            None
+        };
         if key.as_deref().is_some_and(|k| session.allowed.contains(k)) {
-            return None;
+            return Ok(Pass::default());
         }
-        let classification = self.cache.get_or_classify_keyed(text, scs, key.as_deref());
-        let verdict = rules::judge(who.class, who.allow, &classification).err();
-        if verdict.is_none() {
-            session.remember(key.map_or_else(|| text.into(), String::into_boxed_str));
+        let classification = self.cache.get_or_classify_keyed(&text, scs, key.as_deref());
+        let allowed = rules::judge(who.class, who.allow, who.role, &classification)?;
+        if allowed.is_plain() {
+            session.remember(key.map_or_else(|| text.as_ref().into(), String::into_boxed_str));
         }
-        verdict
+        Ok(pass(&text, sql, allowed))
+    }
+}
+
+/// The statement as text for the parser. UTF-8 is read as such. Anything else comes
+/// from a client_encoding other than UTF8 (rolegate refuses those whose characters can
+/// hide ASCII bytes), where only the ASCII bytes decide the statement's structure (where
+/// strings, identifiers and statements end; every other byte is part of an identifier
+/// or a string): reading each byte as one character (Latin-1) keeps that structure.
+fn statement_text(sql: &[u8]) -> std::borrow::Cow<'_, str> {
+    match std::str::from_utf8(sql) {
+        Ok(text) => std::borrow::Cow::Borrowed(text),
+        Err(_) => std::borrow::Cow::Owned(sql.iter().map(|&b| char::from(b)).collect()),
+    }
+}
+
+/// What goes to the server for an allowed `text` (read from the client's `sql`).
+fn pass(text: &str, sql: &[u8], allowed: Allowed) -> Pass {
+    let rewritten = (!allowed.replacements.is_empty()).then(|| {
+        let mut out = String::with_capacity(text.len() + 32);
+        let mut copied = 0;
+        for ((start, end), replacement) in &allowed.replacements {
+            out.push_str(&text[copied..*start]);
+            out.push_str(replacement);
+            copied = *end;
+        }
+        out.push_str(&text[copied..]);
+        if std::str::from_utf8(sql).is_ok() {
+            out.into_bytes()
+        } else {
+            // Back to the client's bytes: every character came from one byte, and the
+            // replacements are ASCII.
+            out.chars().map(|c| c as u32 as u8).collect()
+        }
+    });
+    Pass {
+        rewritten,
+        discard_all: allowed.discard_all,
+        bound_setting_names: allowed.bound_setting_names,
     }
 }
 
@@ -477,12 +572,174 @@ mod tests {
             user: "u",
             class: ClientClass::Migrator,
             allow: &[],
+            role: "owner",
         };
-        assert!(policy.check(&who, b"select 1", true, None).is_none());
+        assert!(policy.check(&who, b"select 1", true, None).is_ok());
         assert!(policy
             .check(&who, b"select 1234567890", true, None)
+            .is_err());
+    }
+
+    fn requester(class: ClientClass) -> Requester<'static> {
+        Requester {
+            user: "u",
+            class,
+            allow: &[],
+            role: "Owner Role",
+        }
+    }
+
+    /// Statements that only reset the session, or name the role it is in, are carried
+    /// out so that the role stays; any other target is refused.
+    #[test]
+    fn role_statements_keep_the_role() {
+        let policy = Policy::new(&PolicyConfig::default());
+        let who = requester(ClientClass::App);
+        let sent = |sql: &str| {
+            policy
+                .check(&who, sql.as_bytes(), true, None)
+                .map(|p| p.rewritten.map(|t| String::from_utf8(t).unwrap()))
+        };
+        assert_eq!(
+            sent("SET SESSION AUTHORIZATION DEFAULT;RESET ALL;CLOSE ALL;UNLISTEN *").unwrap(),
+            Some(r#"SET ROLE "Owner Role";RESET ALL;CLOSE ALL;UNLISTEN *"#.into())
+        );
+        assert_eq!(
+            sent("reset session authorization").unwrap(),
+            Some("RESET ROLE".into())
+        );
+        assert_eq!(
+            sent("SET LOCAL ROLE NONE").unwrap(),
+            Some(r#"SET LOCAL ROLE "Owner Role""#.into())
+        );
+        for same in [
+            "SET ROLE 'Owner Role'",
+            r#"SET ROLE "Owner Role""#,
+            r#"set role "Owner Role"; select 1"#,
+            "RESET ROLE",
+            "SET role TO DEFAULT",
+        ] {
+            assert_eq!(sent(same), Ok(None), "{same}");
+        }
+        for other in [
+            "SET ROLE postgres",
+            "SET ROLE owner_role",
+            "SET ROLE 'owner role'",
+            "SET SESSION AUTHORIZATION postgres",
+            "SET ROLE FROM CURRENT",
+            "SELECT set_config('role', 'Owner Role', false)",
+            "SELECT 1; SET ROLE postgres",
+        ] {
+            let refusal = sent(other).unwrap_err();
+            assert_eq!(refusal.code, "42501", "{other}");
+            assert!(refusal.leaves_owner_role, "{other}");
+        }
+        let discard = policy.check(&who, b"DISCARD ALL", true, None).unwrap();
+        assert!(discard.discard_all && discard.rewritten.is_none());
+        assert_eq!(sent("SELECT 1; DISCARD ALL").unwrap_err().code, "25001");
+    }
+
+    #[test]
+    fn report_mode_still_refuses_leaving_the_role() {
+        let policy = Policy::new(&PolicyConfig {
+            mode: PolicyMode::Report,
+            ..PolicyConfig::default()
+        });
+        let who = requester(ClientClass::App);
+        assert!(policy
+            .check(&who, b"CREATE TABLE t (a int)", true, None)
+            .is_ok());
+        assert!(policy
+            .check(&who, b"SET ROLE postgres", true, None)
+            .is_err());
+        assert!(policy.check_bound_setting(&who, b"role").is_some());
+    }
+
+    #[test]
+    fn bound_setting_names_are_judged_at_bind() {
+        let policy = Policy::new(&PolicyConfig::default());
+        let app = requester(ClientClass::App);
+        let readonly = requester(ClientClass::Readonly);
+        let pass = policy
+            .check(&app, b"SELECT set_config($1, $2, false)", true, None)
+            .unwrap();
+        assert_eq!(pass.bound_setting_names, vec![1]);
+        let pass = policy
+            .check(&app, b"SELECT set_config($2::text, $1, false)", true, None)
+            .unwrap();
+        assert_eq!(pass.bound_setting_names, vec![2]);
+        // A SQL-level PREPARE is bound by EXECUTE, which rolegate does not look into.
+        assert!(policy
+            .check(
+                &app,
+                b"PREPARE p AS SELECT set_config($1, 'x', false)",
+                true,
+                None
+            )
+            .is_err());
+        assert!(policy
+            .check(
+                &app,
+                b"SELECT set_config($1 || 'x', 'y', false)",
+                true,
+                None
+            )
+            .is_err());
+        assert!(policy.check_bound_setting(&app, b"TimeZone").is_none());
+        assert!(policy.check_bound_setting(&app, b" ROLE").is_some());
+        assert!(policy
+            .check_bound_setting(&app, b"session_authorization")
             .is_some());
-        assert!(policy.check(&who, b"select '\xff'", true, None).is_some());
+        assert!(policy
+            .check_bound_setting(&app, b"default_transaction_read_only")
+            .is_none());
+        assert!(policy
+            .check_bound_setting(&readonly, b"default_transaction_read_only")
+            .is_some());
+    }
+
+    /// A client_encoding other than UTF8: the structure of a statement is in its ASCII
+    /// bytes, so a LATIN9 text is judged as the server reads it, and a rewrite keeps the
+    /// client's bytes.
+    #[test]
+    fn single_byte_encodings_are_judged_by_their_structure() {
+        let policy = Policy::new(&PolicyConfig::default());
+        let who = requester(ClientClass::App);
+        // "CREATE TABLE café (a int)" in LATIN9: é is 0xE9, not valid UTF-8.
+        let refusal = policy
+            .check(&who, b"CREATE TABLE caf\xe9 (a int)", true, None)
+            .unwrap_err();
+        assert_eq!(
+            refusal.message,
+            "rolegate: DDL is not allowed for app clients (CREATE TABLE)"
+        );
+        assert!(policy
+            .check(&who, b"SELECT '\xe9\xa4' AS caf\xe9", true, None)
+            .is_ok());
+        let pass = policy
+            .check(&who, b"SELECT '\xe9'; SET ROLE NONE", true, None)
+            .unwrap();
+        assert_eq!(
+            pass.rewritten.as_deref(),
+            Some(&b"SELECT '\xe9'; SET ROLE \"Owner Role\""[..])
+        );
+        for encoding in ["LATIN9", "WIN1252", "EUC_JP", "UTF8"] {
+            let sql = format!("SET client_encoding = '{encoding}'");
+            assert!(
+                policy.check(&who, sql.as_bytes(), true, None).is_ok(),
+                "{sql}"
+            );
+        }
+        for sql in [
+            "SET client_encoding = 'SJIS'",
+            "SET NAMES 'Shift_JIS'",
+            "SET client_encoding TO big5",
+            "SELECT set_config('client_encoding', 'GBK', false)",
+            "SELECT set_config('client_encoding', current_setting('x'), false)",
+        ] {
+            let refusal = policy.check(&who, sql.as_bytes(), true, None).unwrap_err();
+            assert!(refusal.leaves_owner_role, "{sql}");
+        }
     }
 
     /// A session's remembered verdicts let through only what was judged allowed for it:
@@ -495,11 +752,13 @@ mod tests {
             user: "u",
             class: ClientClass::Readonly,
             allow: &[],
+            role: "owner",
         };
         let mut session = SessionVerdicts::default();
         let mut check = |sql: &str, scs: bool| {
             policy
                 .check(&who, sql.as_bytes(), scs, Some(&mut session))
+                .err()
                 .map(|r| r.kind)
         };
         assert_eq!(check("SELECT * FROM t WHERE id = 1", true), None);

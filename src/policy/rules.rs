@@ -1,7 +1,8 @@
 //! Client class + classified statements → verdict, with the words the client will read.
 
-use super::classify::{Classification, Effect, StatementInfo};
+use super::classify::{Classification, Effect, RoleStatement, StatementInfo};
 use crate::config::{Allowance, ClientClass};
+use crate::sql::quote_ident;
 
 /// Why a statement string was refused: what the client sees in its ErrorResponse.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,24 +17,153 @@ pub struct Refusal {
     pub leaves_owner_role: bool,
 }
 
+/// How an allowed statement string goes to the server.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Allowed {
+    /// Statements sent in place of the client's, by their byte span in its text: the
+    /// forms of SET ROLE / SESSION AUTHORIZATION that keep the session in its role.
+    pub replacements: Vec<((usize, usize), String)>,
+    /// The string is `DISCARD ALL`: the session's role is set again right after it.
+    pub discard_all: bool,
+    /// `set_config` takes its setting name from these parameters: judged at Bind.
+    pub bound_setting_names: Vec<u16>,
+}
+
+impl Allowed {
+    /// Forwarded as the client sent it, nothing to do later.
+    pub fn is_plain(&self) -> bool {
+        self.replacements.is_empty() && !self.discard_all && self.bound_setting_names.is_empty()
+    }
+}
+
 /// Judges every statement of a string; the first refused one refuses the whole string.
+/// `role` is the role the session is kept in (the owner, or `app_role`).
 pub fn judge(
     class: ClientClass,
     allow: &[Allowance],
+    role: &str,
     classification: &Classification,
-) -> Result<(), Refusal> {
-    match classification {
-        Classification::SyntaxError(message) => Err(Refusal {
+) -> Result<Allowed, Refusal> {
+    let statements = match classification {
+        Classification::SyntaxError(message) => return Err(Refusal {
             code: "42601",
             message: format!("rolegate: {message}"),
             hint: Some("rolegate parses every statement before it reaches the server; this one is not valid PostgreSQL.".into()),
             kind: "syntax error".into(),
             leaves_owner_role: false,
         }),
-        Classification::Statements(statements) => statements
-            .iter()
-            .try_for_each(|s| judge_statement(class, allow, s)),
+        Classification::Statements(statements) => statements,
+    };
+    let mut allowed = Allowed::default();
+    for s in statements {
+        if let Some(role_statement) = &s.role_statement {
+            match keep_role(role_statement, role, statements.len(), s)? {
+                Keep::Forward => {}
+                Keep::Replace(sql) => allowed.replacements.push((s.span, sql)),
+                Keep::DiscardAll => allowed.discard_all = true,
+            }
+        }
+        judge_statement(class, allow, s)?;
+        allowed
+            .bound_setting_names
+            .extend_from_slice(&s.bound_setting_names);
     }
+    Ok(allowed)
+}
+
+enum Keep {
+    Forward,
+    Replace(String),
+    DiscardAll,
+}
+
+/// A statement about the session's role: carried out so that the role stays, or
+/// refused when it names another role.
+fn keep_role(
+    statement: &RoleStatement,
+    role: &str,
+    statements_in_string: usize,
+    s: &StatementInfo,
+) -> Result<Keep, Refusal> {
+    let set_role = |local: bool| {
+        let scope = if local { "LOCAL " } else { "" };
+        Keep::Replace(format!("SET {scope}ROLE {}", quote_ident(role)))
+    };
+    match statement {
+        // `none` is how the grammar spells SET ROLE NONE (no role can be called that).
+        RoleStatement::SetRole { target, local } if target == "none" => Ok(set_role(*local)),
+        RoleStatement::SetRole { target, .. } if target == role => Ok(Keep::Forward),
+        // The backend session starts with `role` as a startup setting, so a reset
+        // returns to it.
+        RoleStatement::ResetRole => Ok(Keep::Forward),
+        RoleStatement::SetSessionAuthorization { target, local }
+            if target.as_deref().is_none_or(|t| t == role) =>
+        {
+            Ok(set_role(*local))
+        }
+        RoleStatement::ResetSessionAuthorization => Ok(Keep::Replace("RESET ROLE".into())),
+        RoleStatement::DiscardAll if statements_in_string == 1 => Ok(Keep::DiscardAll),
+        // PostgreSQL runs a multi-statement string as one transaction, where DISCARD ALL
+        // fails; rolegate answers as it would, without sending it.
+        RoleStatement::DiscardAll => Err(Refusal {
+            code: "25001",
+            message: "DISCARD ALL cannot run inside a transaction block".into(),
+            hint: None,
+            kind: "DISCARD ALL".into(),
+            leaves_owner_role: true,
+        }),
+        _ => Err(Refusal {
+            code: "42501",
+            message: format!(
+                "rolegate: changing the session role is not allowed ({})",
+                s.label
+            ),
+            hint: Some("rolegate keeps every session in the owner role, so that everything created belongs to it.".into()),
+            kind: s.label.to_string(),
+            leaves_owner_role: true,
+        }),
+    }
+}
+
+/// A `client_encoding` that rolegate cannot judge statements in: one whose multi-byte
+/// characters may contain ASCII bytes (a backslash, a quote), so that the server would
+/// split a string where rolegate does not. Every other encoding PostgreSQL offers
+/// keeps ASCII bytes for ASCII characters, which is all the statement structure
+/// depends on. Names are compared as PostgreSQL does: letters and digits only, any case.
+pub fn unsupported_client_encoding(name: &str) -> Option<Refusal> {
+    let clean: String = name
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    const NOT_ASCII_SAFE: [&str; 17] = [
+        "sjis",
+        "mskanji",
+        "shiftjis",
+        "win932",
+        "windows932",
+        "shiftjis2004",
+        "big5",
+        "win950",
+        "windows950",
+        "gbk",
+        "win936",
+        "windows936",
+        "uhc",
+        "win949",
+        "windows949",
+        "gb18030",
+        "johab",
+    ];
+    NOT_ASCII_SAFE.contains(&clean.as_str()).then(|| Refusal {
+        code: "0A000",
+        message: format!(
+            "rolegate: client_encoding \"{name}\" is not supported: its multi-byte characters can contain ASCII bytes such as a backslash, so rolegate could not judge statements the way the server reads them"
+        ),
+        hint: Some("Use UTF8 (or another encoding that keeps ASCII bytes for ASCII only, such as EUC_JP or EUC_KR).".into()),
+        kind: "client_encoding".into(),
+        leaves_owner_role: true,
+    })
 }
 
 fn judge_statement(
@@ -55,6 +185,24 @@ fn judge_statement(
             "changing the session role is not allowed",
             "rolegate keeps every session in the owner role, so that everything created belongs to it.",
         );
+    }
+    match &s.sets_client_encoding {
+        Some(Some(name)) => {
+            if let Some(refusal) = unsupported_client_encoding(name) {
+                return Err(refusal);
+            }
+        }
+        Some(None) => {
+            return Err(Refusal {
+                leaves_owner_role: true,
+                ..refuse(
+                    "a client_encoding computed on the server is not allowed",
+                    "Set client_encoding to a constant: SET client_encoding = 'UTF8'.",
+                )
+                .unwrap_err()
+            })
+        }
+        None => {}
     }
     match class {
         ClientClass::Migrator => Ok(()),
@@ -113,8 +261,8 @@ mod tests {
     use super::*;
     use crate::policy::classify::classify;
 
-    fn verdict(class: ClientClass, sql: &str) -> Result<(), Refusal> {
-        judge(class, &[], &classify(sql, true))
+    fn verdict(class: ClientClass, sql: &str) -> Result<Allowed, Refusal> {
+        judge(class, &[], "owner", &classify(sql, true))
     }
 
     #[test]
@@ -141,6 +289,7 @@ mod tests {
         assert!(judge(
             ClientClass::App,
             &[Allowance::TempTables],
+            "owner",
             &classify(sql, true)
         )
         .is_ok());
