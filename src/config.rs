@@ -386,12 +386,27 @@ impl Config {
         if self.backend.tls == BackendTlsMode::VerifyFull && self.backend.ca_file.is_none() {
             return invalid("[backend] tls = \"verify-full\" needs ca_file".into());
         }
-        if self.backend.login_user.is_none() {
-            return invalid("[backend] login_user is required".into());
-        }
-        if self.backend.login_password_env.is_some() == self.backend.login_password_file.is_some() {
+        let password_sources = usize::from(self.backend.login_password_env.is_some())
+            + usize::from(self.backend.login_password_file.is_some());
+        // Managed rotation makes its own logins and file rotation reads the login from its
+        // file: only a static login must be named here.
+        if self.rotation.mode == RotationMode::Static {
+            if self.backend.login_user.is_none() {
+                return invalid(
+                    "[backend] login_user is required (or let rolegate make its logins: \
+                     [rotation] mode = \"managed\")"
+                        .into(),
+                );
+            }
+            if password_sources != 1 {
+                return invalid(
+                    "[backend] needs exactly one of login_password_env and login_password_file"
+                        .into(),
+                );
+            }
+        } else if password_sources > 1 {
             return invalid(
-                "[backend] needs exactly one of login_password_env and login_password_file".into(),
+                "[backend] needs at most one of login_password_env and login_password_file".into(),
             );
         }
         let mut seen = std::collections::HashSet::new();

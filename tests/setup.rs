@@ -451,3 +451,86 @@ async fn check_finds_stale_logins_and_logins_outside_the_owner_role() {
     let (ok, out, _) = check(&layout).await;
     assert!(ok, "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn managed_rotation_needs_no_static_login() {
+    // A managed config names no login role and no login password at all.
+    let n = N.fetch_add(1, Ordering::SeqCst);
+    let database = format!("managed{n}");
+    let owner = format!("managed_owner{n}");
+    let prefix = format!("{database}_login_");
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let admin_port = free_port();
+    let url_file = dir.path().join("rotator.url");
+    let config = format!(
+        "listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n\
+         [tls]\nmode = \"disable\"\n[backend]\nhost = \"127.0.0.1\"\nport = {pg}\n\
+         database = {database:?}\nowner_role = {owner:?}\n\n\
+         [rotation]\nmode = \"managed\"\nrotator_url_file = {url:?}\ndrain = \"2s\"\n\n{clients}",
+        pg = cluster().port,
+        url = url_file.display().to_string(),
+        clients = clients_toml(),
+    );
+    let config_path = dir.path().join("rolegate.toml");
+    std::fs::write(&config_path, &config).unwrap();
+    let config_arg = config_path.to_str().unwrap().to_owned();
+
+    let (ok, out, err) = rolegate_command(
+        &["setup", "--config", &config_arg],
+        &[("ROLEGATE_ADMIN_URL", &admin_url())],
+    )
+    .await;
+    assert!(ok, "setup of a managed config failed:\n{out}\n{err}");
+    std::fs::write(
+        &url_file,
+        format!(
+            "host=127.0.0.1 port={} user={database}_rotator password={} dbname=postgres",
+            cluster().port,
+            out_of_setup_rotator_password(&out)
+        ),
+    )
+    .unwrap();
+
+    let rg = Rolegate::launch(dir, port, &config).await;
+    let session_user = || async {
+        let web = connect_url(&rg.url("web", password_of("web"), &database))
+            .await
+            .unwrap();
+        let row = web
+            .query_one("SELECT session_user::text, current_user::text", &[])
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, String>(1), owner);
+        row.get::<_, String>(0)
+    };
+    let mut seen = vec![session_user().await];
+    assert!(seen[0].starts_with(&prefix), "{seen:?}");
+    for _ in 0..3 {
+        let (ok, out, err) = rolegate_command(&["rotate", "--config", &config_arg], &[]).await;
+        assert!(ok, "rotation failed: {out}{err}\n{}", rg.log_text());
+        seen.push(session_user().await);
+    }
+    seen.dedup();
+    assert_eq!(seen.len(), 4, "each rotation switches the login: {seen:?}");
+    // Once the old logins' sessions are gone, only the newest login is left.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left: Vec<String> = admin("postgres")
+            .await
+            .query(
+                "SELECT rolname::text FROM pg_roles WHERE starts_with(rolname, $1)",
+                &[&prefix],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if left == [seen[3].clone()] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "logins left: {left:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -31,12 +31,12 @@ pub struct Names {
 impl Names {
     pub fn from_config(config: &Config) -> anyhow::Result<Names> {
         let backend = &config.backend;
-        // In managed rotation setup still makes a first login role, so that `serve` can
-        // start before the rotator has made one of its own.
+        // Without a configured login (managed rotation) setup's first login carries the
+        // rotation prefix, so that the rotator counts it as its own and sweeps it later.
         let login = backend
             .login_user
             .clone()
-            .unwrap_or_else(|| format!("{}_login_0001", backend.database));
+            .unwrap_or_else(|| format!("{}0001", config.own_login_prefix()));
         Ok(Names {
             owner: backend.owner_role.clone(),
             database: backend.database.clone(),
@@ -294,13 +294,16 @@ pub async fn setup(config: &Config, options: SetupOptions<'_>) -> anyhow::Result
         }
         plan.push(("login_membership", false));
     }
+    let grant_app_role_to_login = home.is_some();
     plan.push(("schema_layout", true));
     if names.app_role.is_some() {
-        // (app_role_privileges grants the app role to the configured login role.)
         if !app_role_exists {
             plan.push(("create_app_role", false));
         }
         plan.push(("app_role_privileges", true));
+        if grant_app_role_to_login {
+            plan.push(("app_role_login", false));
+        }
     }
 
     let mut steps = Vec::new();

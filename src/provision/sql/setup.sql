@@ -77,4 +77,7 @@ ALTER DEFAULT PRIVILEGES FOR ROLE :"owner" IN SCHEMA public
   GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO :"app_role";
 ALTER DEFAULT PRIVILEGES FOR ROLE :"owner" IN SCHEMA public
   GRANT USAGE, SELECT, UPDATE ON SEQUENCES TO :"app_role";
+
+-- name: app_role_login
+-- The configured login role may take the app role (the rotator grants it to its own).
 GRANT :"app_role" TO :"login";
