@@ -29,9 +29,11 @@ pub struct Config {
     /// Where clients connect.
     #[serde(default = "default_listen")]
     pub listen: String,
-    /// HTTP admin endpoint (metrics, health, rotation).
+    /// HTTP admin endpoint (metrics, probes, status, rotation).
     #[serde(default)]
     pub admin_listen: Option<String>,
+    #[serde(default)]
+    pub admin: AdminConfig,
     #[serde(default)]
     pub tls: ClientTlsConfig,
     pub backend: BackendConfig,
@@ -43,6 +45,56 @@ pub struct Config {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub rotation: RotationConfig,
+}
+
+/// Who may use the admin endpoint's actions (`POST /rotate`, `GET /status`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Environment variable holding the bearer token.
+    pub token_env: Option<String>,
+    /// Or a file holding it (first line).
+    pub token_file: Option<PathBuf>,
+}
+
+impl AdminConfig {
+    /// The bearer token the actions need, if one is configured.
+    pub fn token(&self) -> Result<Option<String>, ConfigError> {
+        let token = if let Some(var) = &self.token_env {
+            std::env::var(var).map_err(|_| {
+                ConfigError::Invalid(format!("[admin] token_env names {var}, which is not set"))
+            })?
+        } else if let Some(path) = &self.token_file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            text.lines().next().unwrap_or_default().to_owned()
+        } else {
+            return Ok(None);
+        };
+        let token = token.trim().to_owned();
+        if token.is_empty() {
+            return Err(ConfigError::Invalid(
+                "[admin] the admin token is empty".into(),
+            ));
+        }
+        Ok(Some(token))
+    }
+
+    fn configured(&self) -> bool {
+        self.token_env.is_some() || self.token_file.is_some()
+    }
+}
+
+/// Whether `listen` (`host:port`) only accepts connections from this machine.
+fn is_loopback_listen(listen: &str) -> bool {
+    if let Ok(addr) = listen.parse::<std::net::SocketAddr>() {
+        return addr.ip().is_loopback();
+    }
+    listen
+        .rsplit_once(':')
+        .is_some_and(|(host, _)| host.eq_ignore_ascii_case("localhost"))
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -84,6 +136,8 @@ pub struct RotationConfig {
     pub login_prefix: Option<String>,
     /// Set a distinct one per instance when several rolegates share a database.
     pub instance_id: Option<String>,
+    /// Or the environment variable that holds it (a pod's name, say).
+    pub instance_id_env: Option<String>,
     /// Environment variable with the rotator's connection URL.
     #[serde(default = "default_rotator_url_env")]
     pub rotator_url_env: String,
@@ -114,6 +168,7 @@ impl Default for RotationConfig {
             on_drain_timeout: DrainPolicy::default(),
             login_prefix: None,
             instance_id: None,
+            instance_id_env: None,
             rotator_url_env: default_rotator_url_env(),
             rotator_url_file: None,
             file: None,
@@ -358,6 +413,15 @@ impl Config {
         rebase(&mut config.backend.login_password_file);
         rebase(&mut config.rotation.rotator_url_file);
         rebase(&mut config.rotation.file);
+        rebase(&mut config.admin.token_file);
+        if let Some(var) = &config.rotation.instance_id_env {
+            let id = std::env::var(var).map_err(|_| {
+                ConfigError::Invalid(format!(
+                    "[rotation] instance_id_env names {var}, which is not set"
+                ))
+            })?;
+            config.rotation.instance_id = Some(id);
+        }
         Ok(config)
     }
 
@@ -420,6 +484,23 @@ impl Config {
                     client.user
                 ));
             }
+        }
+        if self.admin.token_env.is_some() && self.admin.token_file.is_some() {
+            return invalid("[admin] needs at most one of token_env and token_file".into());
+        }
+        if let Some(listen) = &self.admin_listen {
+            if !is_loopback_listen(listen) && !self.admin.configured() {
+                return invalid(format!(
+                    "admin_listen = {listen:?} is reachable from other machines, so POST /rotate \
+                     and GET /status need a token: set [admin] token_env or token_file \
+                     (or listen on 127.0.0.1)"
+                ));
+            }
+        }
+        if self.rotation.instance_id.is_some() && self.rotation.instance_id_env.is_some() {
+            return invalid(
+                "[rotation] needs at most one of instance_id and instance_id_env".into(),
+            );
         }
         if self.policy.max_statement_bytes == 0 {
             return invalid("[policy] max_statement_bytes must be positive".into());
@@ -484,6 +565,37 @@ class = "app"
         let err = Config::parse(&text).unwrap_err().to_string();
         assert!(err.contains("SCRAM-SHA-256 verifier"), "{err}");
         assert!(!err.contains("hunter2"), "secret leaked into: {err}");
+    }
+
+    #[test]
+    fn an_admin_endpoint_reachable_from_elsewhere_needs_a_token() {
+        for listen in [
+            "0.0.0.0:6433",
+            "10.0.0.5:6433",
+            "[::]:6433",
+            "admin.example:6433",
+        ] {
+            let text = sample().replace("[tls]", &format!("admin_listen = {listen:?}\n[tls]"));
+            let err = Config::parse(&text).unwrap_err().to_string();
+            assert!(err.contains("token_env or token_file"), "{listen}: {err}");
+            let text = text.replace("[tls]", "[admin]\ntoken_env = \"T\"\n[tls]");
+            assert!(Config::parse(&text).is_ok(), "{listen}");
+        }
+        for listen in ["127.0.0.1:6433", "[::1]:6433", "localhost:6433"] {
+            let text = sample().replace("[tls]", &format!("admin_listen = {listen:?}\n[tls]"));
+            assert!(Config::parse(&text).is_ok(), "{listen}");
+        }
+    }
+
+    #[test]
+    fn managed_rotation_needs_no_login() {
+        let text = sample()
+            .replace("login_user = \"bookstore_login_0001\"\n", "")
+            .replace("login_password_env = \"ROLEGATE_LOGIN_PASSWORD\"\n", "");
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("login_user is required"), "{err}");
+        let managed = format!("{text}[rotation]\nmode = \"managed\"\n");
+        assert!(Config::parse(&managed).is_ok());
     }
 
     #[test]

@@ -8,6 +8,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use crate::proxy::Proxy;
 use crate::session;
 use crate::wire::{self, ErrorFields};
@@ -22,9 +24,21 @@ pub async fn serve(proxy: Arc<Proxy>) -> anyhow::Result<()> {
     accept_loop(proxy, listener).await
 }
 
+/// Sets its flag to false when dropped.
+struct ClearOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for ClearOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
+}
+
 pub async fn accept_loop(proxy: Arc<Proxy>, listener: TcpListener) -> anyhow::Result<()> {
     let slots = Arc::new(Semaphore::new(proxy.config().limits.max_client_connections));
     let mut shutdown = proxy.shutdown.subscribe();
+    proxy.accepting.store(true, Ordering::Relaxed);
+    // However the loop ends, `GET /livez` stops saying it runs.
+    let _accepting = ClearOnDrop(&proxy.accepting);
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,

@@ -126,7 +126,9 @@ fn main() -> anyhow::Result<()> {
             let listen = config
                 .admin_listen
                 .context("rotate needs admin_listen in the config")?;
-            let (ok, body) = runtime()?.block_on(rolegate::admin::request_rotation(&listen))?;
+            let token = config.admin.token()?;
+            let (ok, body) = runtime()?
+                .block_on(rolegate::admin::request_rotation(&listen, token.as_deref()))?;
             println!("{body}");
             if !ok {
                 std::process::exit(1);

@@ -85,6 +85,8 @@ pub struct Metrics {
     pub rotations: Counter,
     pub rotation_failures: Counter,
     pub login_age_seconds: Gauge,
+    /// Backend logins made to answer readiness probes.
+    pub readiness_checks: Counter,
 }
 
 impl Default for Metrics {
@@ -100,6 +102,7 @@ impl Default for Metrics {
             rotations: Counter::default(),
             rotation_failures: Counter::default(),
             login_age_seconds: Gauge::default(),
+            readiness_checks: Counter::default(),
             registry: Registry::with_prefix("rolegate"),
         };
         let registry = &mut m.registry;
@@ -148,6 +151,11 @@ impl Default for Metrics {
             "login_age_seconds",
             "Age of the current backend login",
             m.login_age_seconds.clone(),
+        );
+        registry.register(
+            "readiness_checks",
+            "Backend logins made to answer readiness probes (at most one a second)",
+            m.readiness_checks.clone(),
         );
         m
     }

@@ -18,6 +18,8 @@ use crate::tls;
 /// what is current when they start.
 struct Live {
     config: Arc<Config>,
+    /// The bearer token of the admin endpoint's actions (`[admin]`).
+    admin_token: Option<Arc<str>>,
     tls_acceptor: Option<tokio_rustls::TlsAcceptor>,
     policy: Arc<Policy>,
 }
@@ -32,7 +34,13 @@ impl Live {
             }
             _ => anyhow::bail!("[tls] needs cert and key unless mode = \"disable\""),
         };
+        let admin_token = config
+            .admin
+            .token()
+            .context("reading the [admin] token")?
+            .map(Arc::from);
         Ok(Live {
+            admin_token,
             tls_acceptor,
             policy: Arc::new(Policy::new(&config.policy)),
             config: Arc::new(config),
@@ -54,6 +62,8 @@ pub struct Proxy {
     pub open_connections: std::sync::atomic::AtomicUsize,
     /// Set once on SIGTERM/SIGINT: stop accepting, end sessions as they go idle.
     pub shutdown: tokio::sync::watch::Sender<bool>,
+    /// True while the accept loop runs (`GET /livez`).
+    pub accepting: std::sync::atomic::AtomicBool,
     /// Keys the mock SCRAM verifiers of unknown users; new at every start.
     instance_secret: [u8; 32],
 }
@@ -118,6 +128,7 @@ impl Proxy {
             metrics: Arc::new(Metrics::default()),
             open_connections: std::sync::atomic::AtomicUsize::new(0),
             shutdown: tokio::sync::watch::channel(false).0,
+            accepting: std::sync::atomic::AtomicBool::new(false),
             instance_secret: rand::thread_rng().gen(),
             live: RwLock::new(Arc::new(Live::build(config)?)),
         })
@@ -141,6 +152,11 @@ impl Proxy {
 
     pub fn tls_acceptor(&self) -> Option<tokio_rustls::TlsAcceptor> {
         self.live().tls_acceptor.clone()
+    }
+
+    /// The token `POST /rotate` and `GET /status` need, if one is configured.
+    pub fn admin_token(&self) -> Option<Arc<str>> {
+        self.live().admin_token.clone()
     }
 
     /// SIGHUP: re-reads the config file. A config that does not load (or whose TLS

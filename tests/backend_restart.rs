@@ -1,5 +1,5 @@
-//! PostgreSQL restarted under load. In a test binary of its own: it restarts the cluster
-//! that every test of its binary shares.
+//! PostgreSQL restarted under load, then stopped. In a test binary of its own, and one
+//! test: it restarts and stops the cluster that every test of its binary shares.
 
 mod support;
 
@@ -12,7 +12,15 @@ use support::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_restart_gives_clean_errors_and_everyone_reconnects() {
     let db = TestDb::create("restart").await;
-    let rg = Rolegate::start(&db).await;
+    let admin_port = free_port();
+    let rg = Rolegate::start_with(
+        &db,
+        Options {
+            top: format!("admin_listen = \"127.0.0.1:{admin_port}\"\n"),
+            ..Options::default()
+        },
+    )
+    .await;
     let stop = Arc::new(AtomicBool::new(false));
     let after_restart = Arc::new(AtomicBool::new(false));
     let ok_after = Arc::new(AtomicU64::new(0));
@@ -86,4 +94,30 @@ async fn a_backend_restart_gives_clean_errors_and_everyone_reconnects() {
         .query_one("SELECT 1", &[])
         .await
         .unwrap();
+
+    // With PostgreSQL stopped rolegate is alive but not ready; ready again once it is back.
+    let (status, _) = http_get(admin_port, "/readyz").await;
+    assert!(status.contains("200"), "{status}");
+    cluster().stop();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (status, body) = http_get(admin_port, "/readyz").await;
+    assert!(
+        status.contains("503") && body.contains("backend login failed"),
+        "{status} {body}"
+    );
+    let (status, _) = http_get(admin_port, "/livez").await;
+    assert!(status.contains("200"), "{status}");
+    cluster().start();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = http_get(admin_port, "/readyz").await;
+        if status.contains("200") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not ready again: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

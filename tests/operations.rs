@@ -5,7 +5,6 @@ mod support;
 use std::time::Duration;
 
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn with_admin(db: &TestDb, extra: &str) -> (Rolegate, u16) {
     let admin_port = free_port();
@@ -28,36 +27,6 @@ async fn with_admin(db: &TestDb, extra: &str) -> (Rolegate, u16) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     (rg, admin_port)
-}
-
-/// A plain HTTP/1.1 GET; returns (status line, body).
-async fn http_get(port: u16, path: &str) -> (String, String) {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    (
-        head.lines().next().unwrap_or_default().to_owned(),
-        body.to_owned(),
-    )
-}
-
-fn metric(text: &str, name_and_labels: &str) -> f64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(name_and_labels)
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or_else(|| panic!("no {name_and_labels} in:\n{text}"))
 }
 
 fn signal(rg: &Rolegate, sig: &str) {
@@ -230,4 +199,60 @@ async fn idle_clients_are_closed_after_idle_client_timeout() {
     web.batch_execute("SELECT 1; COMMIT")
         .await
         .expect("a transaction is not idle");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_are_cheap_and_liveness_is_apart_from_readiness() {
+    let db = TestDb::create("probes").await;
+    let (_rg, admin_port) = with_admin(&db, "").await;
+    let (status, _) = http_get(admin_port, "/livez").await;
+    assert!(status.contains("200"), "{status}");
+    let checks = || async {
+        let (_, text) = http_get(admin_port, "/metrics").await;
+        metric(&text, "rolegate_readiness_checks_total")
+    };
+    let before = checks().await;
+    // 200 probes at once share one backend login (two if they straddle its second).
+    let probes: Vec<_> = (0..200)
+        .map(|n| {
+            let path = if n % 2 == 0 { "/readyz" } else { "/healthz" };
+            tokio::spawn(async move { http_get(admin_port, path).await })
+        })
+        .collect();
+    for probe in probes {
+        let (status, body) = probe.await.unwrap();
+        assert!(status.contains("200"), "{status} {body}");
+        assert!(body.contains("\"checked_ms_ago\""), "{body}");
+    }
+    let made = checks().await - before;
+    assert!(
+        (1.0..=2.0).contains(&made),
+        "{made} backend logins for 200 probes"
+    );
+    // The actions are open on a loopback endpoint without a token.
+    let (status, _) = http_get(admin_port, "/status").await;
+    assert!(status.contains("200"), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_endpoint_open_to_the_network_needs_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "listen = \"127.0.0.1:{}\"\nadmin_listen = \"0.0.0.0:{}\"\n[tls]\nmode = \"disable\"\n\
+         [backend]\nport = {}\ndatabase = \"open\"\nowner_role = \"open_owner\"\n\
+         [rotation]\nmode = \"managed\"\n\n{}",
+        free_port(),
+        free_port(),
+        cluster().port,
+        clients_toml()
+    );
+    let path = dir.path().join("rolegate.toml");
+    std::fs::write(&path, &config).unwrap();
+    let args = ["serve", "--config", path.to_str().unwrap()];
+    let serve = rolegate_command(&args, &[]);
+    let (ok, _, err) = tokio::time::timeout(Duration::from_secs(20), serve)
+        .await
+        .expect("serve with an open admin endpoint and no token must not start");
+    assert!(!ok);
+    assert!(err.contains("[admin] token_env or token_file"), "{err}");
 }

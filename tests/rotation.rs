@@ -58,6 +58,16 @@ async fn managed(db: &TestDb, rotation: &str) -> Rolegate {
     .await
 }
 
+/// The port of the admin endpoint in a test rolegate's config.
+fn admin_port(rg: &Rolegate) -> u16 {
+    let config = std::fs::read_to_string(rg.config_path()).unwrap();
+    config
+        .lines()
+        .find_map(|l| l.strip_prefix("admin_listen = \"127.0.0.1:"))
+        .and_then(|rest| rest.trim_end_matches('"').parse().ok())
+        .expect("admin_listen in the config")
+}
+
 async fn rotate(rg: &Rolegate) -> (bool, String) {
     let config = rg.config_path();
     let (ok, out, err) =
@@ -367,5 +377,64 @@ async fn sighup_turns_on_a_rotation_schedule() {
         rotated,
         "the schedule set by SIGHUP did not rotate: {}",
         rg.log_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_actions_need_the_token() {
+    const TOKEN: &str = "admin-token-for-tests-7f3a";
+    let db = TestDb::create("token").await;
+    let token_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(token_file.path(), format!("{TOKEN}\n")).unwrap();
+    let rg = managed(
+        &db,
+        &format!(
+            "\n[admin]\ntoken_file = {:?}",
+            token_file.path().display().to_string()
+        ),
+    )
+    .await;
+    let port = admin_port(&rg);
+    let bearer = format!("Authorization: Bearer {TOKEN}");
+    for (method, path) in [("GET", "/status"), ("POST", "/rotate")] {
+        for headers in [
+            &[][..],
+            &["Authorization: Bearer wrong-token"][..],
+            &["Authorization: admin-token-for-tests-7f3a"][..],
+        ] {
+            let (status, body) = http_request(port, method, path, headers).await;
+            assert!(
+                status.contains("401"),
+                "{method} {path} {headers:?}: {status} {body}"
+            );
+        }
+    }
+    let (status, body) = http_request(port, "GET", "/status", &[&bearer]).await;
+    assert!(
+        status.contains("200") && body.contains("login_role"),
+        "{status} {body}"
+    );
+    let before = session_user(&rg, &db).await;
+    let (status, body) = http_request(port, "POST", "/rotate", &[&bearer]).await;
+    assert!(
+        status.contains("200") && body.contains("new_login"),
+        "{status} {body}"
+    );
+    let after_http = session_user(&rg, &db).await;
+    assert_ne!(before, after_http);
+    // `rolegate rotate` reads the token from the same config.
+    let (ok, out) = rotate(&rg).await;
+    assert!(ok, "{out}");
+    assert_ne!(session_user(&rg, &db).await, after_http);
+    // Probes and metrics stay open.
+    for path in ["/livez", "/readyz", "/healthz", "/metrics"] {
+        let (status, _) = http_get(port, path).await;
+        assert!(status.contains("200"), "{path}: {status}");
+    }
+    let log = rg.log_text();
+    assert!(log.contains("admin request refused"), "{log}");
+    assert!(
+        !log.contains(TOKEN) && !log.contains("wrong-token"),
+        "{log}"
     );
 }

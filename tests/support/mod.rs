@@ -24,6 +24,8 @@ pub struct Cluster {
     pub port: u16,
     pub dir: PathBuf,
     pub bin: PathBuf,
+    /// The server options it was started with (port, TLS, settings).
+    options: String,
 }
 
 fn pg_bin() -> PathBuf {
@@ -114,20 +116,13 @@ fn start_cluster() -> Cluster {
         dir.display(),
         dir = dir.display()
     );
-    let out = pg_command(&bin, "pg_ctl")
-        .arg("-D")
-        .arg(&data)
-        .arg("-l")
-        .arg(dir.join("server.log"))
-        .args(["-w", "-t", "60", "-o", &options, "start"])
-        .output()
-        .expect("pg_ctl could not run");
-    assert!(
-        out.status.success(),
-        "pg_ctl start failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let cluster = Cluster {
+        port,
+        dir: dir.clone(),
+        bin,
+        options,
+    };
+    cluster.start();
     // Stop the server when this test process is gone, however it ends. The watchdog
     // outlives us on purpose, so it is never waited for.
     let watchdog = format!(
@@ -144,7 +139,7 @@ fn start_cluster() -> Cluster {
         .stderr(Stdio::null())
         .spawn()
         .expect("watchdog could not start");
-    Cluster { port, dir, bin }
+    cluster
 }
 
 impl Cluster {
@@ -153,6 +148,39 @@ impl Cluster {
             "host=127.0.0.1 port={} user=postgres password={} dbname={database}",
             self.port, ADMIN_PASSWORD
         )
+    }
+
+    /// Starts the (stopped) server.
+    pub fn start(&self) {
+        let out = pg_command(&self.bin, "pg_ctl")
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .arg("-l")
+            .arg(self.dir.join("server.log"))
+            .args(["-w", "-t", "60", "-o", &self.options, "start"])
+            .output()
+            .expect("pg_ctl could not run");
+        assert!(
+            out.status.success(),
+            "pg_ctl start failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Stops the server (fast shutdown).
+    pub fn stop(&self) {
+        let out = pg_command(&self.bin, "pg_ctl")
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-m", "fast", "-w", "-t", "60", "stop"])
+            .output()
+            .expect("pg_ctl could not run");
+        assert!(
+            out.status.success(),
+            "pg_ctl stop failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// Restarts the server (fast shutdown: sessions are terminated with 57P01).
@@ -428,6 +456,49 @@ pub fn clients_toml() -> String {
         ));
     }
     clients
+}
+
+/// A plain HTTP/1.1 request to 127.0.0.1 with extra header lines; returns (status line, body).
+pub async fn http_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut request =
+        format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+    for header in headers {
+        request.push_str(header);
+        request.push_str("\r\n");
+    }
+    request.push_str("Content-Length: 0\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    (
+        head.lines().next().unwrap_or_default().to_owned(),
+        body.to_owned(),
+    )
+}
+
+/// A plain HTTP/1.1 GET; returns (status line, body).
+pub async fn http_get(port: u16, path: &str) -> (String, String) {
+    http_request(port, "GET", path, &[]).await
+}
+
+/// The value of a metric line (`name{labels}`) in Prometheus text.
+pub fn metric(text: &str, name_and_labels: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(name_and_labels)
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or_else(|| panic!("no {name_and_labels} in:\n{text}"))
 }
 
 /// Runs the rolegate binary with these arguments; returns (success, stdout, stderr).
