@@ -421,6 +421,7 @@ impl Config {
                 ))
             })?;
             config.rotation.instance_id = Some(id);
+            config.check_login_name_length()?;
         }
         Ok(config)
     }
@@ -502,8 +503,22 @@ impl Config {
                 "[rotation] needs at most one of instance_id and instance_id_env".into(),
             );
         }
+        self.check_login_name_length()?;
         if self.policy.max_statement_bytes == 0 {
             return invalid("[policy] max_statement_bytes must be positive".into());
+        }
+        Ok(())
+    }
+
+    /// Rotated login names are the own prefix and a 17-digit UTC timestamp; PostgreSQL
+    /// would silently cut a name longer than 63 bytes, and with it the timestamp.
+    fn check_login_name_length(&self) -> Result<(), ConfigError> {
+        let prefix = self.own_login_prefix();
+        if prefix.len() + 17 > 63 {
+            return Err(ConfigError::Invalid(format!(
+                "login role names would start with {prefix:?} and be longer than PostgreSQL's \
+                 63 bytes: shorten [rotation] login_prefix or instance_id"
+            )));
         }
         Ok(())
     }

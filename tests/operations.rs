@@ -256,3 +256,28 @@ async fn an_admin_endpoint_open_to_the_network_needs_a_token() {
     assert!(!ok);
     assert!(err.contains("[admin] token_env or token_file"), "{err}");
 }
+
+/// The config inside the Kubernetes example is one rolegate accepts.
+#[test]
+fn the_kubernetes_example_config_is_valid() {
+    let manifest = include_str!("../deploy/kubernetes/rolegate.yaml");
+    let block: String = manifest
+        .split("rolegate.toml: |\n")
+        .nth(1)
+        .expect("the ConfigMap holds rolegate.toml")
+        .lines()
+        .take_while(|l| l.is_empty() || l.starts_with("    "))
+        .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
+        .collect();
+    let verifier = rolegate::scram::make_verifier("example");
+    let text = block.replace(
+        "SCRAM-SHA-256$4096:REPLACE-WITH-rolegate-hash-password-OUTPUT",
+        &verifier,
+    );
+    let config = rolegate::config::Config::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    assert_eq!(config.clients.len(), 2);
+    assert_eq!(config.rotation.instance_id_env.as_deref(), Some("POD_NAME"));
+    // Without its token setting the open admin port is refused.
+    let open = text.replace("token_env = \"ROLEGATE_ADMIN_TOKEN\"\n", "");
+    assert!(rolegate::config::Config::parse(&open).is_err());
+}
