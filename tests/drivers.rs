@@ -421,7 +421,7 @@ async fn large_objects_work_through_real_drivers() {
     let oids = admin(&db.name)
         .await
         .query_one(
-            "SELECT 'pg_terminate_backend(int4,int8)'::regprocedure::oid, \
+            "SELECT 'pg_terminate_backend'::regproc::oid, \
                     'set_config'::regproc::oid, 'lowrite'::regproc::oid",
             &[],
         )

@@ -10,14 +10,25 @@ use support::*;
 
 const ROTATOR_PASSWORD: &str = "rotator-secret-for-tests";
 
-/// The rotator role, as `rolegate setup` makes it (PostgreSQL 15 form).
+/// The rotator role, as `rolegate setup` makes it: on PostgreSQL 16 and later it may grant
+/// the owner role but neither inherits it nor can SET ROLE to it.
 async fn make_rotator(db: &TestDb) -> String {
     let rotator = format!("{}_rotator", db.name);
     let admin = admin("postgres").await;
+    let version: i32 = admin
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let options = if version >= 160_000 {
+        "WITH ADMIN OPTION, INHERIT FALSE, SET FALSE"
+    } else {
+        "WITH ADMIN OPTION"
+    };
     admin
         .batch_execute(&format!(
             "CREATE ROLE \"{rotator}\" LOGIN CREATEROLE NOINHERIT PASSWORD '{ROTATOR_PASSWORD}';
-             GRANT \"{owner}\" TO \"{rotator}\" WITH ADMIN OPTION;
+             GRANT \"{owner}\" TO \"{rotator}\" {options};
              GRANT pg_signal_backend TO \"{rotator}\";",
             owner = db.owner
         ))

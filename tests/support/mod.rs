@@ -410,7 +410,14 @@ pub fn password_of(user: &str) -> &'static str {
 
 /// Runs psql against rolegate and returns (success, stdout, stderr).
 pub async fn psql(conninfo: &str, password: &str, args: &[&str]) -> (bool, String, String) {
-    let out = tokio::process::Command::new(cluster().bin.join("psql"))
+    // The server's own psql when it has one; embedded server packages ship none.
+    let own = cluster().bin.join("psql");
+    let program = if own.is_file() {
+        own
+    } else {
+        PathBuf::from("psql")
+    };
+    let out = tokio::process::Command::new(program)
         .arg(conninfo)
         .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
         .args(args)
