@@ -86,20 +86,6 @@ async fn rotate(rg: &Rolegate) -> (bool, String) {
     (ok, format!("{out}{err}"))
 }
 
-async fn login_roles(prefix: &str) -> Vec<String> {
-    admin("postgres")
-        .await
-        .query(
-            "SELECT rolname::text FROM pg_roles WHERE starts_with(rolname, $1) ORDER BY 1",
-            &[&prefix],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
-}
-
 async fn session_user(rg: &Rolegate, db: &TestDb) -> String {
     rg.client("web", db)
         .await
@@ -204,7 +190,7 @@ async fn three_rotations_under_load_lose_no_query() {
         "{err:?}"
     );
     let current = seen_logins.last().unwrap().clone();
-    assert_eq!(login_roles(&prefix).await, vec![current.clone()]);
+    assert_eq!(roles_with_prefix(&prefix).await, vec![current.clone()]);
     // An old login cannot log in any more (its role is gone).
     let old = format!(
         "host=127.0.0.1 port={} user={} password=x dbname={}",
@@ -253,7 +239,7 @@ async fn a_failed_rotation_keeps_the_old_login() {
     );
     let prefix = format!("{}_login_", db.name);
     assert_eq!(
-        login_roles(&prefix).await,
+        roles_with_prefix(&prefix).await,
         vec![before],
         "no half-made role is left"
     );
@@ -349,7 +335,7 @@ async fn two_instances_rotate_against_one_database() {
             user.starts_with(&format!("{}_login_{id}_", db.name)),
             "{user}"
         );
-        let own = login_roles(&format!("{}_login_{id}_", db.name)).await;
+        let own = roles_with_prefix(&format!("{}_login_{id}_", db.name)).await;
         assert_eq!(
             own,
             vec![user],

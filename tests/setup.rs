@@ -516,17 +516,7 @@ async fn managed_rotation_needs_no_static_login() {
     // Once the old logins' sessions are gone, only the newest login is left.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let left: Vec<String> = admin("postgres")
-            .await
-            .query(
-                "SELECT rolname::text FROM pg_roles WHERE starts_with(rolname, $1)",
-                &[&prefix],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let left = roles_with_prefix(&prefix).await;
         if left == [seen[3].clone()] {
             break;
         }

@@ -150,55 +150,40 @@ impl Cluster {
         )
     }
 
-    /// Starts the (stopped) server.
-    pub fn start(&self) {
+    /// Runs `pg_ctl <action>` on the cluster and waits for it. With `-l` a new postmaster
+    /// does not hold our output pipes open.
+    fn pg_ctl(&self, action: &str, extra: &[&str]) {
         let out = pg_command(&self.bin, "pg_ctl")
             .arg("-D")
             .arg(self.dir.join("data"))
             .arg("-l")
             .arg(self.dir.join("server.log"))
-            .args(["-w", "-t", "60", "-o", &self.options, "start"])
+            .args(["-w", "-t", "60"])
+            .args(extra)
+            .arg(action)
             .output()
             .expect("pg_ctl could not run");
         assert!(
             out.status.success(),
-            "pg_ctl start failed: {}{}",
+            "pg_ctl {action} failed: {}{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
     }
 
+    /// Starts the (stopped) server.
+    pub fn start(&self) {
+        self.pg_ctl("start", &["-o", &self.options]);
+    }
+
     /// Stops the server (fast shutdown).
     pub fn stop(&self) {
-        let out = pg_command(&self.bin, "pg_ctl")
-            .arg("-D")
-            .arg(self.dir.join("data"))
-            .args(["-m", "fast", "-w", "-t", "60", "stop"])
-            .output()
-            .expect("pg_ctl could not run");
-        assert!(
-            out.status.success(),
-            "pg_ctl stop failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        self.pg_ctl("stop", &["-m", "fast"]);
     }
 
     /// Restarts the server (fast shutdown: sessions are terminated with 57P01).
     pub fn restart(&self) {
-        let out = pg_command(&self.bin, "pg_ctl")
-            .arg("-D")
-            .arg(self.dir.join("data"))
-            // With -l the new postmaster does not hold our output pipes open.
-            .arg("-l")
-            .arg(self.dir.join("server.log"))
-            .args(["-m", "fast", "-w", "-t", "60", "restart"])
-            .output()
-            .expect("pg_ctl could not run");
-        assert!(
-            out.status.success(),
-            "pg_ctl restart failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        self.pg_ctl("restart", &["-m", "fast"]);
     }
 
     /// The CA that signed the server's TLS certificate.
@@ -217,6 +202,21 @@ pub async fn connect_url(url: &str) -> Result<tokio_postgres::Client, tokio_post
         let _ = connection.await;
     });
     Ok(client)
+}
+
+/// The roles whose names start with `prefix`, sorted.
+pub async fn roles_with_prefix(prefix: &str) -> Vec<String> {
+    admin("postgres")
+        .await
+        .query(
+            "SELECT rolname::text FROM pg_roles WHERE starts_with(rolname, $1) ORDER BY 1",
+            &[&prefix],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
 }
 
 pub async fn admin(database: &str) -> tokio_postgres::Client {
