@@ -127,14 +127,7 @@ async fn sighup_adds_a_client_without_dropping_a_session_and_refuses_a_bad_confi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_a_running_transaction_commit() {
     let db = TestDb::create("sigterm").await;
-    let mut rg = Rolegate::start_with(
-        &db,
-        Options {
-            extra: "[limits]\nshutdown_timeout = \"20s\"\n".into(),
-            ..Options::default()
-        },
-    )
-    .await;
+    let (mut rg, admin_port) = with_admin(&db, "[limits]\nshutdown_timeout = \"20s\"\n").await;
     rg.client("migrate", &db)
         .await
         .batch_execute("CREATE TABLE done (id int)")
@@ -150,6 +143,14 @@ async fn sigterm_lets_a_running_transaction_commit() {
     assert!(connect_url(&rg.url("web", "web-pw", &db.name))
         .await
         .is_err());
+    // While it drains it is alive but no longer ready for new traffic.
+    let (status, body) = http_get(admin_port, "/readyz").await;
+    assert!(
+        status.contains("503") && body.contains("shutting down"),
+        "{status} {body}"
+    );
+    let (status, _) = http_get(admin_port, "/livez").await;
+    assert!(status.contains("200"), "{status}");
     // …but the open transaction finishes.
     web.batch_execute("INSERT INTO done VALUES (2); COMMIT")
         .await
