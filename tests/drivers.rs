@@ -455,3 +455,27 @@ async fn large_objects_work_through_real_drivers() {
         assert_eq!(data_values(&mut raw).await, vec![db.owner.clone()]);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_postgres_pool_named_statements_and_resets() {
+    let db = TestDb::create("nodepg").await;
+    let rg = Rolegate::start(&db).await;
+    for (user, class) in [
+        ("web", "app"),
+        ("analyst", "readonly"),
+        ("migrate", "migrator"),
+    ] {
+        let url = format!(
+            "postgresql://{user}:{}@127.0.0.1:{}/{}?sslmode=disable",
+            password_of(user),
+            rg.port,
+            db.name
+        );
+        let (ok, out, err) = node("node_pg.js", &[&url, &db.owner, class]).await;
+        assert!(
+            ok && out.trim() == "ok",
+            "{user}: {out}\n{err}\n{}",
+            rg.log_text()
+        );
+    }
+}

@@ -434,18 +434,44 @@ pub async fn psql(conninfo: &str, password: &str, args: &[&str]) -> (bool, Strin
     )
 }
 
-/// Runs a Python script from tests/clients with the arguments; returns its stdout.
+/// Runs a Python script from tests/clients with the arguments; returns
+/// (success, stdout, stderr).
 pub async fn python(script: &str, args: &[&str]) -> (bool, String, String) {
+    client_script("python3", script, args, &[]).await
+}
+
+/// Where `.ci/run` installs node-postgres (`npm install --prefix target/node pg@8`).
+pub fn node_modules() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("target/node/node_modules")
+}
+
+/// Runs a Node.js script from tests/clients with node-postgres on its module path.
+pub async fn node(script: &str, args: &[&str]) -> (bool, String, String) {
+    assert!(
+        node_modules().join("pg").is_dir(),
+        "node-postgres is missing: npm install --prefix target/node pg@8 (as .ci/run does)"
+    );
+    let modules = node_modules().display().to_string();
+    client_script("node", script, args, &[("NODE_PATH", &modules)]).await
+}
+
+async fn client_script(
+    program: &str,
+    script: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (bool, String, String) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/clients")
         .join(script);
-    let out = tokio::process::Command::new("python3")
+    let out = tokio::process::Command::new(program)
         .arg(path)
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .output()
         .await
-        .expect("python3 could not run");
+        .unwrap_or_else(|e| panic!("{program} could not run: {e}"));
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
