@@ -414,16 +414,29 @@ impl Config {
         rebase(&mut config.rotation.rotator_url_file);
         rebase(&mut config.rotation.file);
         rebase(&mut config.admin.token_file);
-        if let Some(var) = &config.rotation.instance_id_env {
-            let id = std::env::var(var).map_err(|_| {
-                ConfigError::Invalid(format!(
-                    "[rotation] instance_id_env names {var}, which is not set"
-                ))
-            })?;
+        // Only `serve` needs the instance id (see `require_instance_id`): setup, check and
+        // rotate also run where the variable is not set, such as an operator's shell.
+        if let Some(id) = config
+            .rotation
+            .instance_id_env
+            .as_ref()
+            .and_then(|var| std::env::var(var).ok())
+        {
             config.rotation.instance_id = Some(id);
             config.check_login_name_length()?;
         }
         Ok(config)
+    }
+
+    /// `serve` with `instance_id_env`: the variable must be set, or this instance would
+    /// sweep the login roles of every other one.
+    pub fn require_instance_id(&self) -> Result<(), ConfigError> {
+        match (&self.rotation.instance_id_env, &self.rotation.instance_id) {
+            (Some(var), None) => Err(ConfigError::Invalid(format!(
+                "[rotation] instance_id_env names {var}, which is not set"
+            ))),
+            _ => Ok(()),
+        }
     }
 
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
@@ -600,6 +613,23 @@ class = "app"
             let text = sample().replace("[tls]", &format!("admin_listen = {listen:?}\n[tls]"));
             assert!(Config::parse(&text).is_ok(), "{listen}");
         }
+    }
+
+    #[test]
+    fn serve_needs_the_instance_id_variable_to_be_set() {
+        let text = format!(
+            "{}[rotation]\ninstance_id_env = \"ROLEGATE_TEST_NEVER_SET_VARIABLE\"\n",
+            sample()
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rolegate.toml");
+        std::fs::write(&path, text).unwrap();
+        // setup, check and rotate load it where the variable is not set…
+        let config = Config::load(&path).unwrap();
+        assert_eq!(config.rotation.instance_id, None);
+        // …serve does not start without it.
+        let err = config.require_instance_id().unwrap_err().to_string();
+        assert!(err.contains("ROLEGATE_TEST_NEVER_SET_VARIABLE"), "{err}");
     }
 
     #[test]

@@ -72,6 +72,7 @@ impl Proxy {
     /// Builds the proxy and brings its credential source to life: the static login, the
     /// watched file, or (managed) a freshly rotated login, with the schedule running.
     pub async fn start(config: Config) -> anyhow::Result<Arc<Proxy>> {
+        config.require_instance_id()?;
         let mode = config.rotation.mode;
         let mut proxy = Proxy::new(config)?;
         match mode {
@@ -166,6 +167,7 @@ impl Proxy {
     /// restart.
     pub fn reload(&self, path: &std::path::Path) -> anyhow::Result<()> {
         let config = Config::load(path)?;
+        config.require_instance_id()?;
         let current = self.config();
         if config.backend.database != current.backend.database
             || config.backend.host != current.backend.host

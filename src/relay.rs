@@ -508,7 +508,7 @@ impl<'a> Upstream<'a> {
                 break;
             }
             let decision = if oversized {
-                Decision::Refuse(oversized_refusal(size - 5))
+                Decision::Refuse(Box::new(oversized_refusal(size - 5)))
             } else {
                 self.decide(tag, pos, size, shared)
             };
@@ -567,13 +567,13 @@ impl<'a> Upstream<'a> {
         let body = &frame[5..];
         if self.discard_all_in_batch && tag != b'C' {
             // After DISCARD ALL nothing may run before the role is set again (at Sync).
-            return Decision::Refuse(Refusal {
+            return Decision::Refuse(Box::new(Refusal {
                 code: "25001",
                 message: "DISCARD ALL cannot be executed within a pipeline".into(),
                 hint: Some("Send Sync right after the Execute of DISCARD ALL.".into()),
                 kind: "DISCARD ALL".into(),
                 leaves_owner_role: true,
-            });
+            }));
         }
         const FORWARD: Decision = Decision::Forward {
             restore_role: false,
@@ -587,7 +587,7 @@ impl<'a> Upstream<'a> {
                 )
                 .err()
                 .and_then(|r| self.ctx.policy.audit(&self.ctx.requester, b"", r));
-                refusal.map_or(FORWARD, Decision::Refuse)
+                refusal.map_or(FORWARD, |r| Decision::Refuse(Box::new(r)))
             }
             b'C' => {
                 if let Some(name) = body.strip_prefix(b"S").and_then(|n| n.strip_suffix(&[0])) {
@@ -597,7 +597,7 @@ impl<'a> Upstream<'a> {
             }
             b'B' => {
                 let Some(BindParts { statement, params }) = bind_parts(body) else {
-                    return Decision::Refuse(malformed_refusal("Bind"));
+                    return Decision::Refuse(Box::new(malformed_refusal("Bind")));
                 };
                 match self.statement_checks.get(statement) {
                     Some(StatementCheck::DiscardAll) => {
@@ -616,7 +616,7 @@ impl<'a> Upstream<'a> {
                                 .policy
                                 .check_bound_setting(&self.ctx.requester, name)
                             {
-                                return Decision::Refuse(refusal);
+                                return Decision::Refuse(Box::new(refusal));
                             }
                         }
                         FORWARD
@@ -636,11 +636,13 @@ impl<'a> Upstream<'a> {
             b'Q' => (b"", body.strip_suffix(&[0]).unwrap_or(body), b""),
             _ => match parse_parts(body) {
                 Some(parts) => parts,
-                None => return Decision::Refuse(malformed_refusal("Parse")),
+                None => return Decision::Refuse(Box::new(malformed_refusal("Parse"))),
             },
         };
         if sql.contains(&0) {
-            return Decision::Refuse(malformed_refusal("statement text with a NUL byte"));
+            return Decision::Refuse(Box::new(malformed_refusal(
+                "statement text with a NUL byte",
+            )));
         }
         let scs = shared.standard_conforming_strings.load(Ordering::Relaxed);
         let pass =
@@ -650,12 +652,22 @@ impl<'a> Upstream<'a> {
                 .check(&self.ctx.requester, sql, scs, Some(&mut self.verdicts))
             {
                 Ok(pass) => pass,
-                Err(refusal) => return Decision::Refuse(refusal),
+                Err(refusal) => return Decision::Refuse(Box::new(refusal)),
             };
+        let Some(pass) = pass.actions() else {
+            if !self.statement_checks.is_empty() {
+                self.statement_checks.remove(name);
+            }
+            return Decision::Forward {
+                restore_role: false,
+            };
+        };
         let check = if pass.discard_all {
             Some(StatementCheck::DiscardAll)
         } else if !pass.bound_setting_names.is_empty() {
-            Some(StatementCheck::BoundSettingNames(pass.bound_setting_names))
+            Some(StatementCheck::BoundSettingNames(
+                pass.bound_setting_names.clone(),
+            ))
         } else {
             None
         };
@@ -758,7 +770,8 @@ enum Decision {
         frame: BytesMut,
         restore_role: bool,
     },
-    Refuse(Refusal),
+    /// Boxed: refusals are rare, and a small `Decision` keeps the common path cheap.
+    Refuse(Box<Refusal>),
 }
 
 /// What goes to the server in place of a refused frame: a statement that fails in the
