@@ -604,22 +604,26 @@ impl<'a> Upstream<'a> {
                         self.discard_all_in_batch = true;
                         FORWARD
                     }
-                    Some(StatementCheck::BoundSettingNames(numbers)) => {
-                        for n in numbers {
-                            // NULL or missing: the server refuses it itself ("SET
-                            // requires parameter name", or a parameter count mismatch).
-                            let Some(Some(name)) = params.get(usize::from(*n) - 1) else {
-                                continue;
-                            };
-                            if let Some(refusal) = self
-                                .ctx
-                                .policy
-                                .check_bound_setting(&self.ctx.requester, name)
-                            {
-                                return Decision::Refuse(Box::new(refusal));
-                            }
-                        }
-                        FORWARD
+                    Some(StatementCheck::Bound {
+                        setting_names,
+                        encodings,
+                    }) => {
+                        // NULL or missing: the server refuses it itself ("SET requires
+                        // parameter name", or a parameter count mismatch).
+                        let bound = |n: &u16| params.get(usize::from(*n) - 1).copied().flatten();
+                        let policy = self.ctx.policy;
+                        let who = &self.ctx.requester;
+                        let refusal = setting_names
+                            .iter()
+                            .filter_map(bound)
+                            .find_map(|name| policy.check_bound_setting(who, name))
+                            .or_else(|| {
+                                encodings
+                                    .iter()
+                                    .filter_map(bound)
+                                    .find_map(|value| policy.check_bound_encoding(who, value))
+                            });
+                        refusal.map_or(FORWARD, |r| Decision::Refuse(Box::new(r)))
                     }
                     None => FORWARD,
                 }
@@ -664,10 +668,11 @@ impl<'a> Upstream<'a> {
         };
         let check = if pass.discard_all {
             Some(StatementCheck::DiscardAll)
-        } else if !pass.bound_setting_names.is_empty() {
-            Some(StatementCheck::BoundSettingNames(
-                pass.bound_setting_names.clone(),
-            ))
+        } else if !pass.bound_setting_names.is_empty() || !pass.bound_encodings.is_empty() {
+            Some(StatementCheck::Bound {
+                setting_names: pass.bound_setting_names.clone(),
+                encodings: pass.bound_encodings.clone(),
+            })
         } else {
             None
         };
@@ -789,8 +794,12 @@ enum StandIn {
 enum StatementCheck {
     /// DISCARD ALL: nothing may follow its Execute before Sync.
     DiscardAll,
-    /// `set_config`'s setting name comes from these parameters ($n).
-    BoundSettingNames(Vec<u16>),
+    /// `set_config`'s setting name, or the client_encoding it sets, comes from these
+    /// parameters ($n).
+    Bound {
+        setting_names: Vec<u16>,
+        encodings: Vec<u16>,
+    },
 }
 
 fn oversized_refusal(len: usize) -> Refusal {

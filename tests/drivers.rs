@@ -270,6 +270,14 @@ async fn set_config_with_a_bound_name_is_judged_at_bind() {
         .unwrap_err();
     assert_eq!(sqlstate(&err).as_deref(), Some("42501"));
     assert_eq!(current_user(&web).await, db.owner);
+    // psycopg's own tests set client_encoding so: the bound value is judged like a
+    // literal one (accepted when rolegate can read it, 0A000 where it is set otherwise).
+    let encoding = "SELECT set_config('client_encoding', $1, false)";
+    let row = web.query_one(encoding, &[&"UTF8"]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), "UTF8");
+    let err = web.query_one(encoding, &[&"SJIS"]).await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("0A000"), "{err}");
+    assert_eq!(setting(&web, "client_encoding").await, "UTF8");
     // readonly may not leave read-only mode that way.
     let analyst = rg.client("analyst", &db).await;
     let err = analyst

@@ -49,6 +49,9 @@ pub struct StatementInfo {
     pub role_statement: Option<RoleStatement>,
     /// `set_config`'s setting name is these bound parameters (`$n`): judged at Bind.
     pub bound_setting_names: Vec<u16>,
+    /// `set_config('client_encoding', $n, …)`: the new encoding is these bound
+    /// parameters, judged at Bind.
+    pub bound_encodings: Vec<u16>,
     /// It sets `client_encoding` (SET, SET NAMES, `set_config`): to this value, or to
     /// one computed on the server (`None`).
     pub sets_client_encoding: Option<Option<String>>,
@@ -166,6 +169,11 @@ fn classify_statement(node: &pg_query::protobuf::Node, walk_needed: bool) -> Sta
     } else {
         info.bound_setting_names = findings.bound_setting_names;
     }
+    if prepared_in_sql && !findings.bound_encodings.is_empty() {
+        findings.sets_client_encoding = Some(None);
+    } else {
+        info.bound_encodings = findings.bound_encodings;
+    }
     if findings.sets_client_encoding.is_some() {
         info.sets_client_encoding = findings.sets_client_encoding;
     }
@@ -198,6 +206,7 @@ impl StatementInfo {
             leaves_read_only: false,
             role_statement: None,
             bound_setting_names: Vec::new(),
+            bound_encodings: Vec::new(),
             sets_client_encoding: None,
             span: (0, 0),
         }
@@ -516,6 +525,7 @@ struct Findings {
     leaves_read_only: bool,
     unknown_set_config: bool,
     bound_setting_names: Vec<u16>,
+    bound_encodings: Vec<u16>,
     sets_client_encoding: Option<Option<String>>,
 }
 
@@ -566,8 +576,13 @@ fn func_call(call: &Value, findings: &mut Findings) {
         Some(s) if is_role_setting(s) => findings.changes_role = true,
         Some(s) if is_read_only_setting(s) => findings.leaves_read_only = true,
         Some(s) if s.eq_ignore_ascii_case("client_encoding") => {
-            findings.sets_client_encoding =
-                Some(arg(1).and_then(constant_string).map(str::to_owned));
+            match arg(1).and_then(param_number) {
+                Some(n) => findings.bound_encodings.push(n),
+                None => {
+                    findings.sets_client_encoding =
+                        Some(arg(1).and_then(constant_string).map(str::to_owned));
+                }
+            }
         }
         Some(_) => {}
         None => findings.unknown_set_config = true,

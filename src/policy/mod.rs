@@ -48,12 +48,15 @@ pub struct PassActions {
     pub discard_all: bool,
     /// `set_config` takes its setting name from these parameters: judged at Bind.
     pub bound_setting_names: Vec<u16>,
+    /// `set_config('client_encoding', …)` takes the encoding from these: judged at Bind.
+    pub bound_encodings: Vec<u16>,
 }
 
 static FORWARD_AS_IS: PassActions = PassActions {
     rewritten: None,
     discard_all: false,
     bound_setting_names: Vec::new(),
+    bound_encodings: Vec::new(),
 };
 
 impl Pass {
@@ -146,6 +149,13 @@ impl Policy {
             kind: kind.into(),
             leaves_owner_role: true,
         };
+        self.audit(who, b"", refusal)
+    }
+
+    /// Judges the client_encoding `set_config('client_encoding', $n, …)` gets from a bound
+    /// parameter, as a literal value would be.
+    pub fn check_bound_encoding(&self, who: &Requester<'_>, value: &[u8]) -> Option<Refusal> {
+        let refusal = unsupported_client_encoding(String::from_utf8_lossy(value).trim())?;
         self.audit(who, b"", refusal)
     }
 
@@ -260,6 +270,7 @@ fn pass(text: &str, sql: &[u8], allowed: Allowed) -> Pass {
         rewritten,
         discard_all: allowed.discard_all,
         bound_setting_names: allowed.bound_setting_names,
+        bound_encodings: allowed.bound_encodings,
     })))
 }
 
@@ -697,6 +708,20 @@ mod tests {
             .check(&app, b"SELECT set_config($2::text, $1, false)", true, None)
             .unwrap();
         assert_eq!(pass.bound_setting_names, vec![2]);
+        let pass = policy
+            .check(
+                &app,
+                b"SELECT set_config('client_encoding', $1::text, false)",
+                true,
+                None,
+            )
+            .unwrap();
+        assert_eq!(pass.bound_encodings, vec![1]);
+        assert!(policy.check_bound_encoding(&app, b"LATIN1").is_none());
+        assert_eq!(
+            policy.check_bound_encoding(&app, b" sjis").map(|r| r.code),
+            Some("0A000")
+        );
         // A SQL-level PREPARE is bound by EXECUTE, which rolegate does not look into.
         assert!(policy
             .check(

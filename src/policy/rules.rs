@@ -27,12 +27,17 @@ pub struct Allowed {
     pub discard_all: bool,
     /// `set_config` takes its setting name from these parameters: judged at Bind.
     pub bound_setting_names: Vec<u16>,
+    /// `set_config('client_encoding', …)` takes the encoding from these: judged at Bind.
+    pub bound_encodings: Vec<u16>,
 }
 
 impl Allowed {
     /// Forwarded as the client sent it, nothing to do later.
     pub fn is_plain(&self) -> bool {
-        self.replacements.is_empty() && !self.discard_all && self.bound_setting_names.is_empty()
+        self.replacements.is_empty()
+            && !self.discard_all
+            && self.bound_setting_names.is_empty()
+            && self.bound_encodings.is_empty()
     }
 }
 
@@ -67,6 +72,9 @@ pub fn judge(
         allowed
             .bound_setting_names
             .extend_from_slice(&s.bound_setting_names);
+        allowed
+            .bound_encodings
+            .extend_from_slice(&s.bound_encodings);
     }
     Ok(allowed)
 }
