@@ -172,7 +172,7 @@ async fn nothing_runs_between_discard_all_and_the_role() {
     extended(&mut out, "SELECT current_user::text", &[]);
     rolegate::wire::put_message(&mut out, b'S', &[]);
     raw.send(&out).await;
-    assert_eq!(data_values(&mut raw).await, vec![db.owner.clone()]);
+    assert_eq!(raw.data_values().await, vec![db.owner.clone()]);
     let admin = admin(&db.name).await;
     let made = admin
         .query(
@@ -208,23 +208,6 @@ fn extended(out: &mut bytes::BytesMut, sql: &str, params: &[(i16, &[u8])]) {
     rolegate::wire::put_message(out, b'E', b"\0\0\0\0\0");
 }
 
-/// The text values of the DataRows up to ReadyForQuery; panics on an error.
-async fn data_values(raw: &mut RawClient) -> Vec<String> {
-    let mut values = Vec::new();
-    while let Some((tag, body)) = raw.read().await {
-        match tag {
-            b'D' => {
-                let len = i32::from_be_bytes([body[2], body[3], body[4], body[5]]) as usize;
-                values.push(String::from_utf8_lossy(&body[6..6 + len]).into_owned());
-            }
-            b'E' => panic!("{:?}", rolegate::wire::error_fields(&body)),
-            b'Z' => break,
-            _ => {}
-        }
-    }
-    values
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn set_config_with_a_bound_name_is_judged_at_bind() {
     let db = TestDb::create("boundname").await;
@@ -240,7 +223,7 @@ async fn set_config_with_a_bound_name_is_judged_at_bind() {
         );
         rolegate::wire::put_message(&mut out, b'S', &[]);
         raw.send(&out).await;
-        assert_eq!(data_values(&mut raw).await, vec!["Asia/Tokyo".to_owned()]);
+        assert_eq!(raw.data_values().await, vec!["Asia/Tokyo".to_owned()]);
         for name in [&b"role"[..], b"ROLE", b"session_authorization"] {
             let mut out = bytes::BytesMut::new();
             extended(&mut out, sql, &[(format, name), (format, b"postgres")]);
@@ -254,7 +237,7 @@ async fn set_config_with_a_bound_name_is_judged_at_bind() {
         extended(&mut out, "SELECT current_user::text", &[]);
         rolegate::wire::put_message(&mut out, b'S', &[]);
         raw.send(&out).await;
-        assert_eq!(data_values(&mut raw).await, vec![db.owner.clone()]);
+        assert_eq!(raw.data_values().await, vec![db.owner.clone()]);
     }
     // A driver: tokio-postgres binds &str in binary format, a prepared statement reused.
     let web = rg.client("web", &db).await;
@@ -460,7 +443,7 @@ async fn large_objects_work_through_real_drivers() {
         let mut out = bytes::BytesMut::new();
         rolegate::wire::put_query(&mut out, "SELECT current_user::text");
         raw.send(&out).await;
-        assert_eq!(data_values(&mut raw).await, vec![db.owner.clone()]);
+        assert_eq!(raw.data_values().await, vec![db.owner.clone()]);
     }
 }
 

@@ -109,23 +109,60 @@ async fn the_grammar_follows_the_servers_standard_conforming_strings() {
     let rg = Rolegate::start(&db).await;
     fixture(&rg, &db).await;
     let web = rg.client("web", &db).await;
-    // With standard_conforming_strings off, \' escapes the quote: one harmless SELECT.
+    // With standard_conforming_strings on, this is a SELECT and a DROP: refused.
     let tricky = r"SELECT 'a\'; DROP TABLE items; --'";
+    let err = web.simple_query(tricky).await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("42501"), "{err:?}");
+    // With it off, \' escapes the quote and the text is one SELECT, but rolegate cannot
+    // know which value the server will read it with when a SET is in flight: a text
+    // with a backslash must pass under both values.
     web.batch_execute("SET standard_conforming_strings = off")
-        .await
-        .unwrap();
-    web.simple_query(tricky)
-        .await
-        .expect("one SELECT with scs off");
-    // Back on: the same text is a SELECT and a DROP, and must be refused.
-    web.batch_execute("SET standard_conforming_strings = on")
         .await
         .unwrap();
     let err = web.simple_query(tricky).await.unwrap_err();
     assert_eq!(sqlstate(&err).as_deref(), Some("42501"), "{err:?}");
+    assert!(
+        message(&err).contains("standard_conforming_strings = on"),
+        "{err:?}"
+    );
+    web.batch_execute("SET standard_conforming_strings = on")
+        .await
+        .unwrap();
+    // Backslashes that mean the same (or are a syntax error the other way) pass.
+    for (sql, value) in [
+        (r"SELECT 'C:\temp\'", r"C:\temp\"),
+        (r"SELECT 'a\nb'", r"a\nb"),
+    ] {
+        let row = web.query_one(sql, &[]).await.unwrap();
+        assert_eq!(row.get::<_, String>(0), value);
+    }
     web.query_one("SELECT count(*) FROM items", &[])
         .await
         .expect("items still exists");
+}
+
+/// A SET of standard_conforming_strings and, before its answer, a statement whose string
+/// hides `set_config('role', …)` with the setting on and exposes it with it off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipelined_standard_conforming_strings_change_hides_nothing() {
+    let db = TestDb::create("scsrace").await;
+    let rg = Rolegate::start(&db).await;
+    // set_config('role', 'none', false) would put the session back in its login role.
+    let escape = r"SELECT 'a\' || ', set_config($$role$$, $$none$$, false) --'";
+    let mut raw = RawClient::login(rg.port, "web", "web-pw", &db.name).await;
+    let mut out = bytes::BytesMut::new();
+    rolegate::wire::put_query(&mut out, "SET standard_conforming_strings = off");
+    rolegate::wire::put_query(&mut out, escape);
+    raw.send(&out).await;
+    let (_, errors) = raw.until_ready().await;
+    assert!(errors.is_empty(), "{errors:?}");
+    let (_, errors) = raw.until_ready().await;
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(rolegate::wire::field(&errors[0], b'C'), Some("42501"));
+    let mut out = bytes::BytesMut::new();
+    rolegate::wire::put_query(&mut out, "SELECT current_user::text");
+    raw.send(&out).await;
+    assert_eq!(raw.data_values().await, vec![db.owner.clone()]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

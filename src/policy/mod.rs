@@ -213,8 +213,9 @@ impl Policy {
         };
         let Some(session) = session else {
             let classification = self.cache.get_or_classify(text, scs);
-            return rules::judge(who.class, who.allow, who.role, &classification)
-                .map(|allowed| pass(text, sql, allowed));
+            let allowed = rules::judge(who.class, who.allow, who.role, &classification)?;
+            self.same_under_other_scs(who, text, scs, &allowed)?;
+            return Ok(pass(text, sql, allowed));
         };
         if session.scs != scs {
             session.forget(scs);
@@ -228,10 +229,53 @@ impl Policy {
         }
         let classification = self.cache.get_or_classify_keyed(text, scs, key.as_deref());
         let allowed = rules::judge(who.class, who.allow, who.role, &classification)?;
+        self.same_under_other_scs(who, text, scs, &allowed)?;
         if allowed.is_plain() {
             session.remember(key.map_or_else(|| text.into(), String::into_boxed_str));
         }
         Ok(pass(text, sql, allowed))
+    }
+}
+
+impl Policy {
+    /// `standard_conforming_strings` decides where a string with a backslash in it ends,
+    /// and a client can change it in a message the server has not answered yet when its
+    /// next statement arrives (or inside a function rolegate does not look into). So a
+    /// text with a backslash must pass under the other value too, in the same way, or be
+    /// a syntax error there (which the server would refuse as well): otherwise a string
+    /// that hides `set_config('role', …)` under one value could expose it under the other.
+    fn same_under_other_scs(
+        &self,
+        who: &Requester<'_>,
+        text: &str,
+        scs: bool,
+        allowed: &Allowed,
+    ) -> Result<(), Refusal> {
+        if !text.contains('\\') {
+            return Ok(());
+        }
+        let other = !scs;
+        let setting = if other { "on" } else { "off" };
+        let classification = self.cache.get_or_classify(text, other);
+        match rules::judge(who.class, who.allow, who.role, &classification) {
+            Ok(other_allowed) if other_allowed == *allowed => Ok(()),
+            Ok(_) => Err(Refusal {
+                code: "42501",
+                message: format!(
+                    "rolegate: this statement means something else with standard_conforming_strings = {setting}"
+                ),
+                hint: Some("Use E'' strings for backslash escapes, or send the statement once the SET that changes standard_conforming_strings has been answered.".into()),
+                kind: "ambiguous backslash".into(),
+                leaves_owner_role: true,
+            }),
+            Err(refusal) if refusal.code == "42601" => Ok(()),
+            Err(mut refusal) => {
+                refusal.message.push_str(&format!(
+                    " (as the server reads it with standard_conforming_strings = {setting})"
+                ));
+                Err(refusal)
+            }
+        }
     }
 }
 

@@ -641,6 +641,24 @@ impl RawClient {
     }
 
     /// Reads up to and including ReadyForQuery; returns the tags and error fields seen.
+    /// The text values of the first column of the DataRows up to ReadyForQuery; panics
+    /// on an error.
+    pub async fn data_values(&mut self) -> Vec<String> {
+        let mut values = Vec::new();
+        while let Some((tag, body)) = self.read().await {
+            match tag {
+                b'D' => {
+                    let len = i32::from_be_bytes([body[2], body[3], body[4], body[5]]) as usize;
+                    values.push(String::from_utf8_lossy(&body[6..6 + len]).into_owned());
+                }
+                b'E' => panic!("{:?}", rolegate::wire::error_fields(&body)),
+                b'Z' => break,
+                _ => {}
+            }
+        }
+        values
+    }
+
     pub async fn until_ready(&mut self) -> (Vec<u8>, Vec<Vec<(u8, String)>>) {
         let mut tags = Vec::new();
         let mut errors = Vec::new();
