@@ -865,14 +865,24 @@ mod tests {
             assert!(check("UPDATE t SET a = 1", true).is_some());
             assert!(check("SELECT * FROM t WHERE id = 1; DROP TABLE t", true).is_some());
         }
-        // With standard_conforming_strings off, `\'` does not end the string: one SELECT.
-        // With it on, the string ends there and a DROP follows. What was allowed under
-        // one setting is not carried over to the other.
+        // With the setting off, `\'` does not end the string: one SELECT. With it on, the
+        // string ends there and a DROP follows. Either way it is refused: a text with a
+        // backslash must pass under both values (a SET may be in flight).
         let text = r"SELECT 'a\' ; DROP TABLE t; --'";
-        assert_eq!(check(text, false), None);
-        assert!(check(text, true).is_some());
+        assert_eq!(check(text, false).as_deref(), Some("DROP TABLE"));
+        assert_eq!(check(text, true).as_deref(), Some("DROP TABLE"));
+        // A backslash that means the same under both (or breaks the other way) passes.
+        assert_eq!(check(r"SELECT 'C:\temp\'", true), None);
+        assert_eq!(check(r"SELECT E'a\'b'", false), None);
+        assert_eq!(check("SELECT 2", false), None);
+        // What was allowed under one standard_conforming_strings is not carried over to
+        // the other: the memory was cleared when the setting changed.
+        assert!(session.allowed.contains("SELECT 2"));
         assert!(
-            session.allowed.is_empty(),
+            !session
+                .allowed
+                .iter()
+                .any(|t| t.starts_with("SELECT * FROM t")),
             "cleared when the setting changed"
         );
     }
