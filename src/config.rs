@@ -88,7 +88,7 @@ impl AdminConfig {
 }
 
 /// Whether `listen` (`host:port`) only accepts connections from this machine.
-fn is_loopback_listen(listen: &str) -> bool {
+pub fn is_loopback_listen(listen: &str) -> bool {
     if let Ok(addr) = listen.parse::<std::net::SocketAddr>() {
         return addr.ip().is_loopback();
     }

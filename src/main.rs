@@ -155,6 +155,7 @@ fn main() -> anyhow::Result<()> {
 async fn serve(config: Config, path: PathBuf) -> anyhow::Result<()> {
     let proxy = Proxy::start(config).await?;
     if let Some(listen) = proxy.config().admin_listen.clone() {
+        let _ = proxy.admin_bound.set(listen.clone());
         let admin = proxy.clone();
         tokio::spawn(async move {
             if let Err(e) = rolegate::admin::serve(admin, listen).await {

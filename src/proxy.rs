@@ -64,6 +64,8 @@ pub struct Proxy {
     pub shutdown: tokio::sync::watch::Sender<bool>,
     /// True while the accept loop runs (`GET /livez`).
     pub accepting: std::sync::atomic::AtomicBool,
+    /// The address the admin endpoint listens on (bound once; SIGHUP does not move it).
+    pub admin_bound: std::sync::OnceLock<String>,
     /// Keys the mock SCRAM verifiers of unknown users; new at every start.
     instance_secret: [u8; 32],
 }
@@ -130,6 +132,7 @@ impl Proxy {
             open_connections: std::sync::atomic::AtomicUsize::new(0),
             shutdown: tokio::sync::watch::channel(false).0,
             accepting: std::sync::atomic::AtomicBool::new(false),
+            admin_bound: std::sync::OnceLock::new(),
             instance_secret: rand::thread_rng().gen(),
             live: RwLock::new(Arc::new(Live::build(config)?)),
         })
@@ -177,6 +180,14 @@ impl Proxy {
             tracing::warn!("[backend] and listen changes take effect only after a restart");
         }
         let live = Arc::new(Live::build(config)?);
+        if let Some(bound) = self.admin_bound.get() {
+            if !crate::config::is_loopback_listen(bound) && live.admin_token.is_none() {
+                anyhow::bail!(
+                    "the admin endpoint still listens on {bound} (admin_listen changes need a \
+                     restart), so [admin] token_env or token_file must stay set"
+                );
+            }
+        }
         if let Some(rotator) = &self.rotator {
             rotator.update_config(live.config.clone());
         }

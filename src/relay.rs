@@ -378,7 +378,7 @@ struct Upstream<'a> {
     refused: u64,
     verdicts: SessionVerdicts,
     /// Prepared statements whose Bind needs a look (rare; empty for most sessions).
-    statement_checks: std::collections::HashMap<Vec<u8>, StatementCheck>,
+    statement_checks: StatementChecks,
     /// A DISCARD ALL was bound in the current extended-protocol batch.
     discard_all_in_batch: bool,
 }
@@ -591,7 +591,7 @@ impl<'a> Upstream<'a> {
             }
             b'C' => {
                 if let Some(name) = body.strip_prefix(b"S").and_then(|n| n.strip_suffix(&[0])) {
-                    self.statement_checks.remove(name);
+                    forget_statement_check(&mut self.statement_checks, name);
                 }
                 FORWARD
             }
@@ -660,7 +660,7 @@ impl<'a> Upstream<'a> {
             };
         let Some(pass) = pass.actions() else {
             if !self.statement_checks.is_empty() {
-                self.statement_checks.remove(name);
+                forget_statement_check(&mut self.statement_checks, name);
             }
             return Decision::Forward {
                 restore_role: false,
@@ -678,10 +678,10 @@ impl<'a> Upstream<'a> {
         };
         match check {
             Some(check) if tag == b'P' => {
-                self.statement_checks.insert(name.to_vec(), check);
+                add_statement_check(&mut self.statement_checks, name, check)
             }
             _ if !self.statement_checks.is_empty() => {
-                self.statement_checks.remove(name);
+                forget_statement_check(&mut self.statement_checks, name)
             }
             _ => {}
         }
@@ -800,6 +800,47 @@ enum StatementCheck {
         setting_names: Vec<u16>,
         encodings: Vec<u16>,
     },
+}
+
+type StatementChecks = std::collections::HashMap<Vec<u8>, StatementCheck>;
+
+/// A Parse, Query or Close that replaces or closes statement `name`. rolegate cannot
+/// tell yet whether the server will carry it out (a duplicate name, or an earlier error
+/// that skips to Sync, leaves the old statement in place), so the Bind checks of a
+/// statement with a bound `set_config` argument stay: at worst a later statement of the
+/// same name has a bound value judged that did not need it.
+fn forget_statement_check(checks: &mut StatementChecks, name: &[u8]) {
+    if matches!(checks.get(name), Some(StatementCheck::DiscardAll)) {
+        checks.remove(name);
+    }
+}
+
+/// A Parse of `name` with a check: bound-argument checks add up (see
+/// [`forget_statement_check`]); DISCARD ALL's does not replace them.
+fn add_statement_check(checks: &mut StatementChecks, name: &[u8], check: StatementCheck) {
+    match (checks.get_mut(name), check) {
+        (
+            Some(StatementCheck::Bound {
+                setting_names,
+                encodings,
+            }),
+            StatementCheck::Bound {
+                setting_names: more_names,
+                encodings: more_encodings,
+            },
+        ) => {
+            setting_names.extend(more_names);
+            setting_names.sort_unstable();
+            setting_names.dedup();
+            encodings.extend(more_encodings);
+            encodings.sort_unstable();
+            encodings.dedup();
+        }
+        (Some(StatementCheck::Bound { .. }), StatementCheck::DiscardAll) => {}
+        (_, check) => {
+            checks.insert(name.to_vec(), check);
+        }
+    }
 }
 
 fn oversized_refusal(len: usize) -> Refusal {

@@ -470,3 +470,66 @@ async fn node_postgres_pool_named_statements_and_resets() {
         );
     }
 }
+
+/// A Parse that reuses a name may fail on the server (a duplicate name, or an error earlier
+/// in the batch), leaving the old statement in place: its Bind check must stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bind_check_outlives_a_parse_the_server_may_refuse() {
+    let db = TestDb::create("bindcheck").await;
+    let rg = Rolegate::start(&db).await;
+    let parse = |out: &mut bytes::BytesMut, name: &str, sql: &str| {
+        let mut body = Vec::new();
+        body.extend_from_slice(name.as_bytes());
+        body.push(0);
+        body.extend_from_slice(sql.as_bytes());
+        body.push(0);
+        body.extend_from_slice(&0i16.to_be_bytes());
+        rolegate::wire::put_message(out, b'P', &body);
+    };
+    let bind_execute = |out: &mut bytes::BytesMut, name: &str, value: &[u8]| {
+        let mut body = Vec::new();
+        body.push(0); // unnamed portal
+        body.extend_from_slice(name.as_bytes());
+        body.push(0);
+        body.extend_from_slice(&0i16.to_be_bytes());
+        body.extend_from_slice(&1i16.to_be_bytes());
+        body.extend_from_slice(&(value.len() as i32).to_be_bytes());
+        body.extend_from_slice(value);
+        body.extend_from_slice(&0i16.to_be_bytes());
+        rolegate::wire::put_message(out, b'B', &body);
+        rolegate::wire::put_message(out, b'E', &[0, 0, 0, 0, 0]);
+        rolegate::wire::put_message(out, b'S', &[]);
+    };
+    for (name, set) in [
+        ("s1", "SELECT set_config('client_encoding', $1, false)"),
+        ("s2", "SELECT set_config($1, 'x', false)"),
+    ] {
+        let mut raw = RawClient::login(rg.port, "web", "web-pw", &db.name).await;
+        let mut out = bytes::BytesMut::new();
+        parse(&mut out, name, set);
+        rolegate::wire::put_message(&mut out, b'S', &[]);
+        // The server refuses this one: the name is taken.
+        parse(&mut out, name, "SELECT 1");
+        rolegate::wire::put_message(&mut out, b'S', &[]);
+        raw.send(&out).await;
+        let (_, errors) = raw.until_ready().await;
+        assert!(errors.is_empty(), "{errors:?}");
+        let (_, errors) = raw.until_ready().await;
+        assert_eq!(rolegate::wire::field(&errors[0], b'C'), Some("42P05"));
+        let mut out = bytes::BytesMut::new();
+        let value: &[u8] = if name == "s1" { b"SJIS" } else { b"role" };
+        bind_execute(&mut out, name, value);
+        raw.send(&out).await;
+        let (_, errors) = raw.until_ready().await;
+        assert_eq!(errors.len(), 1, "{name}: {errors:?}");
+        let code = rolegate::wire::field(&errors[0], b'C');
+        assert!(
+            matches!(code, Some("0A000") | Some("42501")),
+            "{name}: {errors:?}"
+        );
+        let mut out = bytes::BytesMut::new();
+        rolegate::wire::put_query(&mut out, "SELECT current_user::text");
+        raw.send(&out).await;
+        assert_eq!(raw.data_values().await, vec![db.owner.clone()]);
+    }
+}

@@ -282,3 +282,59 @@ fn the_kubernetes_example_config_is_valid() {
     let open = text.replace("token_env = \"ROLEGATE_ADMIN_TOKEN\"\n", "");
     assert!(rolegate::config::Config::parse(&open).is_err());
 }
+
+/// SIGHUP does not move the admin endpoint, so a reload may not drop the token while it
+/// still listens on a non-loopback address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_cannot_drop_the_token_of_an_open_admin_endpoint() {
+    let db = TestDb::create("reloadtoken").await;
+    let admin_port = free_port();
+    let token_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(token_file.path(), "reload-token-for-tests\n").unwrap();
+    let rg = Rolegate::start_with(
+        &db,
+        Options {
+            top: format!("admin_listen = \"0.0.0.0:{admin_port}\"\n"),
+            extra: format!(
+                "[admin]\ntoken_file = {:?}\n",
+                token_file.path().display().to_string()
+            ),
+            ..Options::default()
+        },
+    )
+    .await;
+    let (status, _) = http_get(admin_port, "/status").await;
+    assert!(status.contains("401"), "{status}");
+    let config_path = rg.config_path();
+    let config = std::fs::read_to_string(&config_path).unwrap();
+    let start = config.find("[admin]").unwrap();
+    let without_token = format!(
+        "{}{}",
+        &config[..start],
+        &config[start..].replacen("[admin]\n", "", 1).replacen(
+            &format!(
+                "token_file = {:?}\n",
+                token_file.path().display().to_string()
+            ),
+            "",
+            1
+        )
+    )
+    .replace(
+        &format!("0.0.0.0:{admin_port}"),
+        &format!("127.0.0.1:{admin_port}"),
+    );
+    assert!(!without_token.contains("token_file"), "{without_token}");
+    std::fs::write(&config_path, &without_token).unwrap();
+    signal(&rg, "HUP");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !rg.log_text().contains("new config refused") {
+        assert!(std::time::Instant::now() < deadline, "{}", rg.log_text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(rg
+        .log_text()
+        .contains("token_env or token_file must stay set"));
+    let (status, _) = http_get(admin_port, "/status").await;
+    assert!(status.contains("401"), "{status}");
+}

@@ -223,7 +223,13 @@ impl Policy {
         if session.allowed.contains(text) {
             return Ok(Pass::default());
         }
-        let key = if scs { numeric_literal_key(text) } else { None };
+        // A text with a backslash is remembered only as itself: texts that share a
+        // numeric key with scs on may differ where the numbers are with it off.
+        let key = if scs && !text.contains('\\') {
+            numeric_literal_key(text)
+        } else {
+            None
+        };
         if key.as_deref().is_some_and(|k| session.allowed.contains(k)) {
             return Ok(Pass::default());
         }
@@ -843,6 +849,21 @@ mod tests {
     /// A session's remembered verdicts let through only what was judged allowed for it:
     /// a refused statement is refused (and audited) every time, and a text differing from
     /// an allowed one in more than its numbers is judged afresh.
+    /// Texts that share a numeric key with standard_conforming_strings on may differ where
+    /// the numbers are with it off: a text with a backslash is remembered as itself.
+    #[test]
+    fn backslash_texts_are_remembered_only_as_themselves() {
+        let policy = Policy::new(&PolicyConfig::default());
+        let who = requester(ClientClass::App);
+        let mut session = SessionVerdicts::default();
+        let with_number = r"SELECT '\', 1252 --'";
+        assert!(policy
+            .check(&who, with_number.as_bytes(), true, Some(&mut session))
+            .is_ok());
+        assert!(session.allowed.contains(with_number));
+        assert_eq!(session.allowed.len(), 1, "only the exact text");
+    }
+
     #[test]
     fn session_verdicts_remember_only_what_was_allowed() {
         let policy = Policy::new(&PolicyConfig::default());
