@@ -23,7 +23,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::metrics::{DirectionLabel, Metrics, RefusalLabels};
 use crate::policy::fastpath::LargeObjectFunctions;
-use crate::policy::{Policy, Refusal, Requester, SessionVerdicts};
+use crate::policy::{PassActions, Policy, Refusal, Requester, SessionVerdicts};
 use crate::tls::MaybeTls;
 use crate::wire::{self, ErrorFields, WireError};
 
@@ -666,12 +666,18 @@ impl<'a> Upstream<'a> {
                 restore_role: false,
             };
         };
-        let check = if pass.discard_all {
+        let PassActions {
+            rewritten,
+            discard_all,
+            bound_setting_names,
+            bound_encodings,
+        } = *pass;
+        let check = if discard_all {
             Some(StatementCheck::DiscardAll)
-        } else if !pass.bound_setting_names.is_empty() || !pass.bound_encodings.is_empty() {
+        } else if !bound_setting_names.is_empty() || !bound_encodings.is_empty() {
             Some(StatementCheck::Bound {
-                setting_names: pass.bound_setting_names.clone(),
-                encodings: pass.bound_encodings.clone(),
+                setting_names: bound_setting_names,
+                encodings: bound_encodings,
             })
         } else {
             None
@@ -685,8 +691,8 @@ impl<'a> Upstream<'a> {
             }
             _ => {}
         }
-        let restore_role = tag == b'Q' && pass.discard_all;
-        let Some(text) = pass.rewritten else {
+        let restore_role = tag == b'Q' && discard_all;
+        let Some(text) = rewritten else {
             return Decision::Forward { restore_role };
         };
         let mut body = BytesMut::with_capacity(name.len() + text.len() + tail.len() + 2);
@@ -1021,16 +1027,7 @@ impl Downstream {
             }
             match tag {
                 b'Z' => {
-                    self.ready_count += 1;
-                    let ready = self.ready_count;
-                    if size == 6 {
-                        shared.status.store(self.buf[pos + 5], Ordering::Relaxed);
-                    }
-                    shared.ready_received.store(ready, Ordering::Relaxed);
-                    let mut pending = shared.pending();
-                    while pending.front().is_some_and(|p| p.until_ready <= ready) {
-                        pending.pop_front();
-                    }
+                    self.ready(pos, size, shared);
                 }
                 b'S' => {
                     let body = &self.buf[pos + 5..pos + size];
@@ -1072,6 +1069,27 @@ impl Downstream {
         Ok(pos)
     }
 
+    /// Counts the ReadyForQuery at `pos` (the client's or rolegate's own query's), records
+    /// its transaction status and drops the refusals whose markers can no longer come;
+    /// returns the status.
+    fn ready(&mut self, pos: usize, size: usize, shared: &Shared) -> u8 {
+        self.ready_count += 1;
+        let ready = self.ready_count;
+        // (A ReadyForQuery without a status byte leaves the last one in place.)
+        let status = if size == 6 {
+            self.buf[pos + 5]
+        } else {
+            shared.status.load(Ordering::Relaxed)
+        };
+        shared.status.store(status, Ordering::Relaxed);
+        shared.ready_received.store(ready, Ordering::Relaxed);
+        let mut pending = shared.pending();
+        while pending.front().is_some_and(|p| p.until_ready <= ready) {
+            pending.pop_front();
+        }
+        status
+    }
+
     /// One message answering rolegate's own query (kept from the client). Its
     /// ReadyForQuery counts like any other; a failure outside a transaction means the
     /// role was not set again, and the session ends. (Inside a failed transaction it
@@ -1080,12 +1098,7 @@ impl Downstream {
         match tag {
             b'E' => self.own_query_failed = true,
             b'Z' => {
-                self.ready_count += 1;
-                let status = if size == 6 { self.buf[pos + 5] } else { b'I' };
-                shared.status.store(status, Ordering::Relaxed);
-                shared
-                    .ready_received
-                    .store(self.ready_count, Ordering::Relaxed);
+                let status = self.ready(pos, size, shared);
                 let mut own = shared.own_queries();
                 own.pop_front();
                 shared

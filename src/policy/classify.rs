@@ -391,12 +391,12 @@ fn sets_read_write(option: &pg_query::protobuf::Node) -> bool {
     )
 }
 
-fn is_read_only_setting(name: &str) -> bool {
+pub(crate) fn is_read_only_setting(name: &str) -> bool {
     name.eq_ignore_ascii_case("transaction_read_only")
         || name.eq_ignore_ascii_case("default_transaction_read_only")
 }
 
-fn is_role_setting(name: &str) -> bool {
+pub(crate) fn is_role_setting(name: &str) -> bool {
     name.eq_ignore_ascii_case("role") || name.eq_ignore_ascii_case("session_authorization")
 }
 

@@ -119,9 +119,7 @@ impl Policy {
     pub fn check_bound_setting(&self, who: &Requester<'_>, name: &[u8]) -> Option<Refusal> {
         let name = String::from_utf8_lossy(name);
         let name = name.trim();
-        let (kind, refused) = if name.eq_ignore_ascii_case("role")
-            || name.eq_ignore_ascii_case("session_authorization")
-        {
+        let (kind, refused) = if classify::is_role_setting(name) {
             (
                 "set_config('role')",
                 "changing the session role is not allowed",
@@ -131,10 +129,7 @@ impl Policy {
                 "set_config('client_encoding')",
                 "client_encoding is set with SET client_encoding, where rolegate sees the value",
             )
-        } else if who.class == ClientClass::Readonly
-            && (name.eq_ignore_ascii_case("default_transaction_read_only")
-                || name.eq_ignore_ascii_case("transaction_read_only"))
-        {
+        } else if who.class == ClientClass::Readonly && classify::is_read_only_setting(name) {
             (
                 "set_config('transaction_read_only')",
                 "readonly sessions cannot leave read-only mode",
