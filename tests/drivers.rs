@@ -184,16 +184,23 @@ async fn nothing_runs_between_discard_all_and_the_role() {
     assert!(made.is_empty());
 }
 
-/// Parse, Bind (text or binary parameters), Execute of an unnamed statement.
-fn extended(out: &mut bytes::BytesMut, sql: &str, params: &[(i16, &[u8])]) {
+/// Parse of statement `name` (no parameter types).
+fn parse(out: &mut bytes::BytesMut, name: &str, sql: &str) {
     let mut parse = bytes::BytesMut::new();
+    parse.put_slice(name.as_bytes());
     parse.put_u8(0);
     parse.put_slice(sql.as_bytes());
     parse.put_u8(0);
     parse.put_i16(0);
     rolegate::wire::put_message(out, b'P', &parse);
+}
+
+/// Bind of statement `name` to the unnamed portal (text or binary parameters), Execute.
+fn bind_execute(out: &mut bytes::BytesMut, name: &str, params: &[(i16, &[u8])]) {
     let mut bind = bytes::BytesMut::new();
-    bind.put_slice(b"\0\0");
+    bind.put_u8(0);
+    bind.put_slice(name.as_bytes());
+    bind.put_u8(0);
     bind.put_i16(params.len() as i16);
     for (format, _) in params {
         bind.put_i16(*format);
@@ -206,6 +213,12 @@ fn extended(out: &mut bytes::BytesMut, sql: &str, params: &[(i16, &[u8])]) {
     bind.put_i16(0);
     rolegate::wire::put_message(out, b'B', &bind);
     rolegate::wire::put_message(out, b'E', b"\0\0\0\0\0");
+}
+
+/// Parse, Bind (text or binary parameters), Execute of an unnamed statement.
+fn extended(out: &mut bytes::BytesMut, sql: &str, params: &[(i16, &[u8])]) {
+    parse(out, "", sql);
+    bind_execute(out, "", params);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -477,29 +490,6 @@ async fn node_postgres_pool_named_statements_and_resets() {
 async fn a_bind_check_outlives_a_parse_the_server_may_refuse() {
     let db = TestDb::create("bindcheck").await;
     let rg = Rolegate::start(&db).await;
-    let parse = |out: &mut bytes::BytesMut, name: &str, sql: &str| {
-        let mut body = Vec::new();
-        body.extend_from_slice(name.as_bytes());
-        body.push(0);
-        body.extend_from_slice(sql.as_bytes());
-        body.push(0);
-        body.extend_from_slice(&0i16.to_be_bytes());
-        rolegate::wire::put_message(out, b'P', &body);
-    };
-    let bind_execute = |out: &mut bytes::BytesMut, name: &str, value: &[u8]| {
-        let mut body = Vec::new();
-        body.push(0); // unnamed portal
-        body.extend_from_slice(name.as_bytes());
-        body.push(0);
-        body.extend_from_slice(&0i16.to_be_bytes());
-        body.extend_from_slice(&1i16.to_be_bytes());
-        body.extend_from_slice(&(value.len() as i32).to_be_bytes());
-        body.extend_from_slice(value);
-        body.extend_from_slice(&0i16.to_be_bytes());
-        rolegate::wire::put_message(out, b'B', &body);
-        rolegate::wire::put_message(out, b'E', &[0, 0, 0, 0, 0]);
-        rolegate::wire::put_message(out, b'S', &[]);
-    };
     for (name, set) in [
         ("s1", "SELECT set_config('client_encoding', $1, false)"),
         ("s2", "SELECT set_config($1, 'x', false)"),
@@ -518,7 +508,8 @@ async fn a_bind_check_outlives_a_parse_the_server_may_refuse() {
         assert_eq!(rolegate::wire::field(&errors[0], b'C'), Some("42P05"));
         let mut out = bytes::BytesMut::new();
         let value: &[u8] = if name == "s1" { b"SJIS" } else { b"role" };
-        bind_execute(&mut out, name, value);
+        bind_execute(&mut out, name, &[(0, value)]);
+        rolegate::wire::put_message(&mut out, b'S', &[]);
         raw.send(&out).await;
         let (_, errors) = raw.until_ready().await;
         assert_eq!(errors.len(), 1, "{name}: {errors:?}");
