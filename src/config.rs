@@ -45,6 +45,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub rotation: RotationConfig,
+    #[serde(default)]
+    pub pool: PoolConfig,
 }
 
 /// Who may use the admin endpoint's actions (`POST /rotate`, `GET /status`).
@@ -340,6 +342,73 @@ impl Default for PolicyConfig {
     }
 }
 
+/// How client sessions share backend connections (`[pool]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// Each client has a backend connection of its own for its whole session.
+    #[default]
+    Session,
+    /// `app` and `readonly` clients borrow a backend connection per transaction.
+    Transaction,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    #[serde(default)]
+    pub mode: PoolMode,
+    /// Backend connections per pool (one pool per role and read-only default).
+    #[serde(default = "default_pool_size")]
+    pub size: usize,
+    /// Idle backend connections kept open per pool, even without clients.
+    #[serde(default)]
+    pub min_idle: usize,
+    /// A client waits at most this long for a backend connection, then gets an error.
+    #[serde(default = "default_checkout_timeout", with = "humantime_serde")]
+    pub checkout_timeout: Duration,
+    /// Close a pooled backend connection idle this long (above `min_idle`).
+    #[serde(default = "default_server_idle_timeout", with = "humantime_serde")]
+    pub server_idle_timeout: Duration,
+    /// Close a pooled backend connection this old when it is next given back.
+    #[serde(default = "default_server_lifetime", with = "humantime_serde")]
+    pub server_lifetime: Duration,
+    /// Prepared statements kept per backend connection; the least recently used is
+    /// closed on the server when one more is needed.
+    #[serde(default = "default_max_prepared_statements")]
+    pub max_prepared_statements: usize,
+}
+
+fn default_pool_size() -> usize {
+    20
+}
+fn default_checkout_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_server_idle_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_server_lifetime() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_max_prepared_statements() -> usize {
+    200
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            mode: PoolMode::default(),
+            size: default_pool_size(),
+            min_idle: 0,
+            checkout_timeout: default_checkout_timeout(),
+            server_idle_timeout: default_server_idle_timeout(),
+            server_lifetime: default_server_lifetime(),
+            max_prepared_statements: default_max_prepared_statements(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
@@ -517,6 +586,12 @@ impl Config {
             );
         }
         self.check_login_name_length()?;
+        if self.pool.size == 0 || self.pool.min_idle > self.pool.size {
+            return invalid("[pool] size must be positive and min_idle at most size".into());
+        }
+        if self.pool.max_prepared_statements == 0 {
+            return invalid("[pool] max_prepared_statements must be positive".into());
+        }
         if self.policy.max_statement_bytes == 0 {
             return invalid("[policy] max_statement_bytes must be positive".into());
         }

@@ -671,6 +671,7 @@ impl<'a> Upstream<'a> {
             discard_all,
             bound_setting_names,
             bound_encodings,
+            session_effects: _,
         } = *pass;
         let check = if discard_all {
             Some(StatementCheck::DiscardAll)

@@ -55,8 +55,50 @@ pub struct StatementInfo {
     /// It sets `client_encoding` (SET, SET NAMES, `set_config`): to this value, or to
     /// one computed on the server (`None`).
     pub sets_client_encoding: Option<Option<String>>,
+    /// What it leaves behind in the backend session (matters when sessions are shared).
+    pub session_effects: SessionEffects,
+    /// It names a prepared statement `rolegate_…`: those names are rolegate's own.
+    pub reserved_name: bool,
     /// Where the statement is in the text (byte offsets, end exclusive).
     pub span: (usize, usize),
+}
+
+/// What a statement leaves in the backend session beyond its result. Transaction
+/// pooling hands a backend session to another client after each transaction, so it has
+/// to know: settings follow the client to its next backend, and what only exists in one
+/// backend session pins the client to it.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SessionEffects {
+    /// Session-level settings may change (SET, RESET, `set_config(…, false)`).
+    pub settings: bool,
+    /// Something that lives only in this backend session: LISTEN, a session advisory
+    /// lock, a temporary table, a WITH HOLD cursor, a SQL-level PREPARE.
+    pub pins: bool,
+    /// Every prepared statement of the session is dropped (DEALLOCATE ALL, DISCARD ALL).
+    pub drops_prepared: bool,
+    /// DISCARD ALL: everything above is undone.
+    pub discards_all: bool,
+}
+
+impl SessionEffects {
+    pub fn any(&self) -> bool {
+        self.settings || self.pins || self.drops_prepared || self.discards_all
+    }
+
+    pub fn add(&mut self, other: SessionEffects) {
+        self.settings |= other.settings;
+        self.pins |= other.pins;
+        self.drops_prepared |= other.drops_prepared;
+        self.discards_all |= other.discards_all;
+    }
+}
+
+/// Prepared statement names that transaction pooling uses on the server.
+pub const RESERVED_STATEMENT_PREFIX: &str = "rolegate_";
+
+fn is_reserved_name(name: &str) -> bool {
+    name.get(..RESERVED_STATEMENT_PREFIX.len())
+        .is_some_and(|p| p.eq_ignore_ascii_case(RESERVED_STATEMENT_PREFIX))
 }
 
 /// Statements that name the session's role, whose effect depends on which role the
@@ -119,7 +161,8 @@ pub fn classify(sql: &str, standard_conforming_strings: bool) -> Classification 
 /// with Unicode escapes (`U&"…"`). Keywords cannot be escaped or split, so a text without
 /// any of them needs no walk; this only saves time, the verdict still comes from the tree.
 fn may_hide_effects(sql: &str) -> bool {
-    const WORDS: [&[u8]; 7] = [
+    const WORDS: [&[u8]; 8] = [
+        b"advisory",
         b"insert",
         b"update",
         b"delete",
@@ -161,6 +204,8 @@ fn classify_statement(node: &pg_query::protobuf::Node, walk_needed: bool) -> Sta
         }
     }
     info.modifies_data |= findings.modifies_data;
+    info.session_effects.settings |= findings.sets_session_setting;
+    info.session_effects.pins |= findings.session_lock;
     // A parameter is bound at the protocol's Bind, where rolegate judges it; a SQL-level
     // PREPARE takes its values from EXECUTE, which rolegate does not look into.
     let prepared_in_sql = matches!(node.node.as_ref(), Some(NodeEnum::PrepareStmt(_)));
@@ -208,8 +253,15 @@ impl StatementInfo {
             bound_setting_names: Vec::new(),
             bound_encodings: Vec::new(),
             sets_client_encoding: None,
+            session_effects: SessionEffects::default(),
+            reserved_name: false,
             span: (0, 0),
         }
+    }
+
+    fn pinning(mut self) -> StatementInfo {
+        self.session_effects.pins = true;
+        self
     }
 }
 
@@ -218,7 +270,7 @@ fn top_level(node: &NodeEnum) -> StatementInfo {
     match node {
         NodeEnum::SelectStmt(s) => match &s.into_clause {
             Some(into) if is_temp(into.rel.as_ref()) => {
-                S::new("SELECT INTO TEMPORARY", Effect::TempTable)
+                S::new("SELECT INTO TEMPORARY", Effect::TempTable).pinning()
             }
             Some(_) => S::new("SELECT INTO", Effect::Schema),
             None if !s.values_lists.is_empty() => S::new("VALUES", Effect::Read),
@@ -251,30 +303,57 @@ fn top_level(node: &NodeEnum) -> StatementInfo {
                 // DISCARD ALL includes SET SESSION AUTHORIZATION DEFAULT and RESET ALL.
                 let mut info = S::new("DISCARD ALL", Effect::Session);
                 info.role_statement = Some(RoleStatement::DiscardAll);
+                info.session_effects = SessionEffects {
+                    settings: true,
+                    pins: false,
+                    drops_prepared: true,
+                    discards_all: true,
+                };
                 info
             } else {
                 S::new("DISCARD", Effect::Session)
             }
         }
-        NodeEnum::DeclareCursorStmt(d) => nested("DECLARE CURSOR", d.query.as_deref()),
+        NodeEnum::DeclareCursorStmt(d) => {
+            let info = nested("DECLARE CURSOR", d.query.as_deref());
+            // CURSOR_OPT_HOLD: the cursor outlives its transaction.
+            if d.options & 0x0020 != 0 {
+                info.pinning()
+            } else {
+                info
+            }
+        }
         NodeEnum::FetchStmt(f) => S::new(if f.ismove { "MOVE" } else { "FETCH" }, Effect::Read),
         NodeEnum::ClosePortalStmt(_) => S::new("CLOSE", Effect::Session),
-        NodeEnum::PrepareStmt(p) => nested("PREPARE", p.query.as_deref()),
-        NodeEnum::ExecuteStmt(_) => S::new("EXECUTE", Effect::Read),
-        NodeEnum::DeallocateStmt(_) => S::new("DEALLOCATE", Effect::Session),
+        NodeEnum::PrepareStmt(p) => {
+            let mut info = nested("PREPARE", p.query.as_deref()).pinning();
+            info.reserved_name = is_reserved_name(&p.name);
+            info
+        }
+        NodeEnum::ExecuteStmt(e) => {
+            let mut info = S::new("EXECUTE", Effect::Read);
+            info.reserved_name = is_reserved_name(&e.name);
+            info
+        }
+        NodeEnum::DeallocateStmt(d) => {
+            let mut info = S::new("DEALLOCATE", Effect::Session);
+            info.reserved_name = is_reserved_name(&d.name);
+            info.session_effects.drops_prepared = d.isall || d.name.is_empty();
+            info
+        }
         NodeEnum::ExplainStmt(e) => nested("EXPLAIN", e.query.as_deref()),
-        NodeEnum::ListenStmt(_) => S::new("LISTEN", Effect::Session),
+        NodeEnum::ListenStmt(_) => S::new("LISTEN", Effect::Session).pinning(),
         NodeEnum::UnlistenStmt(_) => S::new("UNLISTEN", Effect::Session),
         NodeEnum::NotifyStmt(_) => S::new("NOTIFY", Effect::Session),
         NodeEnum::CreateStmt(c) if is_temp(c.relation.as_ref()) => {
-            S::new("CREATE TEMPORARY TABLE", Effect::TempTable)
+            S::new("CREATE TEMPORARY TABLE", Effect::TempTable).pinning()
         }
         NodeEnum::CreateStmt(_) => S::new("CREATE TABLE", Effect::Schema),
         NodeEnum::CreateTableAsStmt(c) => {
             if c.objtype == ObjectType::ObjectMatview as i32 {
                 S::new("CREATE MATERIALIZED VIEW", Effect::Schema)
             } else if is_temp(c.into.as_ref().and_then(|i| i.rel.as_ref())) {
-                S::new("CREATE TEMPORARY TABLE AS", Effect::TempTable)
+                S::new("CREATE TEMPORARY TABLE AS", Effect::TempTable).pinning()
             } else if c.is_select_into {
                 S::new("SELECT INTO", Effect::Schema)
             } else {
@@ -427,6 +506,8 @@ fn variable_set(v: &pg_query::protobuf::VariableSetStmt) -> StatementInfo {
     if kind == VariableSetKind::VarSetMulti && v.args.iter().any(sets_read_write) {
         info.leaves_read_only = true;
     }
+    // SET LOCAL and SET TRANSACTION … end with the transaction.
+    info.session_effects.settings = !v.is_local && !name.starts_with("transaction");
     if name == "client_encoding" && kind == VariableSetKind::VarSetValue {
         let value = match v.args.as_slice() {
             [arg] => constant_node_string(arg),
@@ -527,6 +608,10 @@ struct Findings {
     bound_setting_names: Vec<u16>,
     bound_encodings: Vec<u16>,
     sets_client_encoding: Option<Option<String>>,
+    /// `set_config(…)` not literally local to the transaction.
+    sets_session_setting: bool,
+    /// `pg_advisory_lock` and the other session-level advisory locks.
+    session_lock: bool,
 }
 
 /// Walks every node of a parse tree (as serde sees it, so no node type is skipped).
@@ -559,11 +644,27 @@ fn func_call(call: &Value, findings: &mut Findings) {
         .and_then(Value::as_array)
         .and_then(|parts| parts.last())
         .and_then(|part| string_node(part));
+    if matches!(
+        name,
+        Some(
+            "pg_advisory_lock"
+                | "pg_advisory_lock_shared"
+                | "pg_try_advisory_lock"
+                | "pg_try_advisory_lock_shared"
+        )
+    ) {
+        findings.session_lock = true;
+    }
     if name != Some("set_config") {
         return;
     }
     let args = call.get("args").and_then(Value::as_array);
     let arg = |i: usize| args.and_then(|args| args.get(i));
+    let is_local = arg(2).and_then(|a| {
+        let text = a.to_string();
+        (text.contains("\"boolval\"") && text.contains("true")).then_some(())
+    });
+    findings.sets_session_setting |= is_local.is_none();
     let Some(first) = arg(0) else {
         findings.unknown_set_config = true;
         return;
@@ -650,6 +751,34 @@ mod tests {
         assert_eq!(one("copy t from '/etc/passwd'").effect, Effect::ServerFile);
         assert_eq!(one("copy t from stdin").effect, Effect::Write);
         assert_eq!(one("create sequence s").label, "CREATE SEQ");
+    }
+
+    #[test]
+    fn session_effects_are_found() {
+        let effects = |sql| one(sql).session_effects;
+        assert!(effects("set search_path = x").settings);
+        assert!(effects("reset all").settings);
+        assert!(!effects("set local search_path = x").settings);
+        assert!(!effects("set transaction isolation level serializable").settings);
+        assert!(effects("set session characteristics as transaction read only").settings);
+        assert!(effects("select set_config('a.b', 'c', false)").settings);
+        assert!(effects("select set_config('a.b', 'c', $1)").settings);
+        assert!(!effects("select set_config('a.b', 'c', true)").settings);
+        assert!(effects("select pg_advisory_lock(1)").pins);
+        assert!(effects("select pg_try_advisory_lock_shared(1, 2)").pins);
+        assert!(!effects("select pg_advisory_xact_lock(1)").pins);
+        assert!(effects("listen x").pins);
+        assert!(effects("declare c cursor with hold for select 1").pins);
+        assert!(!effects("declare c cursor for select 1").pins);
+        assert!(effects("prepare p as select 1").pins);
+        assert!(effects("create temp table t (a int)").pins);
+        assert!(effects("deallocate all").drops_prepared);
+        assert!(!effects("deallocate p").drops_prepared);
+        assert!(effects("discard all").discards_all);
+        assert!(!effects("select 1").any());
+        assert!(one("execute rolegate_s1").reserved_name);
+        assert!(one("deallocate \"ROLEGATE_s1\"").reserved_name);
+        assert!(!one("execute p").reserved_name);
     }
 
     #[test]

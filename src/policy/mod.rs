@@ -13,7 +13,10 @@ use std::sync::Arc;
 
 use dashmap::DashMap;
 
-pub use classify::{classify, Classification, Effect, RoleStatement, StatementInfo};
+pub use classify::{
+    classify, Classification, Effect, RoleStatement, SessionEffects, StatementInfo,
+    RESERVED_STATEMENT_PREFIX,
+};
 pub use rules::{unsupported_client_encoding, Allowed, Refusal};
 
 use crate::config::{Allowance, ClientClass, PolicyConfig, PolicyMode};
@@ -50,6 +53,8 @@ pub struct PassActions {
     pub bound_setting_names: Vec<u16>,
     /// `set_config('client_encoding', …)` takes the encoding from these: judged at Bind.
     pub bound_encodings: Vec<u16>,
+    /// What it leaves in the backend session (transaction pooling follows it).
+    pub session_effects: SessionEffects,
 }
 
 static FORWARD_AS_IS: PassActions = PassActions {
@@ -57,6 +62,12 @@ static FORWARD_AS_IS: PassActions = PassActions {
     discard_all: false,
     bound_setting_names: Vec::new(),
     bound_encodings: Vec::new(),
+    session_effects: SessionEffects {
+        settings: false,
+        pins: false,
+        drops_prepared: false,
+        discards_all: false,
+    },
 };
 
 impl Pass {
@@ -316,6 +327,7 @@ fn pass(text: &str, sql: &[u8], allowed: Allowed) -> Pass {
         discard_all: allowed.discard_all,
         bound_setting_names: allowed.bound_setting_names,
         bound_encodings: allowed.bound_encodings,
+        session_effects: allowed.session_effects,
     })))
 }
 

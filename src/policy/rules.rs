@@ -1,6 +1,8 @@
 //! Client class + classified statements → verdict, with the words the client will read.
 
-use super::classify::{Classification, Effect, RoleStatement, StatementInfo};
+use super::classify::{
+    Classification, Effect, RoleStatement, SessionEffects, StatementInfo, RESERVED_STATEMENT_PREFIX,
+};
 use crate::config::{Allowance, ClientClass};
 use crate::sql::quote_ident;
 
@@ -29,6 +31,8 @@ pub struct Allowed {
     pub bound_setting_names: Vec<u16>,
     /// `set_config('client_encoding', …)` takes the encoding from these: judged at Bind.
     pub bound_encodings: Vec<u16>,
+    /// What the string leaves in the backend session (for transaction pooling).
+    pub session_effects: SessionEffects,
 }
 
 impl Allowed {
@@ -38,6 +42,7 @@ impl Allowed {
             && !self.discard_all
             && self.bound_setting_names.is_empty()
             && self.bound_encodings.is_empty()
+            && !self.session_effects.any()
     }
 }
 
@@ -68,7 +73,20 @@ pub fn judge(
                 Keep::DiscardAll => allowed.discard_all = true,
             }
         }
+        if s.reserved_name {
+            return Err(Refusal {
+                code: "42501",
+                message: format!(
+                    "rolegate: prepared statement names beginning with \"{RESERVED_STATEMENT_PREFIX}\" are rolegate's own ({})",
+                    s.label
+                ),
+                hint: Some("Choose another name for the prepared statement.".into()),
+                kind: "reserved statement name".into(),
+                leaves_owner_role: true,
+            });
+        }
         judge_statement(class, allow, s)?;
+        allowed.session_effects.add(s.session_effects);
         allowed
             .bound_setting_names
             .extend_from_slice(&s.bound_setting_names);
