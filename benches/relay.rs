@@ -59,6 +59,7 @@ fn relay(c: &mut Criterion) {
             metrics,
             large_objects: Box::leak(Box::default()),
             restore_sql: "SET ROLE owner",
+            pooling: None,
         };
         run_io(client_proxy, server_proxy, &ctx).await
     });

@@ -13,6 +13,7 @@ pub mod demo;
 pub mod listener;
 pub mod metrics;
 pub mod policy;
+pub mod pool;
 pub mod provision;
 pub mod proxy;
 pub mod relay;

@@ -70,8 +70,93 @@ pub struct DirectionLabel {
     pub direction: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabel {
+    pub pool: String,
+}
+
+type PerPool<M> = Family<PoolLabel, M>;
+
+/// Transaction pooling, per pool (PgBouncer's SHOW POOLS columns).
+#[derive(Default)]
+pub struct PoolMetrics {
+    pub clients_active: PerPool<Gauge>,
+    pub clients_waiting: PerPool<Gauge>,
+    pub clients_pinned: PerPool<Gauge>,
+    pub backends_active: PerPool<Gauge>,
+    pub backends_idle: PerPool<Gauge>,
+    pub backends_opening: PerPool<Gauge>,
+    pub longest_wait_seconds: PerPool<Gauge<f64, AtomicU64>>,
+    pub checkouts: PerPool<Counter>,
+    pub checkout_timeouts: PerPool<Counter>,
+    pub prepares: PerPool<Counter>,
+    pub resets: PerPool<Counter>,
+}
+
+impl PoolMetrics {
+    fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("pool");
+        r.register(
+            "clients_active",
+            "Clients in transaction mode with a backend connection now",
+            self.clients_active.clone(),
+        );
+        r.register(
+            "clients_waiting",
+            "Clients waiting for a backend connection",
+            self.clients_waiting.clone(),
+        );
+        r.register(
+            "clients_pinned",
+            "Clients kept on one backend connection (LISTEN, session locks, WITH HOLD, PREPARE)",
+            self.clients_pinned.clone(),
+        );
+        r.register(
+            "backends_active",
+            "Backend connections lent to a client",
+            self.backends_active.clone(),
+        );
+        r.register(
+            "backends_idle",
+            "Backend connections waiting in the pool",
+            self.backends_idle.clone(),
+        );
+        r.register(
+            "backends_opening",
+            "Backend connections being opened",
+            self.backends_opening.clone(),
+        );
+        r.register(
+            "longest_wait_seconds",
+            "How long the longest-waiting client has waited for a backend connection",
+            self.longest_wait_seconds.clone(),
+        );
+        r.register(
+            "checkouts",
+            "Backend connections lent to clients",
+            self.checkouts.clone(),
+        );
+        r.register(
+            "checkout_timeouts",
+            "Clients that waited checkout_timeout without getting a backend connection",
+            self.checkout_timeouts.clone(),
+        );
+        r.register(
+            "prepares",
+            "Prepared statements sent to a backend connection that lacked them",
+            self.prepares.clone(),
+        );
+        r.register(
+            "resets",
+            "Settings queries sent to give a backend connection a client's settings",
+            self.resets.clone(),
+        );
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
+    pub pool: PoolMetrics,
     /// Sessions that reached the relay, by client class.
     pub client_sessions: Family<ClassLabel, Gauge>,
     /// Connections that have not (yet) become a session: TLS, startup, auth.
@@ -103,8 +188,10 @@ impl Default for Metrics {
             rotation_failures: Counter::default(),
             login_age_seconds: Gauge::default(),
             readiness_checks: Counter::default(),
+            pool: PoolMetrics::default(),
             registry: Registry::with_prefix("rolegate"),
         };
+        m.pool.register(&mut m.registry);
         let registry = &mut m.registry;
         registry.register(
             "client_sessions",

@@ -55,6 +55,8 @@ pub struct Proxy {
     /// Present in managed rotation mode.
     pub rotator: Option<Arc<Rotator>>,
     pub cancel_keys: Arc<CancelKeys>,
+    /// Transaction pooling's backend sessions (`[pool] mode = "transaction"`).
+    pub pools: Arc<crate::pool::Pools>,
     /// The server's large-object functions, looked up by the first session.
     pub large_objects: std::sync::OnceLock<crate::policy::fastpath::LargeObjectFunctions>,
     pub metrics: Arc<Metrics>,
@@ -103,6 +105,9 @@ impl Proxy {
                 proxy.rotator = Some(rotator);
             }
         }
+        if proxy.config().pool.mode == crate::config::PoolMode::Transaction {
+            tokio::spawn(proxy.pools.clone().maintain());
+        }
         Ok(Arc::new(proxy))
     }
 
@@ -122,13 +127,22 @@ impl Proxy {
                 password: String::new(),
             },
         };
+        let backend = Arc::new(backend);
+        let credentials = Arc::new(CredentialStore::new(login));
+        let metrics = Arc::new(Metrics::default());
         Ok(Proxy {
-            backend: Arc::new(backend),
+            pools: Arc::new(crate::pool::Pools::new(
+                config.pool.clone(),
+                backend.clone(),
+                credentials.clone(),
+                metrics.clone(),
+            )),
+            backend,
             rotator: None,
-            credentials: Arc::new(CredentialStore::new(login)),
+            credentials,
             cancel_keys: Arc::new(CancelKeys::default()),
             large_objects: std::sync::OnceLock::new(),
-            metrics: Arc::new(Metrics::default()),
+            metrics,
             open_connections: std::sync::atomic::AtomicUsize::new(0),
             shutdown: tokio::sync::watch::channel(false).0,
             accepting: std::sync::atomic::AtomicBool::new(false),
@@ -211,10 +225,25 @@ pub struct CancelTarget {
     pub secret: i32,
 }
 
+/// Where a cancel key points now: with transaction pooling, at the backend session the
+/// client uses at this moment (none between transactions).
+#[derive(Default)]
+pub struct CancelSlot(std::sync::Mutex<Option<CancelTarget>>);
+
+impl CancelSlot {
+    pub fn set(&self, target: Option<CancelTarget>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = target;
+    }
+
+    fn get(&self) -> Option<CancelTarget> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
 /// rolegate's own BackendKeyData values, mapped to the backend's.
 #[derive(Default)]
 pub struct CancelKeys {
-    keys: DashMap<(i32, i32), CancelTarget>,
+    keys: DashMap<(i32, i32), Arc<CancelSlot>>,
 }
 
 impl CancelKeys {
@@ -223,27 +252,42 @@ impl CancelKeys {
     /// in notifications, and a secret of rolegate's own (the backend's never leaves
     /// rolegate). Dropping the guard forgets it.
     pub fn register(self: &Arc<Self>, target: CancelTarget) -> CancelKeyGuard {
+        let pid = target.pid;
+        self.register_slot(pid, Some(target))
+    }
+
+    /// A key for a client in transaction mode: no backend process stands for it, so
+    /// the process id is rolegate's own too; the slot follows the client's leases.
+    pub fn register_pooled(self: &Arc<Self>) -> CancelKeyGuard {
+        let pid = rand::thread_rng().gen_range(1..i32::MAX);
+        self.register_slot(pid, None)
+    }
+
+    fn register_slot(self: &Arc<Self>, pid: i32, target: Option<CancelTarget>) -> CancelKeyGuard {
         let mut rng = rand::thread_rng();
+        let slot = Arc::new(CancelSlot(std::sync::Mutex::new(target)));
         loop {
-            let key = (target.pid, rng.gen::<i32>());
-            if let dashmap::Entry::Vacant(slot) = self.keys.entry(key) {
-                slot.insert(target);
+            let key = (pid, rng.gen::<i32>());
+            if let dashmap::Entry::Vacant(entry) = self.keys.entry(key) {
+                entry.insert(slot.clone());
                 return CancelKeyGuard {
                     keys: self.clone(),
                     key,
+                    slot,
                 };
             }
         }
     }
 
     pub fn lookup(&self, pid: i32, secret: i32) -> Option<CancelTarget> {
-        self.keys.get(&(pid, secret)).map(|t| t.clone())
+        self.keys.get(&(pid, secret)).and_then(|slot| slot.get())
     }
 }
 
 pub struct CancelKeyGuard {
     keys: Arc<CancelKeys>,
     pub key: (i32, i32),
+    pub slot: Arc<CancelSlot>,
 }
 
 impl Drop for CancelKeyGuard {

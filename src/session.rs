@@ -10,15 +10,18 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::backend::{self, BackendError, BackendSession, SessionRole};
-use crate::config::{BackendConfig, ClientClass};
+use crate::config::{BackendConfig, ClientClass, PoolMode};
 use crate::metrics::ClassLabel;
 use crate::policy::fastpath::{self, LargeObjectFunctions};
 use crate::policy::Requester;
+use crate::pool::CheckoutError;
 use crate::proxy::{CancelTarget, Proxy};
+use crate::relay::pooled::{PooledClient, Pooling};
 use crate::relay::{self, RelayContext};
 use crate::startup::{self, ClientIdentity, Opening, StartupError};
 use crate::tls::MaybeTls;
 use crate::wire::{self, ErrorFields, WireError};
+use std::collections::BTreeMap;
 
 pub async fn run(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
     let _ = tcp.set_nodelay(true);
@@ -156,6 +159,11 @@ async fn serve(
 ) {
     let started = Instant::now();
     let config = proxy.config();
+    // Migrations take locks and set session state for their whole run: a migrator
+    // keeps one backend session.
+    if config.pool.mode == PoolMode::Transaction && identity.class != ClientClass::Migrator {
+        return serve_pooled(proxy, client, identity, params, scram_final, peer).await;
+    }
     let mut login = proxy.credentials.current();
     let role = session_role(&config.backend, identity.class);
     let mut attempt = backend::connect(&proxy.backend, &login, &params, role).await;
@@ -179,19 +187,7 @@ async fn serve(
         Ok(backend) => backend,
         Err(e) => {
             tracing::warn!(user = identity.user.as_str(), login = login.user.as_str(), error = %e, "backend session failed");
-            let mut out = BytesMut::new();
-            let fields = e.client_fields();
-            let field = |c| wire::field(&fields, c).unwrap_or_default();
-            wire::put_error(
-                &mut out,
-                &ErrorFields {
-                    detail: Some(field(b'D')).filter(|d| !d.is_empty()),
-                    hint: Some(field(b'H')).filter(|h| !h.is_empty()),
-                    ..ErrorFields::fatal(field(b'C'), field(b'M'))
-                },
-            );
-            let _ = client.write_all(&out).await;
-            let _ = client.shutdown().await;
+            refuse_session(client, &e).await;
             return;
         }
     };
@@ -202,26 +198,16 @@ async fn serve(
         secret: backend.secret,
     });
 
-    let mut greeting = BytesMut::new();
-    wire::put_authentication(
-        &mut greeting,
-        &Authentication::SASLFinal(Bytes::from(scram_final)),
-    );
-    wire::put_authentication(&mut greeting, &Authentication::Ok);
-    let mut standard_conforming_strings = true;
-    for (name, frame) in &backend.parameter_status {
-        if name == "standard_conforming_strings" {
-            standard_conforming_strings = frame.ends_with(b"on\0");
-        }
-        greeting.extend_from_slice(frame);
-    }
-    wire::put_backend_key_data(&mut greeting, cancel_key.key.0, cancel_key.key.1);
-    wire::put_ready_for_query(&mut greeting, b'I');
-    if let Err(e) = client.write_all(&greeting).await {
-        tracing::info!(error = %e, "client left before the session started");
+    let Some(standard_conforming_strings) = greet(
+        &mut client,
+        scram_final,
+        &backend.parameter_status,
+        cancel_key.key,
+    )
+    .await
+    else {
         return;
-    }
-    let _ = client.flush().await;
+    };
     tracing::info!(
         user = identity.user.as_str(),
         class = identity.class.as_str(),
@@ -257,10 +243,186 @@ async fn serve(
         restore_sql: &restore_sql,
         standard_conforming_strings,
         max_message_bytes: config.limits.max_message_bytes,
+        pooling: None,
     };
     let (stats, end) = relay::run(client, backend.stream, &ctx).await;
     sessions_gauge.dec();
     proxy.metrics.backend_connections.dec();
+    drop(cancel_key);
+    tracing::info!(
+        user = identity.user.as_str(),
+        class = identity.class.as_str(),
+        %peer,
+        duration_ms = started.elapsed().as_millis() as u64,
+        client_bytes = stats.client_bytes,
+        server_bytes = stats.server_bytes,
+        refused = stats.refused,
+        outcome = %end,
+        "session ended"
+    );
+}
+
+/// Ends a client's login with the server's (or rolegate's) reason the backend session
+/// could not be had.
+async fn refuse_session(mut client: MaybeTls, e: &BackendError) {
+    let mut out = BytesMut::new();
+    let fields = e.client_fields();
+    let field = |c| wire::field(&fields, c).unwrap_or_default();
+    wire::put_error(
+        &mut out,
+        &ErrorFields {
+            detail: Some(field(b'D')).filter(|d| !d.is_empty()),
+            hint: Some(field(b'H')).filter(|h| !h.is_empty()),
+            ..ErrorFields::fatal(field(b'C'), field(b'M'))
+        },
+    );
+    let _ = client.write_all(&out).await;
+    let _ = client.shutdown().await;
+}
+
+/// The end of the login: SCRAM's final message, AuthenticationOk, the server's
+/// parameters, rolegate's cancel key, ReadyForQuery. Returns the session's
+/// `standard_conforming_strings`, or `None` when the client left.
+async fn greet(
+    client: &mut MaybeTls,
+    scram_final: String,
+    parameter_status: &[(String, Bytes)],
+    cancel_key: (i32, i32),
+) -> Option<bool> {
+    let mut greeting = BytesMut::new();
+    wire::put_authentication(
+        &mut greeting,
+        &Authentication::SASLFinal(Bytes::from(scram_final)),
+    );
+    wire::put_authentication(&mut greeting, &Authentication::Ok);
+    let mut standard_conforming_strings = true;
+    for (name, frame) in parameter_status {
+        if name == "standard_conforming_strings" {
+            standard_conforming_strings = frame.ends_with(b"on\0");
+        }
+        greeting.extend_from_slice(frame);
+    }
+    wire::put_backend_key_data(&mut greeting, cancel_key.0, cancel_key.1);
+    wire::put_ready_for_query(&mut greeting, b'I');
+    if let Err(e) = client.write_all(&greeting).await {
+        tracing::info!(error = %e, "client left before the session started");
+        return None;
+    }
+    let _ = client.flush().await;
+    Some(standard_conforming_strings)
+}
+
+/// A client's startup settings as session settings (lower-case name → value): what
+/// each backend session it borrows is given.
+fn startup_settings(params: &[(String, String)]) -> BTreeMap<String, String> {
+    let mut settings = BTreeMap::new();
+    for (name, value) in params {
+        if name == "options" {
+            for (name, value) in startup::option_settings(value).unwrap_or_default() {
+                settings.insert(name.replace('-', "_").to_ascii_lowercase(), value);
+            }
+        } else {
+            settings.insert(name.to_ascii_lowercase(), value.clone());
+        }
+    }
+    settings
+}
+
+/// Transaction mode: the client borrows a backend session per transaction.
+async fn serve_pooled(
+    proxy: &Proxy,
+    mut client: MaybeTls,
+    identity: ClientIdentity,
+    params: Vec<(String, String)>,
+    scram_final: String,
+    peer: SocketAddr,
+) {
+    let started = Instant::now();
+    let config = proxy.config();
+    let role = session_role(&config.backend, identity.class);
+    let pool = proxy.pools.get(role);
+    let settings = startup_settings(&params);
+    // A backend session with the client's settings says what the server makes of them
+    // (and refuses the ones it does not know) for the greeting.
+    let login = async {
+        let mut lease = pool.checkout().await.map_err(|e| match e {
+            CheckoutError::Backend(e) => e,
+            timeout => BackendError::Server(vec![
+                (b'S', "FATAL".into()),
+                (b'C', "53300".into()),
+                (b'M', format!("rolegate: {timeout}")),
+            ]),
+        })?;
+        let conn = lease.conn();
+        conn.apply_settings(&settings).await?;
+        large_object_functions(proxy, &mut conn.session).await?;
+        judgeable_encoding(&conn.session)?;
+        Ok::<_, BackendError>(lease)
+    };
+    let lease = match login.await {
+        Ok(lease) => lease,
+        Err(e) => {
+            tracing::warn!(user = identity.user.as_str(), error = %e, "backend session failed");
+            refuse_session(client, &e).await;
+            return;
+        }
+    };
+    let mut lease = lease;
+    let parameter_status = lease.conn().session.parameter_status.clone();
+    lease.release();
+    let cancel_key = proxy.cancel_keys.register_pooled();
+    let Some(standard_conforming_strings) =
+        greet(&mut client, scram_final, &parameter_status, cancel_key.key).await
+    else {
+        return;
+    };
+    tracing::info!(
+        user = identity.user.as_str(),
+        class = identity.class.as_str(),
+        %peer,
+        pool = pool.key.label(),
+        tls = client.is_tls(),
+        "session started (transaction mode)"
+    );
+    let policy = proxy.policy();
+    let restore_sql = role.setup_sql();
+    let class_label = ClassLabel {
+        class: identity.class.as_str().to_owned(),
+    };
+    let sessions_gauge = proxy
+        .metrics
+        .client_sessions
+        .get_or_create(&class_label)
+        .clone();
+    sessions_gauge.inc();
+    let ctx = RelayContext {
+        policy: &policy,
+        idle_timeout: config.limits.idle_client_timeout,
+        shutdown: proxy.shutdown.subscribe(),
+        metrics: &proxy.metrics,
+        requester: Requester {
+            user: &identity.user,
+            class: identity.class,
+            allow: &identity.allow,
+            role: role.role,
+        },
+        large_objects: proxy.large_objects.get().unwrap_or(&EMPTY_LARGE_OBJECTS),
+        restore_sql: &restore_sql,
+        standard_conforming_strings,
+        max_message_bytes: config.limits.max_message_bytes,
+        pooling: Some(Pooling {
+            pools: &proxy.pools,
+            pool: &pool,
+        }),
+    };
+    let client = PooledClient {
+        stream: client,
+        settings,
+        cancel: &cancel_key.slot,
+        backend_addr: proxy.backend.addr(),
+    };
+    let (stats, end) = relay::pooled::run(client, &ctx).await;
+    sessions_gauge.dec();
     drop(cancel_key);
     tracing::info!(
         user = identity.user.as_str(),

@@ -317,7 +317,7 @@ fn check_setting(name: &str, value: &str, class: ClientClass) -> Result<(), Star
 /// The settings (name, value) in an `options` value: `-c name=value`, `-cname=value` or
 /// `--name=value`, separated by unescaped spaces. Anything else is refused: other
 /// switches change server behaviour that rolegate does not judge.
-fn option_settings(options: &str) -> Result<Vec<(String, String)>, StartupError> {
+pub(crate) fn option_settings(options: &str) -> Result<Vec<(String, String)>, StartupError> {
     let mut words = Vec::new();
     let mut word = String::new();
     let mut chars = options.chars();

@@ -27,6 +27,8 @@ use crate::policy::{PassActions, Policy, Refusal, Requester, SessionVerdicts};
 use crate::tls::MaybeTls;
 use crate::wire::{self, ErrorFields, WireError};
 
+pub mod pooled;
+
 /// Size of the read buffers; a read fills at most what is free in them.
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -47,6 +49,8 @@ pub struct RelayContext<'a> {
     pub large_objects: &'a LargeObjectFunctions,
     /// Puts the session back into its role (and read-only mode) after DISCARD ALL.
     pub restore_sql: &'a str,
+    /// Transaction pooling: the pool the backend sessions are borrowed from.
+    pub pooling: Option<pooled::Pooling<'a>>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -79,6 +83,11 @@ pub enum RelayEnd {
     RoleLost,
     #[error("the server reported a client_encoding rolegate cannot judge statements in")]
     UnsupportedEncoding,
+    /// Transaction pooling: the backend session is idle and goes back to the pool.
+    #[error("backend connection given back")]
+    Released,
+    #[error("the backend connection was lost while the client was using it")]
+    BackendLost,
 }
 
 /// A refusal waiting for the server's syntax error that carries its marker.
@@ -106,10 +115,17 @@ struct Shared {
     own_queries: Mutex<VecDeque<u64>>,
     /// Whether `own_queries` may be non-empty: read per message, so no lock then.
     has_own_queries: AtomicBool,
+    /// Transaction pooling: what the current lease of a backend session carries.
+    lease: Option<Mutex<pooled::LeaseState>>,
+    /// Whether the lease has replies to fix up (read per message, so no lock then).
+    has_fixups: AtomicBool,
+    /// Extended-protocol messages were sent after the last Sync: the backend session is
+    /// in the middle of something even when every Sync was answered.
+    unsynced: AtomicBool,
 }
 
 impl Shared {
-    fn new(standard_conforming_strings: bool) -> Shared {
+    fn new(standard_conforming_strings: bool, pooled: bool) -> Shared {
         Shared {
             standard_conforming_strings: AtomicBool::new(standard_conforming_strings),
             pending: Mutex::new(VecDeque::new()),
@@ -120,6 +136,9 @@ impl Shared {
             started: Instant::now(),
             own_queries: Mutex::new(VecDeque::new()),
             has_own_queries: AtomicBool::new(false),
+            lease: pooled.then(|| Mutex::new(pooled::LeaseState::default())),
+            has_fixups: AtomicBool::new(false),
+            unsynced: AtomicBool::new(false),
         }
     }
 
@@ -302,7 +321,7 @@ where
     SR: AsyncRead + Unpin,
     SW: AsyncWrite + Unpin,
 {
-    let shared = Shared::new(ctx.standard_conforming_strings);
+    let shared = Shared::new(ctx.standard_conforming_strings, false);
     let mut up = Upstream::new(ctx);
     let mut down = Downstream::default();
     let end = {
@@ -315,31 +334,7 @@ where
             end = closing => end,
         }
     };
-    // The client hears why rolegate ended its session, as PostgreSQL's own FATALs do.
-    let fatal = match &end {
-        RelayEnd::Shutdown => Some((
-            "57P01",
-            "rolegate: terminating connection because rolegate is shutting down".to_owned(),
-        )),
-        RelayEnd::IdleTimeout => Some((
-            "57P05",
-            "rolegate: terminating connection due to idle_client_timeout".to_owned(),
-        )),
-        RelayEnd::ClientProtocol(e) => Some((
-            "08P01",
-            format!("rolegate: invalid message from client: {e}"),
-        )),
-        RelayEnd::RoleLost | RelayEnd::UnsupportedEncoding => {
-            Some(("08006", format!("rolegate: terminating connection: {end}")))
-        }
-        _ => None,
-    };
-    if let Some((code, message)) = fatal {
-        let mut out = BytesMut::new();
-        wire::put_error(&mut out, &ErrorFields::fatal(code, &message));
-        let _ = client_w.write_all(&out).await;
-        let _ = client_w.flush().await;
-    }
+    tell_client_why(&end, &mut client_w).await;
     // Tell a server that is still there that the session is over rather than just dropping
     // the socket. (After a client Terminate the server has it already; a second one is
     // harmless.)
@@ -359,6 +354,34 @@ where
         refused: up.refused,
     };
     (stats, end)
+}
+
+/// The client hears why rolegate ended its session, as PostgreSQL's own FATALs do.
+async fn tell_client_why<W: AsyncWrite + Unpin>(end: &RelayEnd, client_w: &mut W) {
+    let fatal = match end {
+        RelayEnd::Shutdown => Some((
+            "57P01",
+            "rolegate: terminating connection because rolegate is shutting down".to_owned(),
+        )),
+        RelayEnd::IdleTimeout => Some((
+            "57P05",
+            "rolegate: terminating connection due to idle_client_timeout".to_owned(),
+        )),
+        RelayEnd::ClientProtocol(e) => Some((
+            "08P01",
+            format!("rolegate: invalid message from client: {e}"),
+        )),
+        RelayEnd::RoleLost | RelayEnd::UnsupportedEncoding | RelayEnd::BackendLost => {
+            Some(("08006", format!("rolegate: terminating connection: {end}")))
+        }
+        _ => None,
+    };
+    if let Some((code, message)) = fatal {
+        let mut out = BytesMut::new();
+        wire::put_error(&mut out, &ErrorFields::fatal(code, &message));
+        let _ = client_w.write_all(&out).await;
+        let _ = client_w.flush().await;
+    }
 }
 
 /// Client → server.
@@ -381,6 +404,12 @@ struct Upstream<'a> {
     statement_checks: StatementChecks,
     /// A DISCARD ALL was bound in the current extended-protocol batch.
     discard_all_in_batch: bool,
+    /// Transaction pooling: the client's prepared statements (`None` in session mode).
+    pooled: Option<Box<pooled::ClientStatements>>,
+    /// What the last statement the policy let through leaves in the session.
+    last_effects: crate::policy::SessionEffects,
+    /// Extended-protocol messages sent since the last Sync (kept for transaction pooling).
+    unsynced: bool,
 }
 
 impl<'a> Upstream<'a> {
@@ -405,6 +434,9 @@ impl<'a> Upstream<'a> {
             verdicts: SessionVerdicts::default(),
             statement_checks: Default::default(),
             discard_all_in_batch: false,
+            pooled: ctx.pooling.as_ref().map(|_| Default::default()),
+            last_effects: Default::default(),
+            unsynced: false,
         }
     }
 
@@ -414,52 +446,77 @@ impl<'a> Upstream<'a> {
         W: AsyncWrite + Unpin,
     {
         loop {
-            if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
-                self.buf.reserve(READ_CHUNK);
+            if let Err(end) = self.read(client, shared).await {
+                return end;
             }
-            match client.read_buf(&mut self.buf).await {
-                Ok(0) => return RelayEnd::ClientClosed,
-                Ok(n) => {
-                    self.bytes += n as u64;
-                    self.bytes_counter.inc_by(n as u64);
-                    // Only the idle timeout reads it: no clock read per message without one.
-                    if self.ctx.idle_timeout.is_some() {
-                        let now = shared.started.elapsed().as_millis() as u64;
-                        shared.last_client_activity_ms.store(now, Ordering::Relaxed);
-                    }
-                }
-                Err(e) => return RelayEnd::ClientIo(e),
-            }
-            let syncs_before = self.sync_points;
-            let (end, terminate) = match self.scan(shared) {
-                Ok(scanned) => scanned,
-                Err(e) => return RelayEnd::ClientProtocol(e),
-            };
-            if self.sync_points != syncs_before {
-                self.ctx
-                    .metrics
-                    .queries
-                    .inc_by(self.sync_points - syncs_before);
-                shared
-                    .sync_points_sent
-                    .store(self.sync_points, Ordering::Relaxed);
-            }
-            let result = if self.out.is_empty() {
-                server.write_all(&self.buf[..end]).await
-            } else {
-                self.out.extend_from_slice(&self.buf[..end]);
-                let r = server.write_all(&self.out).await;
-                self.out.clear();
-                r
-            };
-            self.buf.advance(end);
-            if let Err(e) = result.and(server.flush().await) {
-                return RelayEnd::ServerIo(e);
-            }
-            if terminate {
-                return RelayEnd::ClientClosed;
+            if let Some(end) = self.forward(server, shared).await {
+                return end;
             }
         }
+    }
+
+    /// Reads what the client sent next into `buf`.
+    async fn read<R: AsyncRead + Unpin>(
+        &mut self,
+        client: &mut R,
+        shared: &Shared,
+    ) -> Result<(), RelayEnd> {
+        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
+            self.buf.reserve(READ_CHUNK);
+        }
+        match client.read_buf(&mut self.buf).await {
+            Ok(0) => Err(RelayEnd::ClientClosed),
+            Ok(n) => {
+                self.bytes += n as u64;
+                self.bytes_counter.inc_by(n as u64);
+                // Only the idle timeout reads it: no clock read per message without one.
+                if self.ctx.idle_timeout.is_some() {
+                    let now = shared.started.elapsed().as_millis() as u64;
+                    shared.last_client_activity_ms.store(now, Ordering::Relaxed);
+                }
+                Ok(())
+            }
+            Err(e) => Err(RelayEnd::ClientIo(e)),
+        }
+    }
+
+    /// Judges the complete frames in `buf` and sends what passes to the server, in one
+    /// write.
+    async fn forward<W: AsyncWrite + Unpin>(
+        &mut self,
+        server: &mut W,
+        shared: &Shared,
+    ) -> Option<RelayEnd> {
+        let syncs_before = self.sync_points;
+        let (end, terminate) = match self.scan(shared) {
+            Ok(scanned) => scanned,
+            Err(e) => return Some(RelayEnd::ClientProtocol(e)),
+        };
+        if self.sync_points != syncs_before {
+            self.ctx
+                .metrics
+                .queries
+                .inc_by(self.sync_points - syncs_before);
+            shared
+                .sync_points_sent
+                .store(self.sync_points, Ordering::Relaxed);
+        }
+        if shared.lease.is_some() {
+            shared.unsynced.store(self.unsynced, Ordering::Relaxed);
+        }
+        let result = if self.out.is_empty() {
+            server.write_all(&self.buf[..end]).await
+        } else {
+            self.out.extend_from_slice(&self.buf[..end]);
+            let r = server.write_all(&self.out).await;
+            self.out.clear();
+            r
+        };
+        self.buf.advance(end);
+        if let Err(e) = result.and(server.flush().await) {
+            return Some(RelayEnd::ServerIo(e));
+        }
+        terminate.then_some(RelayEnd::ClientClosed)
     }
 
     /// Walks the complete frames in `buf`. Returns how many bytes at the front of `buf`
@@ -478,9 +535,11 @@ impl<'a> Upstream<'a> {
             let available = self.buf.len() - pos;
             // Bind and Close are read only while a statement needs a look at its Bind
             // (rare): everything else of the extended protocol passes by its header.
+            // (With transaction pooling, statement names are rolegate's own on the server.)
             let judged = matches!(tag, b'Q' | b'P' | b'F')
                 || (matches!(tag, b'B' | b'C')
-                    && (!self.statement_checks.is_empty() || self.discard_all_in_batch));
+                    && (!self.statement_checks.is_empty() || self.discard_all_in_batch))
+                || (self.pooled.is_some() && matches!(tag, b'B' | b'C' | b'D'));
             if !judged {
                 if available < size {
                     self.passthrough = size - available;
@@ -489,7 +548,10 @@ impl<'a> Upstream<'a> {
                 }
                 pos += size;
                 match tag {
+                    // A pooled backend session stays open for the next client.
+                    b'X' if self.pooled.is_some() => return Ok((pos - size, true)),
                     b'S' => {
+                        self.unsynced = false;
                         self.sync_points += 1;
                         if std::mem::take(&mut self.discard_all_in_batch) {
                             self.restore_role_after(pos, shared);
@@ -497,7 +559,9 @@ impl<'a> Upstream<'a> {
                         }
                     }
                     b'X' => return Ok((pos, true)),
-                    _ => {}
+                    // COPY data follows a Query that is not answered yet.
+                    b'd' | b'c' | b'f' => {}
+                    _ => self.unsynced = true,
                 }
                 continue;
             }
@@ -512,6 +576,9 @@ impl<'a> Upstream<'a> {
             } else {
                 self.decide(tag, pos, size, shared)
             };
+            if !matches!(decision, Decision::Refuse(_)) {
+                self.unsynced = !matches!(tag, b'Q' | b'F');
+            }
             match decision {
                 Decision::Forward { restore_role } => {
                     pos += size;
@@ -542,11 +609,18 @@ impl<'a> Upstream<'a> {
                     // Everything before the refused frame goes out first, via `out`.
                     self.out.extend_from_slice(&self.buf[..pos]);
                     let stand_in = match tag {
-                        b'P' => StandIn::Parse(
-                            parse_statement_name(&self.buf[pos + 5..pos + size.min(available)])
-                                .unwrap_or_default(),
-                        ),
-                        b'B' | b'C' => StandIn::OwnParse,
+                        b'P' => {
+                            let name =
+                                parse_statement_name(&self.buf[pos + 5..pos + size.min(available)])
+                                    .unwrap_or_default();
+                            // Pooled: the client's names are not the server's.
+                            if self.pooled.is_some() && !name.is_empty() {
+                                StandIn::OwnParse
+                            } else {
+                                StandIn::Parse(name)
+                            }
+                        }
+                        b'B' | b'C' | b'D' => StandIn::OwnParse,
                         _ => StandIn::Query,
                     };
                     self.substitute(stand_in, &refusal, shared);
@@ -593,8 +667,12 @@ impl<'a> Upstream<'a> {
                 if let Some(name) = body.strip_prefix(b"S").and_then(|n| n.strip_suffix(&[0])) {
                     forget_statement_check(&mut self.statement_checks, name);
                 }
+                if self.pooled.is_some() {
+                    return self.pooled_close(pos, size, shared);
+                }
                 FORWARD
             }
+            b'D' => self.pooled_use(tag, pos, size, shared),
             b'B' => {
                 let Some(BindParts { statement, params }) = bind_parts(body) else {
                     return Decision::Refuse(Box::new(malformed_refusal("Bind")));
@@ -602,6 +680,9 @@ impl<'a> Upstream<'a> {
                 match self.statement_checks.get(statement) {
                     Some(StatementCheck::DiscardAll) => {
                         self.discard_all_in_batch = true;
+                        if self.pooled.is_some() {
+                            return self.pooled_use(tag, pos, size, shared);
+                        }
                         FORWARD
                     }
                     Some(StatementCheck::Bound {
@@ -623,12 +704,32 @@ impl<'a> Upstream<'a> {
                                     .filter_map(bound)
                                     .find_map(|value| policy.check_bound_encoding(who, value))
                             });
-                        refusal.map_or(FORWARD, |r| Decision::Refuse(Box::new(r)))
+                        if let Some(r) = refusal {
+                            return Decision::Refuse(Box::new(r));
+                        }
+                        if self.pooled.is_some() {
+                            return self.pooled_use(tag, pos, size, shared);
+                        }
+                        FORWARD
                     }
+                    None if self.pooled.is_some() => self.pooled_use(tag, pos, size, shared),
                     None => FORWARD,
                 }
             }
-            _ => self.decide_statement(tag, pos, size, shared),
+            _ => {
+                let decision = self.decide_statement(tag, pos, size, shared);
+                if self.pooled.is_none() {
+                    return decision;
+                }
+                match tag {
+                    b'P' => self.pooled_parse(pos, size, decision, shared),
+                    b'Q' if !matches!(decision, Decision::Refuse(_)) => {
+                        self.pooled_query(shared);
+                        decision
+                    }
+                    _ => decision,
+                }
+            }
         }
     }
 
@@ -659,6 +760,7 @@ impl<'a> Upstream<'a> {
                 Err(refusal) => return Decision::Refuse(Box::new(refusal)),
             };
         let Some(pass) = pass.actions() else {
+            self.last_effects = Default::default();
             if !self.statement_checks.is_empty() {
                 forget_statement_check(&mut self.statement_checks, name);
             }
@@ -671,8 +773,9 @@ impl<'a> Upstream<'a> {
             discard_all,
             bound_setting_names,
             bound_encodings,
-            session_effects: _,
+            session_effects,
         } = *pass;
+        self.last_effects = session_effects;
         let check = if discard_all {
             Some(StatementCheck::DiscardAll)
         } else if !bound_setting_names.is_empty() || !bound_encodings.is_empty() {
@@ -996,6 +1099,9 @@ impl Downstream {
             if let Err(e) = result.and(client.flush().await) {
                 return RelayEnd::ClientIo(e);
             }
+            if shared.lease.is_some() && self.may_release(shared) {
+                return RelayEnd::Released;
+            }
         }
     }
 
@@ -1011,7 +1117,8 @@ impl Downstream {
             let own = shared.has_own_queries.load(Ordering::Relaxed)
                 && !matches!(tag, b'A' | b'N' | b'S')
                 && shared.own_queries().front() == Some(&(self.ready_count + 1));
-            let inspected = own || matches!(tag, b'Z' | b'S' | b'E');
+            let fixup = matches!(tag, b'1' | b'3') && shared.has_fixups.load(Ordering::Relaxed);
+            let inspected = own || fixup || matches!(tag, b'Z' | b'S' | b'E');
             if available < size {
                 if inspected {
                     break;
@@ -1026,12 +1133,29 @@ impl Downstream {
                 pos = 0;
                 continue;
             }
+            if fixup {
+                let kept = match self.fix_up(tag, shared) {
+                    pooled::Reply::Forward => None,
+                    pooled::Reply::Drop => Some(&[][..]),
+                    pooled::Reply::ParseComplete => Some(&b"1\0\0\0\x04"[..]),
+                };
+                if let Some(replacement) = kept {
+                    self.out.extend_from_slice(&self.buf[..pos]);
+                    self.out.extend_from_slice(replacement);
+                    self.buf.advance(pos + size);
+                    pos = 0;
+                    continue;
+                }
+            }
             match tag {
                 b'Z' => {
                     self.ready(pos, size, shared);
                 }
                 b'S' => {
                     let body = &self.buf[pos + 5..pos + size];
+                    if let Some(lease) = &shared.lease {
+                        pooled::record_parameter_status(lease, &self.buf[pos..pos + size]);
+                    }
                     if let Some(value) = body.strip_prefix(b"standard_conforming_strings\0") {
                         shared
                             .standard_conforming_strings
@@ -1088,6 +1212,9 @@ impl Downstream {
         while pending.front().is_some_and(|p| p.until_ready <= ready) {
             pending.pop_front();
         }
+        if shared.has_fixups.load(Ordering::Relaxed) {
+            pooled::batch_answered(shared, ready);
+        }
         status
     }
 
@@ -1143,8 +1270,9 @@ mod tests {
             metrics: &metrics,
             large_objects: &Default::default(),
             restore_sql: "SET ROLE owner",
+            pooling: None,
         };
-        let shared = Shared::new(true);
+        let shared = Shared::new(true, false);
         let mut up = Upstream::new(&ctx);
         f(&mut up, &shared)
     }
@@ -1176,7 +1304,7 @@ mod tests {
         fn server_frames_scan_without_panicking(
             chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..96), 1..8)
         ) {
-            let shared = Shared::new(true);
+            let shared = Shared::new(true, false);
             let mut down = Downstream::default();
             for chunk in chunks {
                 down.buf.extend_from_slice(&chunk);

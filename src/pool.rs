@@ -1,0 +1,633 @@
+//! Transaction pooling: backend sessions shared by many clients, one transaction at a
+//! time.
+//!
+//! A [`Pool`] holds the backend sessions of one kind (the role they are kept in and
+//! whether they are read-only); a client checks one out when it sends something and
+//! gives it back at ReadyForQuery outside a transaction. What a backend session carries
+//! from one client to the next is tracked here: the settings rolegate applied to it, the
+//! prepared statements it has under rolegate's names, and which login opened it (a
+//! rotation retires sessions of older logins as they come back).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::backend::{self, BackendError, BackendSession, BackendTarget, SessionRole};
+use crate::config::PoolConfig;
+use crate::credentials::CredentialStore;
+use crate::metrics::{Metrics, PoolLabel};
+use crate::sql::quote_literal;
+use crate::wire;
+
+/// What a backend session is: a backend never serves a client of another key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub role: String,
+    pub read_only: bool,
+}
+
+impl PoolKey {
+    pub fn label(&self) -> String {
+        if self.read_only {
+            format!("{}/readonly", self.role)
+        } else {
+            self.role.clone()
+        }
+    }
+}
+
+/// Every pool of this process, and the names of pooled prepared statements.
+pub struct Pools {
+    pools: DashMap<PoolKey, Arc<Pool>>,
+    /// Statement text and parameter types → the number in its server-side name. Shared
+    /// by all pools, so the same statement has the same name on every backend.
+    statement_numbers: DashMap<Box<[u8]>, u64, ahash::RandomState>,
+    next_statement: AtomicU64,
+    target: Arc<BackendTarget>,
+    credentials: Arc<CredentialStore>,
+    config: PoolConfig,
+    metrics: Arc<Metrics>,
+}
+
+impl Pools {
+    pub fn new(
+        config: PoolConfig,
+        target: Arc<BackendTarget>,
+        credentials: Arc<CredentialStore>,
+        metrics: Arc<Metrics>,
+    ) -> Pools {
+        Pools {
+            pools: DashMap::new(),
+            statement_numbers: DashMap::default(),
+            next_statement: AtomicU64::new(1),
+            target,
+            credentials,
+            config,
+            metrics,
+        }
+    }
+
+    pub fn config(&self) -> &PoolConfig {
+        &self.config
+    }
+
+    /// The pool for backend sessions kept in `role`.
+    pub fn get(&self, role: SessionRole<'_>) -> Arc<Pool> {
+        let key = PoolKey {
+            role: role.role.to_owned(),
+            read_only: role.read_only,
+        };
+        if let Some(pool) = self.pools.get(&key) {
+            return pool.clone();
+        }
+        self.pools
+            .entry(key.clone())
+            .or_insert_with(|| {
+                Arc::new(Pool::new(
+                    key,
+                    &self.config,
+                    self.target.clone(),
+                    self.credentials.clone(),
+                    &self.metrics,
+                ))
+            })
+            .clone()
+    }
+
+    /// The server-side name of a statement: `rolegate_s<n>`, one per distinct text and
+    /// parameter types (`key`).
+    pub fn statement_name(&self, key: &[u8]) -> Bytes {
+        let number = match self.statement_numbers.get(key) {
+            Some(n) => *n,
+            None => *self
+                .statement_numbers
+                .entry(key.into())
+                .or_insert_with(|| self.next_statement.fetch_add(1, Ordering::Relaxed)),
+        };
+        Bytes::from(format!(
+            "{}s{number}",
+            crate::policy::RESERVED_STATEMENT_PREFIX
+        ))
+    }
+
+    pub fn all(&self) -> Vec<Arc<Pool>> {
+        self.pools.iter().map(|p| p.value().clone()).collect()
+    }
+
+    /// Once a second: closes backend sessions of retired logins, idle too long or too
+    /// old, or closed by the server, and opens sessions up to `min_idle`.
+    pub async fn maintain(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            for pool in self.all() {
+                pool.prune();
+                pool.fill_min_idle().await;
+            }
+        }
+    }
+}
+
+/// The numbers an operator looks at (PgBouncer's SHOW POOLS), as metrics.
+pub struct PoolStats {
+    pub clients_active: Gauge,
+    pub clients_waiting: Gauge,
+    pub clients_pinned: Gauge,
+    pub backends_active: Gauge,
+    pub backends_idle: Gauge,
+    pub backends_opening: Gauge,
+    pub longest_wait_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub checkouts: Counter,
+    pub checkout_timeouts: Counter,
+    pub prepares: Counter,
+    pub resets: Counter,
+}
+
+impl PoolStats {
+    fn new(metrics: &Metrics, label: &PoolLabel) -> PoolStats {
+        let p = &metrics.pool;
+        PoolStats {
+            clients_active: p.clients_active.get_or_create(label).clone(),
+            clients_waiting: p.clients_waiting.get_or_create(label).clone(),
+            clients_pinned: p.clients_pinned.get_or_create(label).clone(),
+            backends_active: p.backends_active.get_or_create(label).clone(),
+            backends_idle: p.backends_idle.get_or_create(label).clone(),
+            backends_opening: p.backends_opening.get_or_create(label).clone(),
+            longest_wait_seconds: p.longest_wait_seconds.get_or_create(label).clone(),
+            checkouts: p.checkouts.get_or_create(label).clone(),
+            checkout_timeouts: p.checkout_timeouts.get_or_create(label).clone(),
+            prepares: p.prepares.get_or_create(label).clone(),
+            resets: p.resets.get_or_create(label).clone(),
+        }
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "clients_active": self.clients_active.get(),
+            "clients_waiting": self.clients_waiting.get(),
+            "clients_pinned": self.clients_pinned.get(),
+            "backends_active": self.backends_active.get(),
+            "backends_idle": self.backends_idle.get(),
+            "backends_opening": self.backends_opening.get(),
+            "longest_wait_seconds": self.longest_wait_seconds.get(),
+            "checkouts": self.checkouts.get(),
+            "checkout_timeouts": self.checkout_timeouts.get(),
+            "prepares": self.prepares.get(),
+            "resets": self.resets.get(),
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckoutError {
+    #[error("no backend connection became free within checkout_timeout ({0:?})")]
+    Timeout(Duration),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+}
+
+pub struct Pool {
+    pub key: PoolKey,
+    /// One permit per backend session that may exist; waiting clients queue here in
+    /// the order they came.
+    permits: Arc<Semaphore>,
+    idle: Mutex<Vec<ServerConn>>,
+    /// When each waiting client started waiting (for `longest_wait_seconds`).
+    waiting_since: Mutex<BTreeMap<u64, Instant>>,
+    next_waiter: AtomicU64,
+    pub stats: PoolStats,
+    target: Arc<BackendTarget>,
+    credentials: Arc<CredentialStore>,
+    size: usize,
+    min_idle: usize,
+    checkout_timeout: Duration,
+    idle_timeout: Duration,
+    lifetime: Duration,
+    pub max_prepared: usize,
+}
+
+impl Pool {
+    fn new(
+        key: PoolKey,
+        config: &PoolConfig,
+        target: Arc<BackendTarget>,
+        credentials: Arc<CredentialStore>,
+        metrics: &Metrics,
+    ) -> Pool {
+        let label = PoolLabel { pool: key.label() };
+        Pool {
+            stats: PoolStats::new(metrics, &label),
+            key,
+            permits: Arc::new(Semaphore::new(config.size)),
+            idle: Mutex::new(Vec::new()),
+            waiting_since: Mutex::new(BTreeMap::new()),
+            next_waiter: AtomicU64::new(0),
+            target,
+            credentials,
+            size: config.size,
+            min_idle: config.min_idle,
+            checkout_timeout: config.checkout_timeout,
+            idle_timeout: config.server_idle_timeout,
+            lifetime: config.server_lifetime,
+            max_prepared: config.max_prepared_statements,
+        }
+    }
+
+    fn role(&self) -> SessionRole<'_> {
+        SessionRole {
+            role: &self.key.role,
+            read_only: self.key.read_only,
+        }
+    }
+
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<ServerConn>> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A backend session for one transaction: an idle one of the current login, or a
+    /// new one. Waits (first come, first served) at most `checkout_timeout`.
+    pub async fn checkout(self: &Arc<Self>) -> Result<Lease, CheckoutError> {
+        let permit = match self.permits.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => self.wait_for_permit().await?,
+        };
+        self.stats.checkouts.inc();
+        let login = self.credentials.current();
+        loop {
+            let conn = self.idle().pop();
+            let Some(mut conn) = conn else { break };
+            self.stats.backends_idle.dec();
+            if conn.login.as_ref() == login.user && conn.is_alive() {
+                self.stats.backends_active.inc();
+                return Ok(Lease {
+                    conn: Some(conn),
+                    pool: self.clone(),
+                    _permit: permit,
+                });
+            }
+            // A retired login's, or closed by the server: replaced under the same permit,
+            // so a rotation never needs more than `size` connections.
+            conn.close();
+        }
+        self.stats.backends_opening.inc();
+        let opened = backend::connect(&self.target, &login, &[], self.role()).await;
+        self.stats.backends_opening.dec();
+        let session = opened?;
+        self.stats.backends_active.inc();
+        Ok(Lease {
+            conn: Some(ServerConn::new(session, &login.user)),
+            pool: self.clone(),
+            _permit: permit,
+        })
+    }
+
+    async fn wait_for_permit(&self) -> Result<OwnedSemaphorePermit, CheckoutError> {
+        let id = self.next_waiter.fetch_add(1, Ordering::Relaxed);
+        self.waiting_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, Instant::now());
+        self.stats.clients_waiting.inc();
+        let acquired =
+            tokio::time::timeout(self.checkout_timeout, self.permits.clone().acquire_owned()).await;
+        self.stats.clients_waiting.dec();
+        self.waiting_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        match acquired {
+            Ok(Ok(permit)) => Ok(permit),
+            // The semaphore is never closed; treat it like a timeout if it were.
+            Ok(Err(_)) | Err(_) => {
+                self.stats.checkout_timeouts.inc();
+                Err(CheckoutError::Timeout(self.checkout_timeout))
+            }
+        }
+    }
+
+    /// How long the client that has waited longest has been waiting.
+    pub fn longest_wait(&self) -> Duration {
+        let waiting = self.waiting_since.lock().unwrap_or_else(|p| p.into_inner());
+        waiting
+            .values()
+            .next()
+            .map(Instant::elapsed)
+            .unwrap_or_default()
+    }
+
+    fn give_back(&self, mut conn: ServerConn, reusable: bool) {
+        self.stats.backends_active.dec();
+        let login = self.credentials.current();
+        if reusable && conn.login.as_ref() == login.user && conn.opened.elapsed() < self.lifetime {
+            conn.idle_since = Instant::now();
+            self.idle().push(conn);
+            self.stats.backends_idle.inc();
+        } else {
+            conn.close();
+        }
+    }
+
+    fn prune(&self) {
+        let login = self.credentials.current();
+        let mut closing = Vec::new();
+        {
+            let mut idle = self.idle();
+            let mut kept = 0;
+            // Oldest-idle first, so the ones kept for min_idle are the freshest.
+            idle.sort_by_key(|c| std::cmp::Reverse(c.idle_since));
+            let mut i = 0;
+            while i < idle.len() {
+                let c = &mut idle[i];
+                let expired = c.opened.elapsed() >= self.lifetime
+                    || (kept >= self.min_idle && c.idle_since.elapsed() >= self.idle_timeout);
+                if c.login.as_ref() != login.user || expired || !c.is_alive() {
+                    closing.push(idle.swap_remove(i));
+                } else {
+                    kept += 1;
+                    i += 1;
+                }
+            }
+            idle.sort_by_key(|c| c.idle_since);
+        }
+        for conn in closing {
+            self.stats.backends_idle.dec();
+            conn.close();
+        }
+        self.stats
+            .longest_wait_seconds
+            .set(self.longest_wait().as_secs_f64());
+    }
+
+    async fn fill_min_idle(self: &Arc<Self>) {
+        while self.idle().len() < self.min_idle {
+            let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+                return;
+            };
+            let login = self.credentials.current();
+            match backend::connect(&self.target, &login, &[], self.role()).await {
+                Ok(session) => {
+                    self.idle().push(ServerConn::new(session, &login.user));
+                    self.stats.backends_idle.inc();
+                    drop(permit);
+                }
+                Err(e) => {
+                    tracing::warn!(pool = self.key.label(), error = %e, "could not open an idle backend connection");
+                    return;
+                }
+            }
+        }
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let mut status = self.stats.json();
+        status["pool"] = self.key.label().into();
+        status["size"] = self.size.into();
+        status["longest_wait_seconds"] = self.longest_wait().as_secs_f64().into();
+        status
+    }
+}
+
+/// A backend session checked out for one client; given back with [`Lease::release`] or,
+/// when dropped without it, closed (its state is unknown).
+pub struct Lease {
+    conn: Option<ServerConn>,
+    pool: Arc<Pool>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Lease {
+    pub fn conn(&mut self) -> &mut ServerConn {
+        // Present from creation until release/drop, which take the lease by value.
+        self.conn.as_mut().unwrap_or_else(|| unreachable!())
+    }
+
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
+    /// Back to the pool for the next client.
+    pub fn release(mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.pool.give_back(conn, true);
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.pool.give_back(conn, false);
+        }
+    }
+}
+
+/// One pooled backend session and what rolegate knows it carries.
+pub struct ServerConn {
+    pub session: BackendSession,
+    /// The login role that opened it.
+    pub login: Arc<str>,
+    opened: Instant,
+    idle_since: Instant,
+    /// Settings applied for clients (lower-case name → value), as the server holds them.
+    pub settings: BTreeMap<String, String>,
+    /// rolegate's prepared statements on this session.
+    pub prepared: PreparedOnServer,
+}
+
+impl ServerConn {
+    fn new(session: BackendSession, login: &str) -> ServerConn {
+        ServerConn {
+            session,
+            login: login.into(),
+            opened: Instant::now(),
+            idle_since: Instant::now(),
+            settings: BTreeMap::new(),
+            prepared: PreparedOnServer::default(),
+        }
+    }
+
+    /// An idle backend session has nothing to say: readable means the server closed it
+    /// (or sent something it should not have). Costs no system call while the socket
+    /// is known not to be readable.
+    fn is_alive(&mut self) -> bool {
+        use tokio::io::AsyncRead;
+        let mut byte = [0u8; 1];
+        let mut buf = tokio::io::ReadBuf::new(&mut byte);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        matches!(
+            std::pin::Pin::new(&mut self.session.stream).poll_read(&mut cx, &mut buf),
+            std::task::Poll::Pending
+        )
+    }
+
+    /// Ends the session politely (Terminate), in the background.
+    fn close(self) {
+        let mut stream = self.session.stream;
+        tokio::spawn(async move {
+            let mut terminate = bytes::BytesMut::new();
+            wire::put_message(&mut terminate, b'X', &[]);
+            let _ = stream.write_all(&terminate).await;
+            let _ = stream.shutdown().await;
+        });
+    }
+
+    /// Makes the session's settings `wanted`: one query with the difference, nothing
+    /// when there is none. Returns whether a query was sent.
+    pub async fn apply_settings(
+        &mut self,
+        wanted: &BTreeMap<String, String>,
+    ) -> Result<bool, BackendError> {
+        let mut sql = String::new();
+        for name in self.settings.keys() {
+            if !wanted.contains_key(name) {
+                sql.push_str(&format!("RESET {};", crate::sql::quote_ident(name)));
+            }
+        }
+        let mut sets = Vec::new();
+        for (name, value) in wanted {
+            if self.settings.get(name) != Some(value) {
+                sets.push(format!(
+                    "set_config({}, {}, false)",
+                    quote_literal(name),
+                    quote_literal(value)
+                ));
+            }
+        }
+        if !sets.is_empty() {
+            sql.push_str("SELECT ");
+            sql.push_str(&sets.join(", "));
+        }
+        if sql.is_empty() {
+            return Ok(false);
+        }
+        self.settings = wanted.clone();
+        self.session.query(&sql).await?;
+        Ok(true)
+    }
+
+    /// Reads the session-level settings the server holds now (after a client changed
+    /// some): they are the client's from here on.
+    pub async fn read_settings(
+        &mut self,
+        read_only: bool,
+    ) -> Result<BTreeMap<String, String>, BackendError> {
+        let rows = self.session.query(SESSION_SETTINGS_SQL).await?;
+        let settings: BTreeMap<String, String> = rows
+            .into_iter()
+            .filter_map(|row| match row.as_slice() {
+                [Some(name), Some(value)] => Some((name.to_ascii_lowercase(), value.clone())),
+                _ => None,
+            })
+            .filter(|(name, _)| !(read_only && name == "default_transaction_read_only"))
+            .collect();
+        self.settings = settings.clone();
+        Ok(settings)
+    }
+}
+
+impl ServerConn {
+    /// Undoes what a pinned client left behind (cursors, LISTEN, advisory locks,
+    /// prepared statements, temporary tables, settings) without touching the role, and
+    /// proves the session is still in it.
+    pub async fn reset_session(&mut self, key: &PoolKey) -> Result<(), BackendError> {
+        let rows = self
+            .session
+            .query(
+                "CLOSE ALL; UNLISTEN *; SELECT pg_catalog.pg_advisory_unlock_all(); \
+                 DEALLOCATE ALL; DISCARD TEMP; RESET ALL; SELECT current_user",
+            )
+            .await?;
+        self.prepared.clear();
+        self.settings.clear();
+        match rows.last().and_then(|row| row.first()) {
+            Some(Some(user)) if *user == key.role => Ok(()),
+            _ => Err(BackendError::Server(vec![
+                (b'S', "ERROR".into()),
+                (b'C', "42501".into()),
+                (b'M', "the backend session left its role".into()),
+            ])),
+        }
+    }
+}
+
+/// The session-level settings of a backend session, except those rolegate keeps itself
+/// (the role; read-only mode is part of the pool's key and filtered by the caller).
+const SESSION_SETTINGS_SQL: &str = "SELECT name, setting FROM pg_catalog.pg_settings \
+     WHERE source = 'session' AND name NOT IN ('role', 'session_authorization')";
+
+/// rolegate's prepared statements on one backend session, least recently used first out.
+#[derive(Default)]
+pub struct PreparedOnServer {
+    /// Name → when it was last used (a tick of `clock`).
+    names: HashMap<Bytes, u64, ahash::RandomState>,
+    clock: u64,
+}
+
+impl PreparedOnServer {
+    pub fn contains(&mut self, name: &[u8]) -> bool {
+        self.clock += 1;
+        match self.names.get_mut(name) {
+            Some(used) => {
+                *used = self.clock;
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn insert(&mut self, name: Bytes) {
+        self.clock += 1;
+        self.names.insert(name, self.clock);
+    }
+
+    pub fn remove(&mut self, name: &[u8]) {
+        self.names.remove(name);
+    }
+
+    pub fn clear(&mut self) {
+        self.names.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+
+    /// The least recently used name, to close on the server when over the limit.
+    pub fn least_recently_used(&self, except: &[u8]) -> Option<Bytes> {
+        self.names
+            .iter()
+            .filter(|(name, _)| name.as_ref() != except)
+            .min_by_key(|(_, used)| **used)
+            .map(|(name, _)| name.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn least_recently_used_statement_goes_first() {
+        let mut prepared = PreparedOnServer::default();
+        for name in ["a", "b", "c"] {
+            prepared.insert(Bytes::from(name));
+        }
+        assert!(prepared.contains(b"a"));
+        assert_eq!(prepared.least_recently_used(b""), Some(Bytes::from("b")));
+        assert_eq!(prepared.least_recently_used(b"b"), Some(Bytes::from("c")));
+        prepared.remove(b"b");
+        assert_eq!(prepared.len(), 2);
+    }
+}

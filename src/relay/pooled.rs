@@ -1,0 +1,817 @@
+//! Transaction pooling's side of the relay: a client borrows a backend session when it
+//! sends something and gives it back at ReadyForQuery outside a transaction.
+//!
+//! The client's prepared statements live here, in its view; on the server they exist
+//! under rolegate's names (`rolegate_s<n>`, one per text), prepared on each backend
+//! session the first time a client needs them there. What that changes in the replies
+//! is fixed up by position: every Parse and Close rolegate sends is recorded with the
+//! Sync that ends its batch, and the n-th ParseComplete / CloseComplete of a batch
+//! answers the n-th Parse / Close. PostgreSQL skips to Sync after an error, so a
+//! recorded message that got no reply by the batch's ReadyForQuery did not run.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use super::*;
+use crate::policy::SessionEffects;
+use crate::pool::{Lease, Pool, Pools, PreparedOnServer};
+use crate::proxy::{CancelSlot, CancelTarget};
+
+/// What a pooled relay borrows from.
+pub struct Pooling<'a> {
+    pub pools: &'a Pools,
+    pub pool: &'a Arc<Pool>,
+}
+
+use std::sync::Arc;
+
+/// A name no statement has on the server (the prefix is reserved): closing it costs
+/// nothing and answers CloseComplete.
+const NO_STATEMENT: &[u8] = b"rolegate_none";
+
+/// What one lease of a backend session carries; both directions reach it through
+/// [`Shared`].
+#[derive(Default)]
+pub struct LeaseState {
+    fixups: VecDeque<Fixup>,
+    /// rolegate's statements on the leased backend session (moved in from it).
+    prepared: PreparedOnServer,
+    /// ParameterStatus messages the server sent during the lease.
+    reported: Vec<(String, Bytes)>,
+    /// A statement may have changed session-level settings.
+    settings_dirty: bool,
+    /// Something lives only in this backend session: the client keeps it.
+    pinned: bool,
+    /// The client's unnamed statement was parsed in this lease.
+    unnamed_parsed: bool,
+}
+
+struct Fixup {
+    /// The sync point whose ReadyForQuery ends the batch this message is in.
+    batch: u64,
+    /// `1` (ParseComplete) or `3` (CloseComplete).
+    reply: u8,
+    action: FixupAction,
+}
+
+enum FixupAction {
+    /// The client's own message: its reply goes through. `prepared`: the statement
+    /// it prepares, which does not exist if no reply comes.
+    Forward { prepared: Option<Bytes> },
+    /// A Parse of rolegate's own before a Bind or Describe: its reply stays here.
+    Swallow { prepared: Option<Bytes> },
+    /// A Close standing in for the client's Parse of a statement the server has: the
+    /// client hears ParseComplete.
+    AsParseComplete,
+    /// Closing the least recently used statement; still there if it did not run.
+    Evicted(Bytes),
+}
+
+/// What becomes of one ParseComplete / CloseComplete.
+pub(super) enum Reply {
+    Forward,
+    Drop,
+    ParseComplete,
+}
+
+/// The client's prepared statements, as it sees them.
+#[derive(Default)]
+pub struct ClientStatements {
+    named: HashMap<Vec<u8>, ClientStatement>,
+    unnamed: Option<ClientStatement>,
+}
+
+struct ClientStatement {
+    /// Its name on the server (empty for the unnamed statement).
+    server_name: Bytes,
+    /// The Parse body after the name: text (as judged and maybe rewritten), types.
+    text_and_tail: Bytes,
+    /// What running it leaves in the session.
+    effects: SessionEffects,
+}
+
+fn lease_state(shared: &Shared) -> std::sync::MutexGuard<'_, LeaseState> {
+    match &shared.lease {
+        Some(lease) => lease.lock().unwrap_or_else(|p| p.into_inner()),
+        // Only called on pooled relays, which always have one.
+        None => unreachable!("a pooled relay without lease state"),
+    }
+}
+
+fn put_parse(out: &mut BytesMut, name: &[u8], text_and_tail: &[u8]) {
+    out.put_u8(b'P');
+    out.put_i32((4 + name.len() + 1 + text_and_tail.len()) as i32);
+    out.put_slice(name);
+    out.put_u8(0);
+    out.put_slice(text_and_tail);
+}
+
+fn put_close_statement(out: &mut BytesMut, name: &[u8]) {
+    out.put_u8(b'C');
+    out.put_i32((4 + 1 + name.len() + 1) as i32);
+    out.put_u8(b'S');
+    out.put_slice(name);
+    out.put_u8(0);
+}
+
+fn refusal(code: &'static str, message: String) -> Decision {
+    Decision::Refuse(Box::new(Refusal {
+        code,
+        message,
+        hint: None,
+        kind: "prepared statement".into(),
+        leaves_owner_role: true,
+    }))
+}
+
+/// Remembers a ParameterStatus for the backend session's next client's greeting.
+pub(super) fn record_parameter_status(lease: &std::sync::Mutex<LeaseState>, frame: &[u8]) {
+    let body = &frame[5..];
+    let name_end = body.iter().position(|&b| b == 0).unwrap_or(body.len());
+    let name = String::from_utf8_lossy(&body[..name_end]).into_owned();
+    let mut lease = lease.lock().unwrap_or_else(|p| p.into_inner());
+    lease.reported.push((name, Bytes::copy_from_slice(frame)));
+}
+
+/// The batch ending at ReadyForQuery number `ready` is answered: what got no reply
+/// did not run.
+pub(super) fn batch_answered(shared: &Shared, ready: u64) {
+    let mut lease = lease_state(shared);
+    while lease.fixups.front().is_some_and(|f| f.batch <= ready) {
+        let Some(fixup) = lease.fixups.pop_front() else {
+            break;
+        };
+        match fixup.action {
+            FixupAction::Forward {
+                prepared: Some(name),
+            }
+            | FixupAction::Swallow {
+                prepared: Some(name),
+            } => lease.prepared.remove(&name),
+            FixupAction::Evicted(name) => lease.prepared.insert(name),
+            _ => {}
+        }
+    }
+    shared
+        .has_fixups
+        .store(!lease.fixups.is_empty(), Ordering::Relaxed);
+}
+
+impl Downstream {
+    /// A ParseComplete or CloseComplete: the reply to the first recorded message of its
+    /// kind in the batch being answered.
+    pub(super) fn fix_up(&mut self, tag: u8, shared: &Shared) -> Reply {
+        let batch = self.ready_count + 1;
+        let mut lease = lease_state(shared);
+        let Some(i) = lease
+            .fixups
+            .iter()
+            .position(|f| f.batch == batch && f.reply == tag)
+        else {
+            return Reply::Forward;
+        };
+        let Some(fixup) = lease.fixups.remove(i) else {
+            return Reply::Forward;
+        };
+        shared
+            .has_fixups
+            .store(!lease.fixups.is_empty(), Ordering::Relaxed);
+        match fixup.action {
+            FixupAction::Forward { .. } => Reply::Forward,
+            FixupAction::Swallow { .. } | FixupAction::Evicted(_) => Reply::Drop,
+            FixupAction::AsParseComplete => Reply::ParseComplete,
+        }
+    }
+
+    /// Every Sync answered, no transaction open, nothing pinned, nothing half sent:
+    /// the backend session can serve another client.
+    pub(super) fn may_release(&self, shared: &Shared) -> bool {
+        self.buf.is_empty()
+            && self.passthrough == 0
+            && shared.is_idle()
+            && !shared.unsynced.load(Ordering::Relaxed)
+            && !shared.has_own_queries.load(Ordering::Relaxed)
+            && {
+                let lease = lease_state(shared);
+                !lease.pinned && lease.fixups.is_empty()
+            }
+    }
+}
+
+impl Upstream<'_> {
+    fn pooling(&self) -> &Pooling<'_> {
+        match &self.ctx.pooling {
+            Some(pooling) => pooling,
+            None => unreachable!("a pooled relay without a pool"),
+        }
+    }
+
+    fn record(&self, shared: &Shared, lease: &mut LeaseState, reply: u8, action: FixupAction) {
+        lease.fixups.push_back(Fixup {
+            batch: self.sync_points + 1,
+            reply,
+            action,
+        });
+        shared.has_fixups.store(true, Ordering::Relaxed);
+    }
+
+    /// A Parse the policy let through (`decision` says how it goes): a named statement
+    /// goes under its server name, or becomes a Close of nothing when the backend
+    /// session has it already (the client still hears ParseComplete).
+    pub(super) fn pooled_parse(
+        &mut self,
+        pos: usize,
+        size: usize,
+        decision: Decision,
+        shared: &Shared,
+    ) -> Decision {
+        let frame: &[u8] = match &decision {
+            Decision::Forward { .. } => &self.buf[pos..pos + size],
+            Decision::Replace { frame, .. } => frame,
+            Decision::Refuse(_) => return decision,
+        };
+        let Some((name, _, _)) = parse_parts(&frame[5..]) else {
+            return decision;
+        };
+        let name = name.to_vec();
+        let text_and_tail = Bytes::copy_from_slice(&frame[5 + name.len() + 1..]);
+        let statement = ClientStatement {
+            server_name: Bytes::new(),
+            text_and_tail,
+            effects: self.last_effects,
+        };
+        let mut lease = lease_state(shared);
+        if name.is_empty() {
+            lease.unnamed_parsed = true;
+            self.record(
+                shared,
+                &mut lease,
+                b'1',
+                FixupAction::Forward { prepared: None },
+            );
+            drop(lease);
+            if let Some(statements) = self.pooled.as_mut() {
+                statements.unnamed = Some(statement);
+            }
+            return decision;
+        }
+        if self
+            .pooled
+            .as_ref()
+            .is_some_and(|s| s.named.contains_key(&name))
+        {
+            return refusal(
+                "42P05",
+                format!(
+                    "prepared statement \"{}\" already exists",
+                    String::from_utf8_lossy(&name)
+                ),
+            );
+        }
+        let server_name = self
+            .pooling()
+            .pools
+            .statement_name(&statement.text_and_tail);
+        let mut out = BytesMut::new();
+        if lease.prepared.contains(&server_name) {
+            put_close_statement(&mut out, NO_STATEMENT);
+            self.record(shared, &mut lease, b'3', FixupAction::AsParseComplete);
+        } else {
+            self.prepare_on_server(
+                shared,
+                &mut lease,
+                &mut out,
+                &server_name,
+                &statement.text_and_tail,
+                false,
+            );
+        }
+        drop(lease);
+        if let Some(statements) = self.pooled.as_mut() {
+            statements.named.insert(
+                name,
+                ClientStatement {
+                    server_name,
+                    ..statement
+                },
+            );
+        }
+        Decision::Replace {
+            frame: out,
+            restore_role: false,
+        }
+    }
+
+    /// Puts a Parse of `server_name` into `out`, closing the least recently used
+    /// statement first when the backend session has as many as it may keep.
+    fn prepare_on_server(
+        &self,
+        shared: &Shared,
+        lease: &mut LeaseState,
+        out: &mut BytesMut,
+        server_name: &Bytes,
+        text_and_tail: &[u8],
+        own: bool,
+    ) {
+        let pool = self.pooling().pool;
+        if lease.prepared.len() >= pool.max_prepared {
+            if let Some(old) = lease.prepared.least_recently_used(server_name) {
+                lease.prepared.remove(&old);
+                put_close_statement(out, &old);
+                self.record(shared, lease, b'3', FixupAction::Evicted(old));
+            }
+        }
+        put_parse(out, server_name, text_and_tail);
+        lease.prepared.insert(server_name.clone());
+        let prepared = Some(server_name.clone());
+        let action = if own {
+            FixupAction::Swallow { prepared }
+        } else {
+            FixupAction::Forward { prepared }
+        };
+        self.record(shared, lease, b'1', action);
+        pool.stats.prepares.inc();
+    }
+
+    /// A Bind or Describe: the statement under its server name, prepared first on a
+    /// backend session that lacks it.
+    pub(super) fn pooled_use(
+        &mut self,
+        tag: u8,
+        pos: usize,
+        size: usize,
+        shared: &Shared,
+    ) -> Decision {
+        const FORWARD: Decision = Decision::Forward {
+            restore_role: false,
+        };
+        let body = &self.buf[pos + 5..pos + size];
+        // Bind: portal \0 statement \0 rest. Describe: 'S' statement \0 (a portal: as is).
+        let prefix_len = match tag {
+            b'B' => match body.iter().position(|&b| b == 0) {
+                Some(end) => end + 1,
+                None => return Decision::Refuse(Box::new(malformed_refusal("Bind"))),
+            },
+            _ if body.first() == Some(&b'S') => 1,
+            _ => return FORWARD,
+        };
+        let rest = &body[prefix_len..];
+        let Some(name_end) = rest.iter().position(|&b| b == 0) else {
+            return Decision::Refuse(Box::new(malformed_refusal("statement name")));
+        };
+        let name = &rest[..name_end];
+        let unnamed = name.is_empty();
+        let Some(statements) = self.pooled.as_ref() else {
+            return FORWARD;
+        };
+        let statement = if name.is_empty() {
+            statements.unnamed.as_ref()
+        } else {
+            match statements.named.get(name) {
+                Some(statement) => Some(statement),
+                None => {
+                    return refusal(
+                        "26000",
+                        format!(
+                            "prepared statement \"{}\" does not exist",
+                            String::from_utf8_lossy(name)
+                        ),
+                    )
+                }
+            }
+        };
+        // The unnamed statement was never parsed: the server says so itself.
+        let Some(statement) = statement else {
+            return FORWARD;
+        };
+        let effects = statement.effects;
+        let mut out = BytesMut::new();
+        let mut lease = lease_state(shared);
+        if unnamed {
+            if !lease.unnamed_parsed {
+                lease.unnamed_parsed = true;
+                put_parse(&mut out, b"", &statement.text_and_tail);
+                self.record(
+                    shared,
+                    &mut lease,
+                    b'1',
+                    FixupAction::Swallow { prepared: None },
+                );
+            }
+            out.extend_from_slice(&self.buf[pos..pos + size]);
+        } else {
+            let server_name = statement.server_name.clone();
+            if !lease.prepared.contains(&server_name) {
+                self.prepare_on_server(
+                    shared,
+                    &mut lease,
+                    &mut out,
+                    &server_name,
+                    &statement.text_and_tail,
+                    true,
+                );
+            }
+            let body = &self.buf[pos + 5..pos + size];
+            let mut renamed = BytesMut::with_capacity(size + server_name.len());
+            renamed.put_slice(&body[..prefix_len]);
+            renamed.put_slice(&server_name);
+            renamed.put_slice(&body[prefix_len + name_end..]);
+            wire::put_message(&mut out, tag, &renamed);
+        }
+        drop(lease);
+        if tag == b'B' {
+            self.apply_effects(effects, shared);
+        }
+        if out.len() == size && unnamed {
+            return FORWARD;
+        }
+        Decision::Replace {
+            frame: out,
+            restore_role: false,
+        }
+    }
+
+    /// A Close: a statement leaves the client's view only; the server keeps its copy
+    /// for other clients (the client hears CloseComplete from closing nothing).
+    pub(super) fn pooled_close(&mut self, pos: usize, size: usize, shared: &Shared) -> Decision {
+        let body = &self.buf[pos + 5..pos + size];
+        let statement = body
+            .strip_prefix(b"S")
+            .and_then(|n| n.strip_suffix(&[0]))
+            .map(<[u8]>::to_vec);
+        let mut lease = lease_state(shared);
+        self.record(
+            shared,
+            &mut lease,
+            b'3',
+            FixupAction::Forward { prepared: None },
+        );
+        drop(lease);
+        let Some(statements) = self.pooled.as_mut() else {
+            return Decision::Forward {
+                restore_role: false,
+            };
+        };
+        match statement {
+            Some(name) if !name.is_empty() => {
+                statements.named.remove(&name);
+                let mut out = BytesMut::new();
+                put_close_statement(&mut out, NO_STATEMENT);
+                Decision::Replace {
+                    frame: out,
+                    restore_role: false,
+                }
+            }
+            Some(_) => {
+                statements.unnamed = None;
+                lease_state(shared).unnamed_parsed = false;
+                Decision::Forward {
+                    restore_role: false,
+                }
+            }
+            None => Decision::Forward {
+                restore_role: false,
+            },
+        }
+    }
+
+    /// A simple Query that goes to the server: it replaces the unnamed statement.
+    pub(super) fn pooled_query(&mut self, shared: &Shared) {
+        if let Some(statements) = self.pooled.as_mut() {
+            statements.unnamed = None;
+        }
+        lease_state(shared).unnamed_parsed = false;
+        self.apply_effects(self.last_effects, shared);
+    }
+
+    fn apply_effects(&mut self, effects: SessionEffects, shared: &Shared) {
+        if !effects.any() {
+            return;
+        }
+        let pool = self.pooling().pool;
+        let mut lease = lease_state(shared);
+        lease.settings_dirty |= effects.settings;
+        let was_pinned = lease.pinned;
+        if effects.discards_all {
+            lease.pinned = false;
+        }
+        lease.pinned |= effects.pins;
+        match (was_pinned, lease.pinned) {
+            (false, true) => pool.stats.clients_pinned.inc(),
+            (true, false) => pool.stats.clients_pinned.dec(),
+            _ => 0,
+        };
+        if effects.drops_prepared {
+            lease.prepared.clear();
+            drop(lease);
+            if let Some(statements) = self.pooled.as_mut() {
+                statements.named.clear();
+            }
+        }
+    }
+
+    /// No backend session could be had: the client's next batch (up to its Sync or
+    /// Query) is answered with `message` and not run; the session goes on.
+    async fn answer_without_backend<R, W>(
+        &mut self,
+        client_r: &mut R,
+        client_w: &mut W,
+        shared: &Shared,
+        code: &str,
+        message: &str,
+    ) -> Result<(), RelayEnd>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        loop {
+            while let Some((tag, len)) = wire::peek_header(&self.buf) {
+                let size = wire::frame_size(len, self.ctx.max_message_bytes)
+                    .map_err(RelayEnd::ClientProtocol)?;
+                if self.buf.len() < size {
+                    break;
+                }
+                self.buf.advance(size);
+                match tag {
+                    b'X' => return Err(RelayEnd::ClientClosed),
+                    b'S' | b'Q' | b'F' => {
+                        let mut out = BytesMut::new();
+                        wire::put_error(&mut out, &ErrorFields::error(code, message));
+                        wire::put_ready_for_query(&mut out, b'I');
+                        client_w.write_all(&out).await.map_err(RelayEnd::ClientIo)?;
+                        client_w.flush().await.map_err(RelayEnd::ClientIo)?;
+                        return Ok(());
+                    }
+                    _ => {}
+                }
+            }
+            self.read(client_r, shared).await?;
+        }
+    }
+}
+
+/// A client in transaction mode: how to reach it and what it carries between leases.
+pub struct PooledClient<'a> {
+    pub stream: MaybeTls,
+    /// Its session-level settings (lower-case name → value), applied to each backend
+    /// session it borrows.
+    pub settings: BTreeMap<String, String>,
+    /// Its cancel key's target, set while it holds a backend session.
+    pub cancel: &'a CancelSlot,
+    pub backend_addr: String,
+}
+
+/// Relays one client in transaction mode until it leaves.
+pub async fn run(client: PooledClient<'_>, ctx: &RelayContext<'_>) -> (RelayStats, RelayEnd) {
+    let PooledClient {
+        stream,
+        mut settings,
+        cancel,
+        backend_addr,
+    } = client;
+    let Some(pooling) = &ctx.pooling else {
+        return (RelayStats::default(), RelayEnd::ClientClosed);
+    };
+    let pool = pooling.pool;
+    let (mut client_r, mut client_w) = tokio::io::split(stream);
+    let shared = Shared::new(ctx.standard_conforming_strings, true);
+    let mut up = Upstream::new(ctx);
+    let mut down = Downstream::default();
+    let mut closing = PollWhenWoken::new(shared.closing(ctx.shutdown.clone(), ctx.idle_timeout));
+    let end = 'session: loop {
+        // No backend session: wait for the client.
+        while up.buf.is_empty() {
+            tokio::select! {
+                read = up.read(&mut client_r, &shared) => {
+                    if let Err(end) = read {
+                        break 'session end;
+                    }
+                }
+                end = &mut closing => break 'session end,
+            }
+        }
+        if up.buf.first() == Some(&b'X') {
+            break RelayEnd::ClientClosed;
+        }
+        let checkout = tokio::select! {
+            lease = pool.checkout() => lease,
+            end = &mut closing => break 'session end,
+        };
+        let mut lease = match checkout {
+            Ok(lease) => lease,
+            Err(e) => {
+                tracing::warn!(pool = pool.key.label(), error = %e, "no backend connection for a client");
+                let (code, message) = match e {
+                    crate::pool::CheckoutError::Timeout(_) => {
+                        ("53300", format!("rolegate: {e}; nothing was run"))
+                    }
+                    crate::pool::CheckoutError::Backend(_) => ("08006", format!("rolegate: {e}")),
+                };
+                if let Err(end) = up
+                    .answer_without_backend(&mut client_r, &mut client_w, &shared, code, &message)
+                    .await
+                {
+                    break end;
+                }
+                continue;
+            }
+        };
+        match lease.conn().apply_settings(&settings).await {
+            Ok(true) => {
+                pool.stats.resets.inc();
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "could not give a backend connection the client's settings");
+                drop(lease);
+                let message = format!("rolegate: could not apply the session's settings: {e}");
+                if let Err(end) = up
+                    .answer_without_backend(
+                        &mut client_r,
+                        &mut client_w,
+                        &shared,
+                        "08006",
+                        &message,
+                    )
+                    .await
+                {
+                    break end;
+                }
+                continue;
+            }
+        }
+        *lease_state(&shared) = LeaseState {
+            prepared: std::mem::take(&mut lease.conn().prepared),
+            ..LeaseState::default()
+        };
+        let conn = lease.conn();
+        cancel.set(Some(CancelTarget {
+            addr: backend_addr.clone(),
+            pid: conn.session.pid,
+            secret: conn.session.secret,
+        }));
+        pool.stats.clients_active.inc();
+        let outcome = relay_lease(
+            &mut up,
+            &mut down,
+            &mut client_r,
+            &mut client_w,
+            &mut lease,
+            &shared,
+            &mut closing,
+        )
+        .await;
+        pool.stats.clients_active.dec();
+        cancel.set(None);
+        let state = std::mem::take(&mut *lease_state(&shared));
+        shared.has_fixups.store(false, Ordering::Relaxed);
+        let conn = lease.conn();
+        conn.prepared = state.prepared;
+        for (name, frame) in state.reported {
+            match conn
+                .session
+                .parameter_status
+                .iter_mut()
+                .find(|(n, _)| *n == name)
+            {
+                Some(slot) => slot.1 = frame,
+                None => conn.session.parameter_status.push((name, frame)),
+            }
+        }
+        if state.pinned {
+            pool.stats.clients_pinned.dec();
+        }
+        let idle = down.may_release_after_end(&shared);
+        match outcome {
+            RelayEnd::Released => {
+                if state.settings_dirty {
+                    match conn.read_settings(pool.key.read_only).await {
+                        Ok(now) => settings = now,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not read a backend connection's settings; closed");
+                            continue;
+                        }
+                    }
+                }
+                lease.release();
+            }
+            RelayEnd::ClientClosed if idle => {
+                // Pinned state (LISTEN, locks, temporary tables…) is undone before the
+                // backend session serves anyone else.
+                let ready = if state.pinned {
+                    conn.reset_session(&pool.key).await
+                } else if state.settings_dirty {
+                    conn.read_settings(pool.key.read_only).await.map(drop)
+                } else {
+                    Ok(())
+                };
+                if ready.is_ok() {
+                    lease.release();
+                }
+                break RelayEnd::ClientClosed;
+            }
+            RelayEnd::ServerClosed | RelayEnd::ServerIo(_) | RelayEnd::ServerProtocol(_) => {
+                drop(lease);
+                let outstanding = up.sync_points - down.ready_count;
+                if state.pinned || up.unsynced || down.passthrough > 0 || outstanding == 0 {
+                    break RelayEnd::BackendLost;
+                }
+                // Only the transaction in flight is lost: the client hears an error for
+                // each Sync or Query it is waiting on, then goes on with a new backend.
+                let mut out = BytesMut::new();
+                for _ in 0..outstanding {
+                    wire::put_error(
+                        &mut out,
+                        &ErrorFields::error(
+                            "08006",
+                            "rolegate: the backend connection was lost; the transaction did not complete",
+                        ),
+                    );
+                    wire::put_ready_for_query(&mut out, b'I');
+                }
+                if client_w.write_all(&out).await.is_err() || client_w.flush().await.is_err() {
+                    break RelayEnd::ClientClosed;
+                }
+                down.forget_backend(&shared, up.sync_points);
+                up.discard_all_in_batch = false;
+            }
+            other => break other,
+        }
+    };
+    tell_client_why(&end, &mut client_w).await;
+    let _ = client_w.shutdown().await;
+    let stats = RelayStats {
+        client_bytes: up.bytes,
+        server_bytes: down.bytes,
+        refused: up.refused,
+    };
+    (stats, end)
+}
+
+impl Downstream {
+    /// The relay ended while the backend session was leased: whether it is idle and
+    /// clean (pinned state aside) for the next client.
+    fn may_release_after_end(&self, shared: &Shared) -> bool {
+        self.buf.is_empty()
+            && self.passthrough == 0
+            && shared.is_idle()
+            && !shared.unsynced.load(Ordering::Relaxed)
+            && !shared.has_own_queries.load(Ordering::Relaxed)
+    }
+
+    /// The backend session is gone: everything it owed is accounted for.
+    fn forget_backend(&mut self, shared: &Shared, sync_points: u64) {
+        self.buf.clear();
+        self.out.clear();
+        self.ready_count = sync_points;
+        self.own_query_failed = false;
+        shared.ready_received.store(sync_points, Ordering::Relaxed);
+        shared.status.store(b'I', Ordering::Relaxed);
+        shared.pending().clear();
+        shared.own_queries().clear();
+        shared.has_own_queries.store(false, Ordering::Relaxed);
+        shared.unsynced.store(false, Ordering::Relaxed);
+    }
+}
+
+/// Relays between the client and its leased backend session until the session can go
+/// back (or either side ends).
+async fn relay_lease<CR, CW, F>(
+    up: &mut Upstream<'_>,
+    down: &mut Downstream,
+    client_r: &mut CR,
+    client_w: &mut CW,
+    lease: &mut Lease,
+    shared: &Shared,
+    closing: &mut F,
+) -> RelayEnd
+where
+    CR: AsyncRead + Unpin,
+    CW: AsyncWrite + Unpin,
+    F: std::future::Future<Output = RelayEnd> + Unpin,
+{
+    let metrics = up.ctx.metrics;
+    match &mut lease.conn().session.stream {
+        MaybeTls::Plain(tcp) => {
+            let (mut server_r, mut server_w) = tcp.split();
+            if let Some(end) = up.forward(&mut server_w, shared).await {
+                return end;
+            }
+            tokio::select! {
+                end = up.run(client_r, &mut server_w, shared) => end,
+                end = down.run(&mut server_r, client_w, shared, metrics) => end,
+                end = closing => end,
+            }
+        }
+        other => {
+            let (mut server_r, mut server_w) = tokio::io::split(other);
+            if let Some(end) = up.forward(&mut server_w, shared).await {
+                return end;
+            }
+            tokio::select! {
+                end = up.run(client_r, &mut server_w, shared) => end,
+                end = down.run(&mut server_r, client_w, shared, metrics) => end,
+                end = closing => end,
+            }
+        }
+    }
+}
