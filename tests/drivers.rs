@@ -184,43 +184,6 @@ async fn nothing_runs_between_discard_all_and_the_role() {
     assert!(made.is_empty());
 }
 
-/// Parse of statement `name` (no parameter types).
-fn parse(out: &mut bytes::BytesMut, name: &str, sql: &str) {
-    let mut parse = bytes::BytesMut::new();
-    parse.put_slice(name.as_bytes());
-    parse.put_u8(0);
-    parse.put_slice(sql.as_bytes());
-    parse.put_u8(0);
-    parse.put_i16(0);
-    rolegate::wire::put_message(out, b'P', &parse);
-}
-
-/// Bind of statement `name` to the unnamed portal (text or binary parameters), Execute.
-fn bind_execute(out: &mut bytes::BytesMut, name: &str, params: &[(i16, &[u8])]) {
-    let mut bind = bytes::BytesMut::new();
-    bind.put_u8(0);
-    bind.put_slice(name.as_bytes());
-    bind.put_u8(0);
-    bind.put_i16(params.len() as i16);
-    for (format, _) in params {
-        bind.put_i16(*format);
-    }
-    bind.put_i16(params.len() as i16);
-    for (_, value) in params {
-        bind.put_i32(value.len() as i32);
-        bind.put_slice(value);
-    }
-    bind.put_i16(0);
-    rolegate::wire::put_message(out, b'B', &bind);
-    rolegate::wire::put_message(out, b'E', b"\0\0\0\0\0");
-}
-
-/// Parse, Bind (text or binary parameters), Execute of an unnamed statement.
-fn extended(out: &mut bytes::BytesMut, sql: &str, params: &[(i16, &[u8])]) {
-    parse(out, "", sql);
-    bind_execute(out, "", params);
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn set_config_with_a_bound_name_is_judged_at_bind() {
     let db = TestDb::create("boundname").await;

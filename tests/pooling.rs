@@ -7,11 +7,18 @@ use std::time::Duration;
 
 use support::*;
 
-fn pooled(size: usize, more: &str) -> Options {
+/// Transaction mode with `size` backend sessions per pool, the admin endpoint on
+/// `admin_port`.
+fn pooled(size: usize, more: &str, admin_port: u16) -> Options {
     Options {
+        top: format!("admin_listen = \"127.0.0.1:{admin_port}\"\n"),
         extra: format!("[pool]\nmode = \"transaction\"\nsize = {size}\n{more}\n"),
         ..Options::default()
     }
+}
+
+async fn metrics(admin_port: u16) -> String {
+    http_get(admin_port, "/metrics").await.1
 }
 
 /// Backend sessions the login has open now.
@@ -44,7 +51,8 @@ async fn make_table(rg: &Rolegate, db: &TestDb) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_clients_share_few_backends_and_keep_their_own_state() {
     let db = TestDb::create("pool_many").await;
-    let rg = Rolegate::start_with(&db, pooled(3, "")).await;
+    let admin_port = free_port();
+    let rg = Rolegate::start_with(&db, pooled(3, "", admin_port)).await;
     make_table(&rg, &db).await;
     let mut tasks = Vec::new();
     for i in 0..24 {
@@ -124,4 +132,335 @@ async fn many_clients_share_few_backends_and_keep_their_own_state() {
     let most = watcher.await.unwrap();
     assert!(most <= 3 + 3 + 1, "{most} backend sessions for 24 clients");
     assert!(backend_sessions(&db).await <= 7);
+    let text = metrics(admin_port).await;
+    let owner = &db.owner;
+    let checkouts = metric(
+        &text,
+        &format!("rolegate_pool_checkouts_total{{pool=\"{owner}\"}}"),
+    );
+    assert!(checkouts > 16.0 * 15.0, "{checkouts} checkouts\n{text}");
+    // Each client prepared its two statements; backends lacking them got them on demand.
+    let prepares = metric(
+        &text,
+        &format!("rolegate_pool_prepares_total{{pool=\"{owner}\"}}"),
+    );
+    assert!(
+        (6.0..=16.0 * 2.0 * 4.0).contains(&prepares),
+        "{prepares}\n{text}"
+    );
+    assert!(
+        metric(
+            &text,
+            &format!("rolegate_pool_backends_idle{{pool=\"{owner}/readonly\"}}")
+        ) >= 1.0
+    );
+}
+
+/// psycopg 3 (server-side prepared statements, pipeline mode), asyncpg (statement cache,
+/// binary types), psycopg2, node-postgres (named statements) and pgjdbc (after
+/// prepareThreshold): far more connections than backend sessions, each seeing only its
+/// own settings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_drivers_work_in_transaction_mode() {
+    let db = TestDb::create("pool_drivers").await;
+    let rg = Rolegate::start_with(&db, pooled(4, "", free_port())).await;
+    for user in ["web", "analyst"] {
+        let dsn = format!(
+            "postgresql://{user}:{}@127.0.0.1:{}/{}?sslmode=disable",
+            password_of(user),
+            rg.port,
+            db.name
+        );
+        let (ok, out, err) = python("pooled_drivers.py", &[&dsn, "16"]).await;
+        assert!(
+            ok && out.starts_with("ok"),
+            "{user}: {out}{err}\n{}",
+            rg.log_text()
+        );
+        let (ok, out, err) = node("pooled_node.js", &[&dsn, "16"]).await;
+        assert!(
+            ok && out.starts_with("ok"),
+            "{user}: {out}{err}\n{}",
+            rg.log_text()
+        );
+        let java = tokio::process::Command::new("java")
+            .args(["-cp", "/usr/share/java/postgresql.jar"])
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/clients/PooledJdbc.java"
+            ))
+            .arg(format!(
+                "jdbc:postgresql://127.0.0.1:{}/{}?sslmode=disable",
+                rg.port, db.name
+            ))
+            .args([user, password_of(user), "12"])
+            .output()
+            .await
+            .expect("java could not run");
+        let out = String::from_utf8_lossy(&java.stdout);
+        assert!(
+            java.status.success() && out.starts_with("ok"),
+            "{user}: {out}{}\n{}",
+            String::from_utf8_lossy(&java.stderr),
+            rg.log_text()
+        );
+    }
+    assert!(backend_sessions(&db).await <= 8);
+}
+
+/// A client that waits longer than checkout_timeout gets an error, not a disconnect, and
+/// its session works once a backend session is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkout_timeout_leaves_the_session_usable() {
+    let db = TestDb::create("pool_wait").await;
+    let admin_port = free_port();
+    let rg = Rolegate::start_with(&db, pooled(1, "checkout_timeout = \"300ms\"", admin_port)).await;
+    let holder = rg.client("web", &db).await;
+    let waiter = rg.client("web", &db).await;
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let err = waiter.query_one("SELECT 1", &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("53300"), "{err}");
+    assert!(message(&err).contains("checkout_timeout"), "{err}");
+    let err = waiter.batch_execute("SELECT 1").await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("53300"), "{err}");
+    holder.batch_execute("COMMIT").await.unwrap();
+    let n: i32 = waiter.query_one("SELECT 2", &[]).await.unwrap().get(0);
+    assert_eq!(n, 2);
+    let text = metrics(admin_port).await;
+    let owner = &db.owner;
+    assert_eq!(
+        metric(
+            &text,
+            &format!("rolegate_pool_checkout_timeouts_total{{pool=\"{owner}\"}}")
+        ),
+        2.0
+    );
+}
+
+/// What lives in one backend session pins its client there: a LISTEN gets its NOTIFY
+/// between transactions, a session advisory lock stays held; both are undone before the
+/// backend session serves anyone else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_and_advisory_locks_pin_the_client() {
+    let db = TestDb::create("pool_pin").await;
+    let admin_port = free_port();
+    let rg = Rolegate::start_with(&db, pooled(2, "", admin_port)).await;
+    let owner = db.owner.clone();
+    let (listener, mut connection) =
+        tokio_postgres::connect(&rg.url("web", "web-pw", &db.name), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    let (tx, mut notes) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut stream = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        use futures_util::StreamExt;
+        while let Some(Ok(message)) = stream.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = message {
+                let _ = tx.send(n.payload().to_owned());
+            }
+        }
+    });
+    listener.batch_execute("LISTEN jobs").await.unwrap();
+    let text = metrics(admin_port).await;
+    assert_eq!(
+        metric(
+            &text,
+            &format!("rolegate_pool_clients_pinned{{pool=\"{owner}\"}}")
+        ),
+        1.0
+    );
+    // Other clients keep running on the one backend session left, and notify.
+    let other = rg.client("web", &db).await;
+    for i in 0..5 {
+        other
+            .batch_execute(&format!("NOTIFY jobs, 'job {i}'"))
+            .await
+            .unwrap();
+        listener.batch_execute("SELECT 1").await.unwrap();
+    }
+    for i in 0..5 {
+        let got = tokio::time::timeout(Duration::from_secs(5), notes.recv())
+            .await
+            .expect("a notification")
+            .unwrap();
+        assert_eq!(got, format!("job {i}"));
+    }
+    // A session advisory lock is held across transactions.
+    let locker = rg.client("web", &db).await;
+    let got: bool = locker
+        .query_one("SELECT pg_try_advisory_lock(42)", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(got);
+    drop(listener);
+    let probe = rg.client("web", &db).await;
+    for _ in 0..3 {
+        let free: bool = probe
+            .query_one("SELECT pg_try_advisory_lock(42)", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(!free, "the lock moved with its backend session");
+        locker.batch_execute("SELECT 1").await.unwrap();
+    }
+    drop(locker);
+    // Once the holder left, its backend session was reset (the lock released), not closed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let free: bool = probe
+            .query_one("SELECT pg_try_advisory_lock(42)", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if free {
+            probe
+                .batch_execute("SELECT pg_advisory_unlock_all()")
+                .await
+                .unwrap();
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lock was never released"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A cancel reaches the backend session running the client's query, and no other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_reaches_the_right_query() {
+    let db = TestDb::create("pool_cancel").await;
+    let rg = Rolegate::start_with(&db, pooled(3, "", free_port())).await;
+    let victim = rg.client("web", &db).await;
+    let bystander = rg.client("web", &db).await;
+    let token = victim.cancel_token();
+    let slow = tokio::spawn(async move { victim.batch_execute("SELECT pg_sleep(5)").await });
+    let steady = tokio::spawn(async move {
+        bystander
+            .query_one("SELECT pg_sleep(1.5)::text", &[])
+            .await
+            .map(|_| ())
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let err = slow.await.unwrap().unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err}");
+    steady
+        .await
+        .unwrap()
+        .expect("the other client's query ran to its end");
+}
+
+/// A backend session killed in the middle of a transaction fails that transaction only:
+/// the client goes on with another backend session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_backend_fails_only_its_transaction() {
+    let db = TestDb::create("pool_kill").await;
+    let rg = Rolegate::start_with(&db, pooled(2, "", free_port())).await;
+    let client = rg.client("web", &db).await;
+    client.batch_execute("BEGIN").await.unwrap();
+    let pid: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let killed: bool = admin("postgres")
+        .await
+        .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(killed);
+    assert!(client.query_one("SELECT 1", &[]).await.is_err());
+    let n: i32 = client
+        .query_one("SELECT 3", &[])
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", rg.log_text()))
+        .get(0);
+    assert_eq!(n, 3);
+    let other: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(other, pid);
+}
+
+/// Protocol-level prepared statements keep PostgreSQL's own answers: an unknown name is
+/// 26000, a duplicate 42P05, a closed one is gone for the client (the server copy stays
+/// for others); rolegate's own names cannot be used from SQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statement_errors_are_postgres_own() {
+    let db = TestDb::create("pool_stmts").await;
+    let rg = Rolegate::start_with(&db, pooled(1, "", free_port())).await;
+    let mut raw = RawClient::login(rg.port, "web", "web-pw", &db.name).await;
+    let sync = |out: &mut bytes::BytesMut| rolegate::wire::put_message(out, b'S', &[]);
+    let mut out = bytes::BytesMut::new();
+    parse(&mut out, "a", "SELECT 'a'::text");
+    sync(&mut out);
+    raw.send(&out).await;
+    assert!(raw.until_ready().await.1.is_empty());
+    for round in 0..2 {
+        let mut out = bytes::BytesMut::new();
+        bind_execute(&mut out, "a", &[]);
+        sync(&mut out);
+        raw.send(&out).await;
+        assert_eq!(
+            raw.data_values().await,
+            vec!["a".to_owned()],
+            "round {round}"
+        );
+    }
+    let mut out = bytes::BytesMut::new();
+    parse(&mut out, "a", "SELECT 'other'::text");
+    sync(&mut out);
+    raw.send(&out).await;
+    let (_, errors) = raw.until_ready().await;
+    assert_eq!(rolegate::wire::field(&errors[0], b'C'), Some("42P05"));
+    let mut out = bytes::BytesMut::new();
+    bind_execute(&mut out, "nope", &[]);
+    sync(&mut out);
+    raw.send(&out).await;
+    let (_, errors) = raw.until_ready().await;
+    assert_eq!(rolegate::wire::field(&errors[0], b'C'), Some("26000"));
+    assert!(rolegate::wire::field(&errors[0], b'M')
+        .unwrap()
+        .contains("\"nope\""));
+    // Close: gone for this client; another client's identical statement still runs.
+    let mut out = bytes::BytesMut::new();
+    rolegate::wire::put_message(&mut out, b'C', b"Sa\0");
+    sync(&mut out);
+    raw.send(&out).await;
+    let (tags, errors) = raw.until_ready().await;
+    assert!(errors.is_empty() && tags.contains(&b'3'), "{tags:?}");
+    let mut out = bytes::BytesMut::new();
+    bind_execute(&mut out, "a", &[]);
+    sync(&mut out);
+    raw.send(&out).await;
+    let (_, errors) = raw.until_ready().await;
+    assert_eq!(rolegate::wire::field(&errors[0], b'C'), Some("26000"));
+    let mut other = RawClient::login(rg.port, "web", "web-pw", &db.name).await;
+    let mut out = bytes::BytesMut::new();
+    parse(&mut out, "b", "SELECT 'a'::text");
+    bind_execute(&mut out, "b", &[]);
+    sync(&mut out);
+    other.send(&out).await;
+    assert_eq!(other.data_values().await, vec!["a".to_owned()]);
+    // DEALLOCATE ALL (Prisma after BEGIN) empties the client's view; the next Parse of
+    // the same name works.
+    let web = rg.client("web", &db).await;
+    let statement = web.prepare("SELECT 5").await.unwrap();
+    web.batch_execute("BEGIN; DEALLOCATE ALL; COMMIT")
+        .await
+        .unwrap();
+    let err = web.query(&statement, &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("26000"), "{err}");
+    let n: i32 = web.query_one("SELECT 5", &[]).await.unwrap().get(0);
+    assert_eq!(n, 5);
+    for sql in ["EXECUTE rolegate_s1", "DEALLOCATE rolegate_s1"] {
+        let err = web.batch_execute(sql).await.unwrap_err();
+        assert_eq!(sqlstate(&err).as_deref(), Some("42501"), "{sql}: {err}");
+    }
 }

@@ -1172,6 +1172,14 @@ impl Downstream {
                         }
                     }
                 }
+                // Pooled: a backend session that ends (terminated, server shutdown) costs
+                // the client its transaction, not its session; rolegate tells it so.
+                b'E' if shared.lease.is_some() && is_fatal(&self.buf[pos..pos + size]) => {
+                    self.out.extend_from_slice(&self.buf[..pos]);
+                    self.buf.advance(pos + size);
+                    pos = 0;
+                    continue;
+                }
                 b'E' => {
                     let replacement = {
                         let mut pending = shared.pending();
@@ -1239,6 +1247,11 @@ impl Downstream {
             _ => {}
         }
     }
+}
+
+/// An ErrorResponse that ends the backend session.
+fn is_fatal(frame: &[u8]) -> bool {
+    contains(frame, b"VFATAL\0") || contains(frame, b"VPANIC\0")
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {

@@ -16,6 +16,8 @@ use crate::policy::SessionEffects;
 use crate::pool::{Lease, Pool, Pools, PreparedOnServer};
 use crate::proxy::{CancelSlot, CancelTarget};
 
+const LOST: &str = "rolegate: the backend connection was lost; the transaction did not complete";
+
 /// What a pooled relay borrows from.
 pub struct Pooling<'a> {
     pub pools: &'a Pools,
@@ -712,20 +714,15 @@ pub async fn run(client: PooledClient<'_>, ctx: &RelayContext<'_>) -> (RelayStat
             RelayEnd::ServerClosed | RelayEnd::ServerIo(_) | RelayEnd::ServerProtocol(_) => {
                 drop(lease);
                 let outstanding = up.sync_points - down.ready_count;
-                if state.pinned || up.unsynced || down.passthrough > 0 || outstanding == 0 {
+                let in_transaction = shared.status.load(Ordering::Relaxed) != b'I';
+                if state.pinned || up.unsynced || down.passthrough > 0 {
                     break RelayEnd::BackendLost;
                 }
                 // Only the transaction in flight is lost: the client hears an error for
                 // each Sync or Query it is waiting on, then goes on with a new backend.
                 let mut out = BytesMut::new();
                 for _ in 0..outstanding {
-                    wire::put_error(
-                        &mut out,
-                        &ErrorFields::error(
-                            "08006",
-                            "rolegate: the backend connection was lost; the transaction did not complete",
-                        ),
-                    );
+                    wire::put_error(&mut out, &ErrorFields::error("08006", LOST));
                     wire::put_ready_for_query(&mut out, b'I');
                 }
                 if client_w.write_all(&out).await.is_err() || client_w.flush().await.is_err() {
@@ -733,6 +730,28 @@ pub async fn run(client: PooledClient<'_>, ctx: &RelayContext<'_>) -> (RelayStat
                 }
                 down.forget_backend(&shared, up.sync_points);
                 up.discard_all_in_batch = false;
+                // Lost between two statements of a transaction: the client's next batch
+                // learns it, and runs nothing.
+                if outstanding == 0 && in_transaction {
+                    let waiting = up.buf.is_empty();
+                    if waiting {
+                        if let Err(end) = up.read(&mut client_r, &shared).await {
+                            break end;
+                        }
+                    }
+                    if let Err(end) = up
+                        .answer_without_backend(
+                            &mut client_r,
+                            &mut client_w,
+                            &shared,
+                            "08006",
+                            LOST,
+                        )
+                        .await
+                    {
+                        break end;
+                    }
+                }
             }
             other => break other,
         }

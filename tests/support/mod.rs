@@ -3,6 +3,8 @@
 //! login roles per test, and a real `rolegate serve` process in front of it.
 #![allow(dead_code)]
 
+use bytes::BufMut;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -673,4 +675,41 @@ impl RawClient {
         }
         (tags, errors)
     }
+}
+
+/// Parse of statement `name` (no parameter types).
+pub fn parse(out: &mut bytes::BytesMut, name: &str, sql: &str) {
+    let mut parse = bytes::BytesMut::new();
+    parse.put_slice(name.as_bytes());
+    parse.put_u8(0);
+    parse.put_slice(sql.as_bytes());
+    parse.put_u8(0);
+    parse.put_i16(0);
+    rolegate::wire::put_message(out, b'P', &parse);
+}
+
+/// Bind of statement `name` to the unnamed portal (text or binary parameters), Execute.
+pub fn bind_execute(out: &mut bytes::BytesMut, name: &str, params: &[(i16, &[u8])]) {
+    let mut bind = bytes::BytesMut::new();
+    bind.put_u8(0);
+    bind.put_slice(name.as_bytes());
+    bind.put_u8(0);
+    bind.put_i16(params.len() as i16);
+    for (format, _) in params {
+        bind.put_i16(*format);
+    }
+    bind.put_i16(params.len() as i16);
+    for (_, value) in params {
+        bind.put_i32(value.len() as i32);
+        bind.put_slice(value);
+    }
+    bind.put_i16(0);
+    rolegate::wire::put_message(out, b'B', &bind);
+    rolegate::wire::put_message(out, b'E', b"\0\0\0\0\0");
+}
+
+/// Parse, Bind (text or binary parameters), Execute of an unnamed statement.
+pub fn extended(out: &mut bytes::BytesMut, sql: &str, params: &[(i16, &[u8])]) {
+    parse(out, "", sql);
+    bind_execute(out, "", params);
 }
