@@ -4,6 +4,38 @@ mod support;
 
 use support::*;
 
+/// A rolegate in session mode, or (`pool`) in transaction mode with two backend sessions
+/// per pool: every policy test runs both ways.
+async fn start(db: &TestDb, pool: bool, mut options: Options) -> Rolegate {
+    if pool {
+        options
+            .extra
+            .push_str("\n[pool]\nmode = \"transaction\"\nsize = 2\n");
+    }
+    Rolegate::start_with(db, options).await
+}
+
+macro_rules! in_both_modes {
+    ($($name:ident),* $(,)?) => {
+        mod session_mode {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(false).await
+                }
+            )*
+        }
+        mod transaction_mode {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(true).await
+                }
+            )*
+        }
+    };
+}
+
 /// Tables, a function and a procedure for the corpus to work on, made by the migrator.
 async fn fixture(rg: &Rolegate, db: &TestDb) {
     rg.client("migrate", db)
@@ -19,10 +51,9 @@ async fn fixture(rg: &Rolegate, db: &TestDb) {
         .expect("corpus fixture");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn corpus_verdicts_hold_for_every_class_and_protocol() {
+async fn corpus_verdicts_hold_for_every_class_and_protocol(pool: bool) {
     let db = TestDb::create("corpus").await;
-    let rg = Rolegate::start(&db).await;
+    let rg = start(&db, pool, Options::default()).await;
     fixture(&rg, &db).await;
     let corpus = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/corpus/policy.txt");
     let (ok, out, err) = python(
@@ -47,10 +78,9 @@ async fn corpus_verdicts_hold_for_every_class_and_protocol() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refusal_says_what_and_why_and_the_session_goes_on() {
+async fn a_refusal_says_what_and_why_and_the_session_goes_on(pool: bool) {
     let db = TestDb::create("refusal").await;
-    let rg = Rolegate::start(&db).await;
+    let rg = start(&db, pool, Options::default()).await;
     let web = rg.client("web", &db).await;
     let err = web
         .batch_execute("CREATE TABLE t (id int)")
@@ -76,10 +106,9 @@ async fn a_refusal_says_what_and_why_and_the_session_goes_on() {
     web.query_one("SELECT 1", &[]).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refusal_inside_a_transaction_fails_the_transaction() {
+async fn a_refusal_inside_a_transaction_fails_the_transaction(pool: bool) {
     let db = TestDb::create("txfail").await;
-    let rg = Rolegate::start(&db).await;
+    let rg = start(&db, pool, Options::default()).await;
     fixture(&rg, &db).await;
     let web = rg.client("web", &db).await;
     web.batch_execute("BEGIN").await.unwrap();
@@ -103,10 +132,9 @@ async fn a_refusal_inside_a_transaction_fails_the_transaction() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_grammar_follows_the_servers_standard_conforming_strings() {
+async fn the_grammar_follows_the_servers_standard_conforming_strings(pool: bool) {
     let db = TestDb::create("scs").await;
-    let rg = Rolegate::start(&db).await;
+    let rg = start(&db, pool, Options::default()).await;
     fixture(&rg, &db).await;
     let web = rg.client("web", &db).await;
     // With standard_conforming_strings on, this is a SELECT and a DROP: refused.
@@ -143,10 +171,9 @@ async fn the_grammar_follows_the_servers_standard_conforming_strings() {
 
 /// A SET of standard_conforming_strings and, before its answer, a statement whose string
 /// hides `set_config('role', …)` with the setting on and exposes it with it off.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pipelined_standard_conforming_strings_change_hides_nothing() {
+async fn a_pipelined_standard_conforming_strings_change_hides_nothing(pool: bool) {
     let db = TestDb::create("scsrace").await;
-    let rg = Rolegate::start(&db).await;
+    let rg = start(&db, pool, Options::default()).await;
     // set_config('role', 'none', false) would put the session back in its login role.
     let escape = r"SELECT 'a\' || ', set_config($$role$$, $$none$$, false) --'";
     let mut raw = RawClient::login(rg.port, "web", "web-pw", &db.name).await;
@@ -165,10 +192,9 @@ async fn a_pipelined_standard_conforming_strings_change_hides_nothing() {
     assert_eq!(raw.data_values().await, vec![db.owner.clone()]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn startup_settings_cannot_pick_a_role() {
+async fn startup_settings_cannot_pick_a_role(pool: bool) {
     let db = TestDb::create("startup").await;
-    let rg = Rolegate::start(&db).await;
+    let rg = start(&db, pool, Options::default()).await;
     for options in [
         "-c role=postgres",
         "-c session_authorization=postgres",
@@ -221,10 +247,9 @@ async fn startup_settings_cannot_pick_a_role() {
     assert_eq!(row.get::<_, String>(0), "1234ms");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn readonly_sessions_are_read_only_on_the_server() {
+async fn readonly_sessions_are_read_only_on_the_server(pool: bool) {
     let db = TestDb::create("readonly").await;
-    let rg = Rolegate::start(&db).await;
+    let rg = start(&db, pool, Options::default()).await;
     fixture(&rg, &db).await;
     let analyst = rg.client("analyst", &db).await;
     let row = analyst
@@ -240,10 +265,9 @@ async fn readonly_sessions_are_read_only_on_the_server() {
     assert_eq!(sqlstate(&err).as_deref(), Some("25006"), "{err:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_function_call_message_is_refused_and_the_session_goes_on() {
+async fn the_function_call_message_is_refused_and_the_session_goes_on(pool: bool) {
     let db = TestDb::create("fcall").await;
-    let rg = Rolegate::start(&db).await;
+    let rg = start(&db, pool, Options::default()).await;
     let mut raw = RawClient::login(rg.port, "migrate", "migrate-pw", &db.name).await;
     // FunctionCall for set_config (OID 2078): 'F', oid, 0 arg formats, 0 args, text result.
     let mut body = Vec::new();
@@ -265,10 +289,9 @@ async fn the_function_call_message_is_refused_and_the_session_goes_on() {
     assert!(tags.contains(&b'D'));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_migrator_runs_a_real_migration_owned_by_the_owner() {
+async fn a_migrator_runs_a_real_migration_owned_by_the_owner(pool: bool) {
     let db = TestDb::create("migration").await;
-    let rg = Rolegate::start(&db).await;
+    let rg = start(&db, pool, Options::default()).await;
     let migrate = rg.client("migrate", &db).await;
     migrate
         .batch_execute(
@@ -305,11 +328,11 @@ async fn a_migrator_runs_a_real_migration_owned_by_the_owner() {
     assert_eq!(not_owned, 0, "objects not owned by the owner role");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn report_mode_logs_and_lets_through() {
+async fn report_mode_logs_and_lets_through(pool: bool) {
     let db = TestDb::create("report").await;
-    let rg = Rolegate::start_with(
+    let rg = start(
         &db,
+        pool,
         Options {
             extra: "[policy]\nmode = \"report\"\n".into(),
             ..Options::default()
@@ -328,10 +351,9 @@ async fn report_mode_logs_and_lets_through() {
     assert!(log.contains("CREATE TABLE"), "{log}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refused_parse_in_a_pipeline_keeps_the_driver_in_step() {
+async fn a_refused_parse_in_a_pipeline_keeps_the_driver_in_step(pool: bool) {
     let db = TestDb::create("pipeline").await;
-    let rg = Rolegate::start(&db).await;
+    let rg = start(&db, pool, Options::default()).await;
     fixture(&rg, &db).await;
     let (ok, out, err) = python("psycopg_pipeline.py", &[&rg.url("web", "web-pw", &db.name)]).await;
     assert!(
@@ -341,3 +363,17 @@ async fn a_refused_parse_in_a_pipeline_keeps_the_driver_in_step() {
     );
     assert!(out.contains("pipeline ok"), "{out}");
 }
+
+in_both_modes!(
+    corpus_verdicts_hold_for_every_class_and_protocol,
+    a_refusal_says_what_and_why_and_the_session_goes_on,
+    a_refusal_inside_a_transaction_fails_the_transaction,
+    the_grammar_follows_the_servers_standard_conforming_strings,
+    a_pipelined_standard_conforming_strings_change_hides_nothing,
+    startup_settings_cannot_pick_a_role,
+    readonly_sessions_are_read_only_on_the_server,
+    the_function_call_message_is_refused_and_the_session_goes_on,
+    a_migrator_runs_a_real_migration_owned_by_the_owner,
+    report_mode_logs_and_lets_through,
+    a_refused_parse_in_a_pipeline_keeps_the_driver_in_step,
+);

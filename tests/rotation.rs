@@ -435,3 +435,86 @@ async fn admin_actions_need_the_token() {
         "{log}"
     );
 }
+
+/// Transaction mode: 50 long-lived clients through three rotations lose no query and
+/// are never ended; backend sessions of old logins are retired as they come back, so
+/// only the newest login is left once the drains are over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotations_in_transaction_mode_keep_long_lived_clients() {
+    let db = TestDb::create("rotpool").await;
+    let rg = managed(
+        &db,
+        "drain = \"3s\"\non_drain_timeout = \"terminate\"\n\n[pool]\nmode = \"transaction\"\nsize = 4",
+    )
+    .await;
+    let prefix = format!("{}_login_", db.name);
+    rg.client("migrate", &db)
+        .await
+        .batch_execute("CREATE TABLE ledger (id bigserial PRIMARY KEY, worker int, n int)")
+        .await
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let mut workers = Vec::new();
+    for worker in 0..50i32 {
+        let client = rg.client("web", &db).await;
+        let (stop, done) = (stop.clone(), done.clone());
+        workers.push(tokio::spawn(async move {
+            let mut failures = Vec::new();
+            let insert = client
+                .prepare("INSERT INTO ledger (worker, n) VALUES ($1, $2)")
+                .await
+                .unwrap();
+            let mut n = 0i32;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                match client.execute(&insert, &[&worker, &n]).await {
+                    Ok(_) => {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => failures.push(format!("query: {e:?}")),
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (client, failures)
+        }));
+    }
+    let mut seen_logins = vec![session_user(&rg, &db).await];
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let (ok, out) = rotate(&rg).await;
+        assert!(ok, "rotation failed: {out}\n{}", rg.log_text());
+        seen_logins.push(session_user(&rg, &db).await);
+    }
+    // Past every drain deadline, with the clients still working.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut failures = Vec::new();
+    let mut clients = Vec::new();
+    for w in workers {
+        let (client, failed) = w.await.unwrap();
+        failures.extend(failed);
+        clients.push(client);
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failed queries: {:?}\n{}",
+        failures.len(),
+        &failures[..failures.len().min(5)],
+        rg.log_text()
+    );
+    assert!(done.load(Ordering::Relaxed) > 500);
+    seen_logins.dedup();
+    assert_eq!(seen_logins.len(), 4, "{seen_logins:?}");
+    let current = seen_logins.last().unwrap().clone();
+    assert_eq!(roles_with_prefix(&prefix).await, vec![current.clone()]);
+    // The long-lived clients were never ended, and now run on the newest login.
+    for client in &clients {
+        let user: String = client
+            .query_one("SELECT session_user::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(user, current);
+    }
+}

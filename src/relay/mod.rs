@@ -639,7 +639,8 @@ impl<'a> Upstream<'a> {
     fn decide(&mut self, tag: u8, pos: usize, size: usize, shared: &Shared) -> Decision {
         let frame = &self.buf[pos..pos + size];
         let body = &frame[5..];
-        if self.discard_all_in_batch && tag != b'C' {
+        // (Describe and Close of what is there already run nothing.)
+        if self.discard_all_in_batch && !matches!(tag, b'C' | b'D') {
             // After DISCARD ALL nothing may run before the role is set again (at Sync).
             return Decision::Refuse(Box::new(Refusal {
                 code: "25001",

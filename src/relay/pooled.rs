@@ -132,6 +132,9 @@ pub(super) fn record_parameter_status(lease: &std::sync::Mutex<LeaseState>, fram
     let name = String::from_utf8_lossy(&body[..name_end]).into_owned();
     let mut lease = lease.lock().unwrap_or_else(|p| p.into_inner());
     lease.reported.push((name, Bytes::copy_from_slice(frame)));
+    // A setting changed, maybe where rolegate does not look (inside a function): the
+    // server says which settings the client has now when the lease ends.
+    lease.settings_dirty = true;
 }
 
 /// The batch ending at ReadyForQuery number `ready` is answered: what got no reply
