@@ -10,6 +10,13 @@ rolegate binary, e.g. one built from main before a change: it joins the alternat
 "baseline" with the same config, so a change is measured against its parent in one run),
 CALLGRIND (transactions per client: instead of the timed runs, count each proxy's user-space
 instructions per transaction under valgrind's callgrind; see count_instructions).
+
+POOL=transaction: transaction pooling instead. PostgreSQL gets max_connections = 100, rolegate
+`[pool] mode = "transaction"` and PgBouncer `pool_mode = transaction`, both with 20 backend
+connections; CLIENTS (default 400) pgbench clients run against both. Direct PostgreSQL cannot
+take that many clients and the bare relay is 1:1, so both sit out; PgBouncer 1.18 (Debian's)
+cannot pool protocol-level prepared statements, so the prepared scenario is rolegate's alone.
+The most backend connections rolegate's login had open during its runs is reported.
 """
 import os
 import shutil
@@ -28,6 +35,9 @@ SCALE = int(os.environ.get("SCALE", "10"))
 IDLE_CLIENTS = int(os.environ.get("IDLE_CLIENTS", "1000"))
 BASELINE = os.environ.get("BASELINE")
 CALLGRIND = int(os.environ.get("CALLGRIND", "0"))
+POOLED = os.environ.get("POOL") == "transaction"
+CLIENTS = int(os.environ.get("CLIENTS", "400"))
+POOL_SIZE = 20
 AS_ROOT = os.geteuid() == 0
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -190,6 +200,31 @@ def count_instructions(bindir, work, rg_config, pg_port, login_password, rg_list
         stop_all(procs, timeout=30)  # valgrind writes its last dump on the way out
 
 
+class BackendWatcher:
+    """Samples how many backend connections a login has open, every 50 ms, until stopped."""
+
+    def __init__(self, pg_port, password, login):
+        import threading
+        import psycopg
+        self.conn = psycopg.connect(f"host=127.0.0.1 port={pg_port} user=postgres "
+                                    f"password={password} dbname=postgres", autocommit=True)
+        self.login, self.most, self.done = login, 0, threading.Event()
+        self.thread = threading.Thread(target=self.run)
+        self.thread.start()
+
+    def run(self):
+        while not self.done.wait(0.05):
+            n = self.conn.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = %s",
+                                  (self.login,)).fetchone()[0]
+            self.most = max(self.most, n)
+
+    def stop(self):
+        self.done.set()
+        self.thread.join()
+        self.conn.close()
+        return self.most
+
+
 def main():
     bindir = pg_bin()
     if shutil.which("pgbouncer") is None:
@@ -210,7 +245,7 @@ def main():
                          "--auth=scram-sha-256", f"--pwfile={work}/pw", "-E", "UTF8", "--locale=C"]))
         run(as_postgres([f"{bindir}/pg_ctl", "-D", f"{work}/data", "-l", f"{work}/pg.log", "-w", "-o",
                          f"-p {pg_port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={work} "
-                         f"-c max_connections={IDLE_CLIENTS + 100} -c shared_buffers=256MB "
+                         f"-c max_connections={100 if POOLED else IDLE_CLIENTS + 100} -c shared_buffers=256MB "
                          "-c fsync=off -c synchronous_commit=off", "start"]))
         rolegate = f"{ROOT}/target/release/rolegate"
         verifier = lambda pw: run([rolegate, "hash-password"], input=pw).stdout.strip()
@@ -233,8 +268,11 @@ user = "migrator"
 password = "{verifier('migrator')}"
 class = "migrator"
 [limits]
-max_client_connections = {IDLE_CLIENTS + 100}
+max_client_connections = {max(IDLE_CLIENTS, CLIENTS) + 100}
 """
+        if POOLED:
+            config += f'[pool]\nmode = "transaction"\nsize = {POOL_SIZE}\n'
+
         with open(f"{work}/rolegate.toml", "w") as f:
             f.write(config)
         admin_url = f"host=127.0.0.1 port={pg_port} user=postgres password={admin_password} dbname=postgres"
@@ -250,20 +288,27 @@ max_client_connections = {IDLE_CLIENTS + 100}
         run([f"{bindir}/pgbench", "-i", "-q", "-s", str(SCALE), "-h", "127.0.0.1", "-p", str(rg_port),
              "-U", "migrator", "bench"], env=env)
 
+        # PgBouncer logs in as a login of its own, so that the backend connections of
+        # each proxy can be told apart in pg_stat_activity.
+        import psycopg
+        with psycopg.connect(admin_url.replace("dbname=postgres", "dbname=bench"), autocommit=True) as c:
+            c.execute("DROP ROLE IF EXISTS bench_pgbouncer")
+            c.execute(f"CREATE ROLE bench_pgbouncer LOGIN PASSWORD '{login_password}' IN ROLE bench_owner")
+            c.execute("ALTER ROLE bench_pgbouncer SET role = bench_owner")
         with open(f"{work}/userlist.txt", "w") as f:
             f.write('"bench" "bench"\n')
         with open(f"{work}/pgbouncer.ini", "w") as f:
             f.write(f"""[databases]
-bench = host=127.0.0.1 port={pg_port} dbname=bench user=bench_login_0001 password={login_password}
+bench = host=127.0.0.1 port={pg_port} dbname=bench user=bench_pgbouncer password={login_password}
 [pgbouncer]
 listen_addr = 127.0.0.1
 listen_port = {pb_port}
 unix_socket_dir =
 auth_type = scram-sha-256
 auth_file = {work}/userlist.txt
-pool_mode = session
-max_client_conn = {IDLE_CLIENTS + 100}
-default_pool_size = 100
+pool_mode = {"transaction" if POOLED else "session"}
+max_client_conn = {max(IDLE_CLIENTS, CLIENTS) + 100}
+default_pool_size = {POOL_SIZE if POOLED else 100}
 logfile = {work}/pgbouncer.log
 """)
         if AS_ROOT:
@@ -310,6 +355,15 @@ logfile = {work}/pgbouncer.log
             ("tpcb-like c20", ["-b", "tpcb-like", "-c", "20", "-j", "2"]),
             ("select simple c20 -C", ["-S", "-M", "simple", "-c", "20", "-j", "2", "-C"]),
         ]
+        if POOLED:
+            c = ["-c", str(CLIENTS), "-j", "2"]
+            scenarios = [
+                (f"select simple c{CLIENTS}", ["-S", "-M", "simple", *c]),
+                (f"select extended c{CLIENTS}", ["-S", "-M", "extended", *c]),
+                (f"select prepared c{CLIENTS}", ["-S", "-M", "prepared", *c]),
+                (f"tpcb-like extended c{CLIENTS}", ["-b", "tpcb-like", "-M", "extended", *c]),
+            ]
+            targets = {t: v for t, v in targets.items() if t in ("rolegate", "pgbouncer", "baseline")}
         wanted = os.environ.get("SCENARIOS")
         if wanted:
             scenarios = [s for s in scenarios if s[0] in wanted.split(",")]
@@ -318,14 +372,22 @@ logfile = {work}/pgbouncer.log
             targets = {t: v for t, v in targets.items() if t in wanted.split(",")}
 
         results = {}
+        most_backends = 0
         for name, args in scenarios:
             for _ in range(ROUNDS):
                 for target, (port, user, password, pid) in targets.items():
+                    if POOLED and target == "pgbouncer" and "-M prepared" in " ".join(args):
+                        continue  # PgBouncer 1.18 cannot pool prepared statements
+                    watcher = None
+                    if POOLED and target == "rolegate":
+                        watcher = BackendWatcher(pg_port, admin_password, "bench_login_0001")
                     before = cpu_seconds(pid) if pid else None
                     switches_before = context_switches(pid) if pid else None
                     out = run([f"{bindir}/pgbench", "-n", "-T", str(DURATION), "-h", "127.0.0.1",
                                "-p", str(port), "-U", user, *args, "bench"],
                               env=dict(os.environ, PGPASSWORD=password)).stdout
+                    if watcher:
+                        most_backends = max(most_backends, watcher.stop())
                     tps = float(next(l for l in out.splitlines() if l.startswith("tps")).split()[2])
                     lat = float(next(l for l in out.splitlines() if "latency average" in l).split()[3])
                     txs = int(next(l for l in out.splitlines() if "transactions actually processed" in l)
@@ -348,8 +410,8 @@ logfile = {work}/pgbouncer.log
         for name, _ in scenarios:
             med = {t: tuple(statistics.median(x[i] for x in results[(name, t)] if x[i] is not None)
                             if any(x[i] is not None for x in results[(name, t)]) else None
-                            for i in range(5)) for t in targets}
-            for t in targets:
+                            for i in range(5)) for t in targets if (name, t) in results}
+            for t in med:
                 tps, lat, cpu, user, switches = med[t]
                 vs_pb = (f"{tps / med['pgbouncer'][0]:.2f}x"
                          if t in ("rolegate", "baseline") and "pgbouncer" in med else "")
@@ -360,6 +422,9 @@ logfile = {work}/pgbouncer.log
                 print(f"| {name} | {t} | {tps:,.0f} | {lat:.3f} | {cpu_text} | {user_text} | {switches_text} "
                       f"| {vs_pb} | {vs_direct} |")
 
+        if POOLED:
+            print(f"\nmost backend connections of rolegate's login during its runs: {most_backends} "
+                  f"(pool size {POOL_SIZE}; PostgreSQL max_connections 100, {CLIENTS} clients)")
         # Memory of idle authenticated clients.
         print()
         import psycopg

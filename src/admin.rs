@@ -170,6 +170,11 @@ async fn metrics(State(state): State<AdminState>) -> Response {
         .metrics
         .login_age_seconds
         .set(proxy.credentials.age_seconds() as i64);
+    for pool in proxy.pools.all() {
+        pool.stats
+            .longest_wait_seconds
+            .set(pool.longest_wait().as_secs_f64());
+    }
     (
         [(
             header::CONTENT_TYPE,
@@ -191,6 +196,11 @@ async fn status(State(state): State<AdminState>) -> Json<serde_json::Value> {
         "owner_role": config.backend.owner_role,
         "instance_id": config.rotation.instance_id,
     });
+    if config.pool.mode == crate::config::PoolMode::Transaction {
+        let pools: Vec<_> = proxy.pools.all().iter().map(|p| p.status()).collect();
+        status["pool_mode"] = "transaction".into();
+        status["pools"] = pools.into();
+    }
     if let Some(rotator) = &proxy.rotator {
         let stats = &rotator.stats;
         status["rotations"] = stats.rotations.load(Ordering::Relaxed).into();

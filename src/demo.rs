@@ -123,7 +123,7 @@ impl Drop for Cluster {
     }
 }
 
-pub async fn run_demo(listen: &str) -> anyhow::Result<()> {
+pub async fn run_demo(listen: &str, pool_mode: crate::config::PoolMode) -> anyhow::Result<()> {
     let bin = find_pg_bin()?;
     let as_postgres = running_as_root();
     let dir = tempfile::Builder::new()
@@ -174,7 +174,11 @@ pub async fn run_demo(listen: &str) -> anyhow::Result<()> {
     let config_text = format!(
         "listen = \"{listen}\"\n\n[tls]\nmode = \"disable\"\n\n[backend]\nhost = \"127.0.0.1\"\nport = {port}\n\
          database = \"demo\"\nowner_role = \"demo_owner\"\nlogin_user = \"demo_login_0001\"\n\
-         login_password_file = \"login.secret\"\n\n{clients}"
+         login_password_file = \"login.secret\"\n\n{clients}{pool}",
+        pool = match pool_mode {
+            crate::config::PoolMode::Session => "",
+            crate::config::PoolMode::Transaction => "[pool]\nmode = \"transaction\"\n",
+        }
     );
     let config_path = dir.join("rolegate.toml");
     std::fs::write(&config_path, &config_text)?;

@@ -70,7 +70,17 @@ enum Command {
         /// Where the demo rolegate listens.
         #[arg(long, default_value = "127.0.0.1:6432")]
         listen: String,
+        /// `transaction`: app and readonly clients share backend connections per
+        /// transaction (`[pool] mode`).
+        #[arg(long, value_enum, default_value = "session")]
+        pool_mode: PoolModeArg,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum PoolModeArg {
+    Session,
+    Transaction,
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -135,7 +145,13 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Demo { listen } => runtime()?.block_on(rolegate::demo::run_demo(&listen)),
+        Command::Demo { listen, pool_mode } => {
+            let mode = match pool_mode {
+                PoolModeArg::Session => rolegate::config::PoolMode::Session,
+                PoolModeArg::Transaction => rolegate::config::PoolMode::Transaction,
+            };
+            runtime()?.block_on(rolegate::demo::run_demo(&listen, mode))
+        }
         Command::HashPassword => {
             let mut input = String::new();
             std::io::stdin()

@@ -149,6 +149,8 @@ pub struct PoolStats {
     pub checkout_timeouts: Counter,
     pub prepares: Counter,
     pub resets: Counter,
+    /// `rolegate_backend_connections`, shared with session mode.
+    backends_open: Gauge,
 }
 
 impl PoolStats {
@@ -166,6 +168,7 @@ impl PoolStats {
             checkout_timeouts: p.checkout_timeouts.get_or_create(label).clone(),
             prepares: p.prepares.get_or_create(label).clone(),
             resets: p.resets.get_or_create(label).clone(),
+            backends_open: metrics.backend_connections.clone(),
         }
     }
 
@@ -275,7 +278,7 @@ impl Pool {
             }
             // A retired login's, or closed by the server: replaced under the same permit,
             // so a rotation never needs more than `size` connections.
-            conn.close();
+            self.close(conn);
         }
         self.stats.backends_opening.inc();
         let opened = backend::connect(&self.target, &login, &[], self.role()).await;
@@ -283,7 +286,7 @@ impl Pool {
         let session = opened?;
         self.stats.backends_active.inc();
         Ok(Lease {
-            conn: Some(ServerConn::new(session, &login.user)),
+            conn: Some(self.open(session, &login.user)),
             pool: self.clone(),
             _permit: permit,
         })
@@ -323,6 +326,16 @@ impl Pool {
             .unwrap_or_default()
     }
 
+    fn open(&self, session: BackendSession, login: &str) -> ServerConn {
+        self.stats.backends_open.inc();
+        ServerConn::new(session, login)
+    }
+
+    fn close(&self, conn: ServerConn) {
+        self.stats.backends_open.dec();
+        conn.close();
+    }
+
     fn give_back(&self, mut conn: ServerConn, reusable: bool) {
         self.stats.backends_active.dec();
         let login = self.credentials.current();
@@ -331,7 +344,7 @@ impl Pool {
             self.idle().push(conn);
             self.stats.backends_idle.inc();
         } else {
-            conn.close();
+            self.close(conn);
         }
     }
 
@@ -359,7 +372,7 @@ impl Pool {
         }
         for conn in closing {
             self.stats.backends_idle.dec();
-            conn.close();
+            self.close(conn);
         }
         self.stats
             .longest_wait_seconds
@@ -374,7 +387,8 @@ impl Pool {
             let login = self.credentials.current();
             match backend::connect(&self.target, &login, &[], self.role()).await {
                 Ok(session) => {
-                    self.idle().push(ServerConn::new(session, &login.user));
+                    let conn = self.open(session, &login.user);
+                    self.idle().push(conn);
                     self.stats.backends_idle.inc();
                     drop(permit);
                 }
