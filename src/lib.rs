@@ -3,7 +3,8 @@
 //!
 //! A message's path: `listener` accepts → `session` runs the connection → `startup`
 //! (TLS, StartupMessage, SCRAM) → `backend` (login role, `SET ROLE`) → `relay` (frames
-//! each way; `policy` judges Query/Parse/FunctionCall).
+//! each way; `policy` judges Query/Parse/FunctionCall). In transaction mode `session`
+//! hands the client to `relay::pooled`, which borrows backend sessions from `pool`.
 
 pub mod admin;
 pub mod backend;
