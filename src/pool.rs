@@ -47,10 +47,6 @@ impl PoolKey {
 /// Every pool of this process, and the names of pooled prepared statements.
 pub struct Pools {
     pools: DashMap<PoolKey, Arc<Pool>>,
-    /// Statement text and parameter types → the number in its server-side name. Shared
-    /// by all pools, so the same statement has the same name on every backend.
-    statement_numbers: DashMap<Box<[u8]>, u64, ahash::RandomState>,
-    next_statement: AtomicU64,
     target: Arc<BackendTarget>,
     credentials: Arc<CredentialStore>,
     config: PoolConfig,
@@ -66,8 +62,6 @@ impl Pools {
     ) -> Pools {
         Pools {
             pools: DashMap::new(),
-            statement_numbers: DashMap::default(),
-            next_statement: AtomicU64::new(1),
             target,
             credentials,
             config,
@@ -102,20 +96,20 @@ impl Pools {
             .clone()
     }
 
-    /// The server-side name of a statement: `rolegate_s<n>`, one per distinct text and
-    /// parameter types (`key`).
+    /// The server-side name of a statement: `rolegate_s` and 128 bits of the SHA-256 of
+    /// its text and parameter types (`key`), so the same statement has the same name on
+    /// every backend session, with nothing to remember (a map of every text a client
+    /// ever sent would grow without bound).
     pub fn statement_name(&self, key: &[u8]) -> Bytes {
-        let number = match self.statement_numbers.get(key) {
-            Some(n) => *n,
-            None => *self
-                .statement_numbers
-                .entry(key.into())
-                .or_insert_with(|| self.next_statement.fetch_add(1, Ordering::Relaxed)),
-        };
-        Bytes::from(format!(
-            "{}s{number}",
-            crate::policy::RESERVED_STATEMENT_PREFIX
-        ))
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(key);
+        let mut name = String::with_capacity(48);
+        name.push_str(crate::policy::RESERVED_STATEMENT_PREFIX);
+        name.push('s');
+        for byte in &digest[..16] {
+            name.push_str(&format!("{byte:02x}"));
+        }
+        Bytes::from(name)
     }
 
     pub fn all(&self) -> Vec<Arc<Pool>> {
@@ -205,6 +199,8 @@ pub struct Pool {
     idle: Mutex<Vec<ServerConn>>,
     /// When each waiting client started waiting (for `longest_wait_seconds`).
     waiting_since: Mutex<BTreeMap<u64, Instant>>,
+    /// Backend sessions open (idle, lent or being opened for min_idle).
+    open: std::sync::atomic::AtomicUsize,
     next_waiter: AtomicU64,
     pub stats: PoolStats,
     target: Arc<BackendTarget>,
@@ -232,6 +228,7 @@ impl Pool {
             permits: Arc::new(Semaphore::new(config.size)),
             idle: Mutex::new(Vec::new()),
             waiting_since: Mutex::new(BTreeMap::new()),
+            open: std::sync::atomic::AtomicUsize::new(0),
             next_waiter: AtomicU64::new(0),
             target,
             credentials,
@@ -280,9 +277,9 @@ impl Pool {
             // so a rotation never needs more than `size` connections.
             self.close(conn);
         }
-        self.stats.backends_opening.inc();
+        let opening = GaugeGuard::inc(&self.stats.backends_opening);
         let opened = backend::connect(&self.target, &login, &[], self.role()).await;
-        self.stats.backends_opening.dec();
+        drop(opening);
         let session = opened?;
         self.stats.backends_active.inc();
         Ok(Lease {
@@ -298,14 +295,11 @@ impl Pool {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, Instant::now());
+        // Also undone when the wait is abandoned (the client left, shutdown).
         self.stats.clients_waiting.inc();
+        let _waiting = Waiting { pool: self, id };
         let acquired =
             tokio::time::timeout(self.checkout_timeout, self.permits.clone().acquire_owned()).await;
-        self.stats.clients_waiting.dec();
-        self.waiting_since
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
         match acquired {
             Ok(Ok(permit)) => Ok(permit),
             // The semaphore is never closed; treat it like a timeout if it were.
@@ -328,11 +322,13 @@ impl Pool {
 
     fn open(&self, session: BackendSession, login: &str) -> ServerConn {
         self.stats.backends_open.inc();
+        self.open.fetch_add(1, Ordering::Relaxed);
         ServerConn::new(session, login)
     }
 
     fn close(&self, conn: ServerConn) {
         self.stats.backends_open.dec();
+        self.open.fetch_sub(1, Ordering::Relaxed);
         conn.close();
     }
 
@@ -380,7 +376,8 @@ impl Pool {
     }
 
     async fn fill_min_idle(self: &Arc<Self>) {
-        while self.idle().len() < self.min_idle {
+        // Only while fewer than `size` are open: idle sessions hold no permit.
+        while self.idle().len() < self.min_idle && self.open.load(Ordering::Relaxed) < self.size {
             let Ok(permit) = self.permits.clone().try_acquire_owned() else {
                 return;
             };
@@ -406,6 +403,39 @@ impl Pool {
         status["size"] = self.size.into();
         status["longest_wait_seconds"] = self.longest_wait().as_secs_f64().into();
         status
+    }
+}
+
+/// Counts a client as waiting for as long as it waits.
+struct Waiting<'a> {
+    pool: &'a Pool,
+    id: u64,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.pool.stats.clients_waiting.dec();
+        self.pool
+            .waiting_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
+}
+
+/// A gauge raised for as long as the guard lives.
+struct GaugeGuard<'a>(&'a Gauge);
+
+impl<'a> GaugeGuard<'a> {
+    fn inc(gauge: &'a Gauge) -> Self {
+        gauge.inc();
+        GaugeGuard(gauge)
+    }
+}
+
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -529,11 +559,18 @@ impl ServerConn {
 
     /// Reads the session-level settings the server holds now (after a client changed
     /// some): they are the client's from here on.
+    /// The role is checked on the way (a second line of defence: nothing a client may
+    /// send changes it).
     pub async fn read_settings(
         &mut self,
-        read_only: bool,
+        key: &PoolKey,
     ) -> Result<BTreeMap<String, String>, BackendError> {
-        let rows = self.session.query(SESSION_SETTINGS_SQL).await?;
+        let mut rows = self.session.query(SESSION_SETTINGS_SQL).await?;
+        match rows.pop().as_deref() {
+            Some([Some(user)]) if *user == key.role => {}
+            _ => return Err(role_lost()),
+        }
+        let read_only = key.read_only;
         let settings: BTreeMap<String, String> = rows
             .into_iter()
             .filter_map(|row| match row.as_slice() {
@@ -559,23 +596,29 @@ impl ServerConn {
                  DEALLOCATE ALL; DISCARD TEMP; RESET ALL; SELECT current_user",
             )
             .await?;
-        self.prepared.clear();
+        self.prepared = PreparedOnServer::default();
         self.settings.clear();
         match rows.last().and_then(|row| row.first()) {
             Some(Some(user)) if *user == key.role => Ok(()),
-            _ => Err(BackendError::Server(vec![
-                (b'S', "ERROR".into()),
-                (b'C', "42501".into()),
-                (b'M', "the backend session left its role".into()),
-            ])),
+            _ => Err(role_lost()),
         }
     }
 }
 
+fn role_lost() -> BackendError {
+    BackendError::Server(vec![
+        (b'S', "ERROR".into()),
+        (b'C', "42501".into()),
+        (b'M', "the backend session left its role".into()),
+    ])
+}
+
 /// The session-level settings of a backend session, except those rolegate keeps itself
-/// (the role; read-only mode is part of the pool's key and filtered by the caller).
+/// (the role; read-only mode is part of the pool's key and filtered by the caller), then
+/// the role the session is in.
 const SESSION_SETTINGS_SQL: &str = "SELECT name, setting FROM pg_catalog.pg_settings \
-     WHERE source = 'session' AND name NOT IN ('role', 'session_authorization')";
+     WHERE source = 'session' AND name NOT IN ('role', 'session_authorization'); \
+     SELECT current_user";
 
 /// rolegate's prepared statements on one backend session, least recently used first out.
 #[derive(Default)]
@@ -583,10 +626,26 @@ pub struct PreparedOnServer {
     /// Name → when it was last used (a tick of `clock`).
     names: HashMap<Bytes, u64, ahash::RandomState>,
     clock: u64,
+    /// A DEALLOCATE ALL or DISCARD ALL was sent: whether it ran is not known, so no name
+    /// is known to be there or not.
+    doubtful: bool,
 }
 
 impl PreparedOnServer {
+    pub fn doubtful(&self) -> bool {
+        self.doubtful
+    }
+
+    /// Every statement may be gone (see `doubtful`).
+    pub fn forget_all(&mut self) {
+        self.names.clear();
+        self.doubtful = true;
+    }
+
     pub fn contains(&mut self, name: &[u8]) -> bool {
+        if self.doubtful {
+            return false;
+        }
         self.clock += 1;
         match self.names.get_mut(name) {
             Some(used) => {

@@ -464,3 +464,147 @@ async fn prepared_statement_errors_are_postgres_own() {
         assert_eq!(sqlstate(&err).as_deref(), Some("42501"), "{sql}: {err}");
     }
 }
+
+/// Idle backend sessions above `min_idle` are closed after `server_idle_timeout`; the
+/// pool keeps `min_idle` open without clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_backends_shrink_to_min_idle() {
+    let db = TestDb::create("pool_idle").await;
+    let rg = Rolegate::start_with(
+        &db,
+        pooled(4, "min_idle = 1\nserver_idle_timeout = \"1s\"", free_port()),
+    )
+    .await;
+    let clients = futures_util::future::join_all((0..4).map(|_| rg.client("web", &db))).await;
+    // Four transactions open at once take four backend sessions.
+    for c in &clients {
+        c.batch_execute("BEGIN").await.unwrap();
+    }
+    assert_eq!(backend_sessions(&db).await, 4);
+    for c in &clients {
+        c.batch_execute("COMMIT").await.unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while backend_sessions(&db).await > 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "idle backends stayed open"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(backend_sessions(&db).await, 1, "min_idle kept one open");
+    let n: i32 = clients[0].query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(n, 1);
+}
+
+fn sync(out: &mut bytes::BytesMut) {
+    rolegate::wire::put_message(out, b'S', &[]);
+}
+
+fn sqlstate_of(errors: &[Vec<(u8, String)>]) -> Option<&str> {
+    errors.first().and_then(|e| rolegate::wire::field(e, b'C'))
+}
+
+/// A backend session goes back to the pool only between batches: not in the middle of a
+/// client's frame, not after a refused extended-protocol message before its Sync, and
+/// what one client left under the unnamed statement is never another's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_is_lent_again_only_when_it_is_clean() {
+    let db = TestDb::create("pool_clean").await;
+    let rg =
+        Rolegate::start_with(&db, pooled(1, "checkout_timeout = \"500ms\"", free_port())).await;
+    let other = rg.client("web", &db).await;
+    // A Query, then only the header of a CopyData frame: the rest is still to come.
+    let mut raw = RawClient::login(rg.port, "web", "web-pw", &db.name).await;
+    let mut out = bytes::BytesMut::new();
+    rolegate::wire::put_query(&mut out, "SELECT 1");
+    out.extend_from_slice(b"d\0\0\0\x0e");
+    raw.send(&out).await;
+    assert!(raw.until_ready().await.1.is_empty());
+    let err = other.query_one("SELECT 1", &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("53300"), "{err}");
+    drop(raw);
+    // A refused Parse and a Flush: the server skips to Sync, the session is the client's.
+    let mut raw = RawClient::login(rg.port, "web", "web-pw", &db.name).await;
+    let mut out = bytes::BytesMut::new();
+    parse(&mut out, "", "CREATE TABLE x (i int)");
+    rolegate::wire::put_message(&mut out, b'H', &[]);
+    raw.send(&out).await;
+    let (tag, body) = raw.read().await.unwrap();
+    assert_eq!(tag, b'E');
+    assert_eq!(
+        rolegate::wire::field(&rolegate::wire::error_fields(&body), b'C'),
+        Some("42501")
+    );
+    let err = other.query_one("SELECT 1", &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("53300"), "{err}");
+    let mut out = bytes::BytesMut::new();
+    sync(&mut out);
+    raw.send(&out).await;
+    raw.until_ready().await;
+    drop(raw);
+    // Another client's unnamed statement cannot be bound.
+    let mut first = RawClient::login(rg.port, "web", "web-pw", &db.name).await;
+    let mut out = bytes::BytesMut::new();
+    parse(&mut out, "", "SELECT set_config($1, $2, false)");
+    sync(&mut out);
+    first.send(&out).await;
+    assert!(first.until_ready().await.1.is_empty());
+    let mut second = RawClient::login(rg.port, "web", "web-pw", &db.name).await;
+    let mut out = bytes::BytesMut::new();
+    bind_execute(&mut out, "", &[(0, b"role"), (0, b"none")]);
+    sync(&mut out);
+    second.send(&out).await;
+    let (_, errors) = second.until_ready().await;
+    assert_eq!(sqlstate_of(&errors), Some("26000"), "{errors:?}");
+    let user: String = other
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(user, db.owner);
+}
+
+/// The client's view of its statements follows what the server did: a Parse that failed
+/// can be sent again, and a DEALLOCATE ALL that was bound but never executed leaves no
+/// statement name in a state that breaks the next Parse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statement_bookkeeping_follows_what_the_server_did() {
+    let db = TestDb::create("pool_books").await;
+    let rg = Rolegate::start_with(&db, pooled(1, "", free_port())).await;
+    let mut raw = RawClient::login(rg.port, "web", "web-pw", &db.name).await;
+    let mut out = bytes::BytesMut::new();
+    parse(&mut out, "p", "SELECT no_such_column");
+    sync(&mut out);
+    raw.send(&out).await;
+    let (_, errors) = raw.until_ready().await;
+    assert_eq!(sqlstate_of(&errors), Some("42703"), "{errors:?}");
+    let mut out = bytes::BytesMut::new();
+    parse(&mut out, "p", "SELECT 'again'::text");
+    bind_execute(&mut out, "p", &[]);
+    sync(&mut out);
+    raw.send(&out).await;
+    assert_eq!(raw.data_values().await, vec!["again".to_owned()]);
+    // DEALLOCATE ALL bound, not executed; then statements are used as usual.
+    let mut out = bytes::BytesMut::new();
+    parse(&mut out, "d", "DEALLOCATE ALL");
+    rolegate::wire::put_message(&mut out, b'B', b"\0d\0\0\0\0\0\0\0");
+    sync(&mut out);
+    raw.send(&out).await;
+    assert!(raw.until_ready().await.1.is_empty());
+    let mut out = bytes::BytesMut::new();
+    parse(&mut out, "q", "SELECT 'again'::text");
+    bind_execute(&mut out, "q", &[]);
+    sync(&mut out);
+    raw.send(&out).await;
+    assert_eq!(raw.data_values().await, vec!["again".to_owned()]);
+    drop(raw);
+    let mut next = RawClient::login(rg.port, "web", "web-pw", &db.name).await;
+    let mut out = bytes::BytesMut::new();
+    parse(&mut out, "r", "SELECT 'again'::text");
+    bind_execute(&mut out, "r", &[]);
+    sync(&mut out);
+    next.send(&out).await;
+    assert_eq!(next.data_values().await, vec!["again".to_owned()]);
+}

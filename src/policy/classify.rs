@@ -137,6 +137,8 @@ pub fn classify(sql: &str, standard_conforming_strings: bool) -> Classification 
         Err(e) => return Classification::SyntaxError(parse_error_message(e)),
     };
     let walk_needed = may_hide_effects(sql);
+    // `UPDATE pg_settings SET setting = …` is a SET in disguise.
+    let touches_settings = contains_word(sql, b"pg_settings");
     let statements = parsed
         .protobuf
         .stmts
@@ -148,6 +150,7 @@ pub fn classify(sql: &str, standard_conforming_strings: bool) -> Classification 
                 Ok(len) => (start + len).min(sql.len()),
             };
             let mut info = classify_statement(raw.stmt.as_deref()?, walk_needed);
+            info.session_effects.settings |= touches_settings;
             info.span = (start, end);
             Some(info)
         })
@@ -171,12 +174,13 @@ fn may_hide_effects(sql: &str) -> bool {
         b"set_config",
         b"u&",
     ];
-    let bytes = sql.as_bytes();
-    WORDS.iter().any(|word| {
-        bytes
-            .windows(word.len())
-            .any(|w| w.eq_ignore_ascii_case(word))
-    })
+    WORDS.iter().any(|word| contains_word(sql, word))
+}
+
+fn contains_word(sql: &str, word: &[u8]) -> bool {
+    sql.as_bytes()
+        .windows(word.len())
+        .any(|w| w.eq_ignore_ascii_case(word))
 }
 
 fn parse_error_message(e: pg_query::Error) -> String {
@@ -350,15 +354,12 @@ fn top_level(node: &NodeEnum) -> StatementInfo {
         }
         NodeEnum::CreateStmt(_) => S::new("CREATE TABLE", Effect::Schema),
         NodeEnum::CreateTableAsStmt(c) => {
-            if c.objtype == ObjectType::ObjectMatview as i32 {
-                S::new("CREATE MATERIALIZED VIEW", Effect::Schema)
-            } else if is_temp(c.into.as_ref().and_then(|i| i.rel.as_ref())) {
-                S::new("CREATE TEMPORARY TABLE AS", Effect::TempTable).pinning()
-            } else if c.is_select_into {
-                S::new("SELECT INTO", Effect::Schema)
-            } else {
-                S::new("CREATE TABLE AS", Effect::Schema)
+            let mut info = create_table_as(c);
+            // `CREATE TABLE … AS EXECUTE name`
+            if let Some(NodeEnum::ExecuteStmt(e)) = c.query.as_ref().and_then(|q| q.node.as_ref()) {
+                info.reserved_name = is_reserved_name(&e.name);
             }
+            info
         }
         NodeEnum::DoStmt(_) => S::new("DO", Effect::Code),
         NodeEnum::CallStmt(_) => S::new("CALL", Effect::Code),
@@ -412,6 +413,19 @@ fn top_level(node: &NodeEnum) -> StatementInfo {
 
 /// A statement that wraps another (EXPLAIN, PREPARE, DECLARE CURSOR) has the wrapped
 /// statement's effect.
+fn create_table_as(c: &pg_query::protobuf::CreateTableAsStmt) -> StatementInfo {
+    use StatementInfo as S;
+    if c.objtype == ObjectType::ObjectMatview as i32 {
+        S::new("CREATE MATERIALIZED VIEW", Effect::Schema)
+    } else if is_temp(c.into.as_ref().and_then(|i| i.rel.as_ref())) {
+        S::new("CREATE TEMPORARY TABLE AS", Effect::TempTable).pinning()
+    } else if c.is_select_into {
+        S::new("SELECT INTO", Effect::Schema)
+    } else {
+        S::new("CREATE TABLE AS", Effect::Schema)
+    }
+}
+
 fn nested(prefix: &'static str, query: Option<&pg_query::protobuf::Node>) -> StatementInfo {
     match query.and_then(|q| q.node.as_ref()) {
         Some(inner) => {
@@ -506,8 +520,9 @@ fn variable_set(v: &pg_query::protobuf::VariableSetStmt) -> StatementInfo {
     if kind == VariableSetKind::VarSetMulti && v.args.iter().any(sets_read_write) {
         info.leaves_read_only = true;
     }
-    // SET LOCAL and SET TRANSACTION … end with the transaction.
-    info.session_effects.settings = !v.is_local && !name.starts_with("transaction");
+    // SET LOCAL and SET TRANSACTION [SNAPSHOT] end with the transaction.
+    info.session_effects.settings =
+        !v.is_local && !matches!(name.as_str(), "transaction" | "transaction snapshot");
     if name == "client_encoding" && kind == VariableSetKind::VarSetValue {
         let value = match v.args.as_slice() {
             [arg] => constant_node_string(arg),
@@ -660,11 +675,8 @@ fn func_call(call: &Value, findings: &mut Findings) {
     }
     let args = call.get("args").and_then(Value::as_array);
     let arg = |i: usize| args.and_then(|args| args.get(i));
-    let is_local = arg(2).and_then(|a| {
-        let text = a.to_string();
-        (text.contains("\"boolval\"") && text.contains("true")).then_some(())
-    });
-    findings.sets_session_setting |= is_local.is_none();
+    // Local only when the third argument is literally `true`.
+    findings.sets_session_setting |= !arg(2).is_some_and(constant_true);
     let Some(first) = arg(0) else {
         findings.unknown_set_config = true;
         return;
@@ -698,6 +710,20 @@ fn param_number(node: &Value) -> Option<u16> {
     }
     let number = inner.get("ParamRef")?.get("number")?.as_u64()?;
     u16::try_from(number).ok().filter(|&n| n > 0)
+}
+
+/// A literal `true` (possibly cast).
+fn constant_true(node: &Value) -> bool {
+    let Some(inner) = node.get("node") else {
+        return false;
+    };
+    if let Some(cast) = inner.get("TypeCast") {
+        return cast.get("arg").is_some_and(constant_true);
+    }
+    inner
+        .pointer("/AConst/val/Boolval/boolval")
+        .and_then(Value::as_bool)
+        == Some(true)
 }
 
 /// `{"node": {"String": {"sval": "x"}}}` → "x".
@@ -764,6 +790,11 @@ mod tests {
         assert!(effects("select set_config('a.b', 'c', false)").settings);
         assert!(effects("select set_config('a.b', 'c', $1)").settings);
         assert!(!effects("select set_config('a.b', 'c', true)").settings);
+        assert!(effects("select set_config('a.b', 'c', not true)").settings);
+        assert!(effects("set transaction_timeout = '1ms'").settings);
+        assert!(effects("update pg_settings set setting = '1' where name = 'x'").settings);
+        assert!(one("create temp table t as execute rolegate_s1").reserved_name);
+        assert!(one("explain execute rolegate_s1").reserved_name);
         assert!(effects("select pg_advisory_lock(1)").pins);
         assert!(effects("select pg_try_advisory_lock_shared(1, 2)").pins);
         assert!(!effects("select pg_advisory_xact_lock(1)").pins);

@@ -119,9 +119,21 @@ impl Policy {
     ) -> Result<Pass, Refusal> {
         match self.judge(who, sql, standard_conforming_strings, session) {
             Ok(pass) => Ok(pass),
-            Err(refusal) => self
-                .audit(who, sql, refusal)
-                .map_or(Ok(Pass::default()), Err),
+            // Let through in report mode: what it leaves in the session is not known, so
+            // transaction pooling assumes the most (settings to re-read, a pin).
+            Err(refusal) => self.audit(who, sql, refusal).map_or_else(
+                || {
+                    Ok(Pass(Some(Box::new(PassActions {
+                        session_effects: SessionEffects {
+                            settings: true,
+                            pins: true,
+                            ..SessionEffects::default()
+                        },
+                        ..PassActions::default()
+                    }))))
+                },
+                Err,
+            ),
         }
     }
 

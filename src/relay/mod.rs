@@ -455,6 +455,12 @@ impl<'a> Upstream<'a> {
         }
     }
 
+    /// Something went to the server that is not complete yet: frames before a Sync, or
+    /// part of a frame whose rest is still to come (forwarded or dropped unexamined).
+    fn mid_batch(&self) -> bool {
+        self.unsynced || self.passthrough > 0 || self.discard > 0
+    }
+
     /// Reads what the client sent next into `buf`.
     async fn read<R: AsyncRead + Unpin>(
         &mut self,
@@ -502,7 +508,7 @@ impl<'a> Upstream<'a> {
                 .store(self.sync_points, Ordering::Relaxed);
         }
         if shared.lease.is_some() {
-            shared.unsynced.store(self.unsynced, Ordering::Relaxed);
+            shared.unsynced.store(self.mid_batch(), Ordering::Relaxed);
         }
         let result = if self.out.is_empty() {
             server.write_all(&self.buf[..end]).await
@@ -559,8 +565,8 @@ impl<'a> Upstream<'a> {
                         }
                     }
                     b'X' => return Ok((pos, true)),
-                    // COPY data follows a Query that is not answered yet.
-                    b'd' | b'c' | b'f' => {}
+                    // (COPY data too: outside COPY the server ignores it, and it must not
+                    // reach a backend session that serves someone else next.)
                     _ => self.unsynced = true,
                 }
                 continue;
@@ -576,9 +582,9 @@ impl<'a> Upstream<'a> {
             } else {
                 self.decide(tag, pos, size, shared)
             };
-            if !matches!(decision, Decision::Refuse(_)) {
-                self.unsynced = !matches!(tag, b'Q' | b'F');
-            }
+            // (A refused extended-protocol frame becomes a failing Parse: the server then
+            // skips to Sync, so the backend session is mid-batch all the same.)
+            self.unsynced = !matches!(tag, b'Q' | b'F');
             match decision {
                 Decision::Forward { restore_role } => {
                     pos += size;

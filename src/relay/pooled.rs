@@ -45,6 +45,9 @@ pub struct LeaseState {
     pinned: bool,
     /// The client's unnamed statement was parsed in this lease.
     unnamed_parsed: bool,
+    /// Client statement names whose Parse did not run (an earlier error skipped it):
+    /// they leave the client's view, as they never were on the server.
+    unparsed: Vec<Vec<u8>>,
 }
 
 struct Fixup {
@@ -53,6 +56,8 @@ struct Fixup {
     /// `1` (ParseComplete) or `3` (CloseComplete).
     reply: u8,
     action: FixupAction,
+    /// The client's statement this Parse (or stand-in) creates.
+    client_name: Option<Vec<u8>>,
 }
 
 enum FixupAction {
@@ -66,6 +71,8 @@ enum FixupAction {
     AsParseComplete,
     /// Closing the least recently used statement; still there if it did not run.
     Evicted(Bytes),
+    /// A Close of rolegate's own whose reply stays here, whatever happened.
+    Drop,
 }
 
 /// What becomes of one ParseComplete / CloseComplete.
@@ -155,6 +162,9 @@ pub(super) fn batch_answered(shared: &Shared, ready: u64) {
             FixupAction::Evicted(name) => lease.prepared.insert(name),
             _ => {}
         }
+        if let Some(name) = fixup.client_name {
+            lease.unparsed.push(name);
+        }
     }
     shared
         .has_fixups
@@ -182,7 +192,9 @@ impl Downstream {
             .store(!lease.fixups.is_empty(), Ordering::Relaxed);
         match fixup.action {
             FixupAction::Forward { .. } => Reply::Forward,
-            FixupAction::Swallow { .. } | FixupAction::Evicted(_) => Reply::Drop,
+            FixupAction::Swallow { .. } | FixupAction::Evicted(_) | FixupAction::Drop => {
+                Reply::Drop
+            }
             FixupAction::AsParseComplete => Reply::ParseComplete,
         }
     }
@@ -215,8 +227,23 @@ impl Upstream<'_> {
             batch: self.sync_points + 1,
             reply,
             action,
+            client_name: None,
         });
         shared.has_fixups.store(true, Ordering::Relaxed);
+    }
+
+    /// Drops from the client's view the statements whose Parse did not run.
+    fn forget_unparsed(&mut self, shared: &Shared) {
+        let unparsed = std::mem::take(&mut lease_state(shared).unparsed);
+        self.forget_statements(unparsed);
+    }
+
+    fn forget_statements(&mut self, unparsed: Vec<Vec<u8>>) {
+        if let Some(statements) = self.pooled.as_mut() {
+            for name in unparsed {
+                statements.named.remove(&name);
+            }
+        }
     }
 
     /// A Parse the policy let through (`decision` says how it goes): a named statement
@@ -229,6 +256,7 @@ impl Upstream<'_> {
         decision: Decision,
         shared: &Shared,
     ) -> Decision {
+        self.forget_unparsed(shared);
         let frame: &[u8] = match &decision {
             Decision::Forward { .. } => &self.buf[pos..pos + size],
             Decision::Replace { frame, .. } => frame,
@@ -290,6 +318,11 @@ impl Upstream<'_> {
                 false,
             );
         }
+        // If this Parse (or the Close standing in for it) does not run, neither did the
+        // client's.
+        if let Some(last) = lease.fixups.back_mut() {
+            last.client_name = Some(name.clone());
+        }
         drop(lease);
         if let Some(statements) = self.pooled.as_mut() {
             statements.named.insert(
@@ -318,6 +351,12 @@ impl Upstream<'_> {
         own: bool,
     ) {
         let pool = self.pooling().pool;
+        if lease.prepared.doubtful() {
+            // After DEALLOCATE ALL / DISCARD ALL (which may or may not have run) the
+            // statement may or may not exist: close it first, whichever it is.
+            put_close_statement(out, server_name);
+            self.record(shared, lease, b'3', FixupAction::Drop);
+        }
         if lease.prepared.len() >= pool.max_prepared {
             if let Some(old) = lease.prepared.least_recently_used(server_name) {
                 lease.prepared.remove(&old);
@@ -349,6 +388,7 @@ impl Upstream<'_> {
         const FORWARD: Decision = Decision::Forward {
             restore_role: false,
         };
+        self.forget_unparsed(shared);
         let body = &self.buf[pos + 5..pos + size];
         // Bind: portal \0 statement \0 rest. Describe: 'S' statement \0 (a portal: as is).
         let prefix_len = match tag {
@@ -384,9 +424,10 @@ impl Upstream<'_> {
                 }
             }
         };
-        // The unnamed statement was never parsed: the server says so itself.
+        // Never parsed by this client: whatever the backend session has under the empty
+        // name is another client's.
         let Some(statement) = statement else {
-            return FORWARD;
+            return refusal("26000", "unnamed prepared statement does not exist".into());
         };
         let effects = statement.effects;
         let mut out = BytesMut::new();
@@ -438,6 +479,7 @@ impl Upstream<'_> {
     /// A Close: a statement leaves the client's view only; the server keeps its copy
     /// for other clients (the client hears CloseComplete from closing nothing).
     pub(super) fn pooled_close(&mut self, pos: usize, size: usize, shared: &Shared) -> Decision {
+        self.forget_unparsed(shared);
         let body = &self.buf[pos + 5..pos + size];
         let statement = body
             .strip_prefix(b"S")
@@ -495,18 +537,14 @@ impl Upstream<'_> {
         let pool = self.pooling().pool;
         let mut lease = lease_state(shared);
         lease.settings_dirty |= effects.settings;
-        let was_pinned = lease.pinned;
-        if effects.discards_all {
-            lease.pinned = false;
+        // A pin lasts until the client leaves: whether DISCARD ALL (or UNLISTEN, or an
+        // unlock) undid everything is not known when it is sent.
+        if effects.pins && !lease.pinned {
+            lease.pinned = true;
+            pool.stats.clients_pinned.inc();
         }
-        lease.pinned |= effects.pins;
-        match (was_pinned, lease.pinned) {
-            (false, true) => pool.stats.clients_pinned.inc(),
-            (true, false) => pool.stats.clients_pinned.dec(),
-            _ => 0,
-        };
         if effects.drops_prepared {
-            lease.prepared.clear();
+            lease.prepared.forget_all();
             drop(lease);
             if let Some(statements) = self.pooled.as_mut() {
                 statements.named.clear();
@@ -528,6 +566,8 @@ impl Upstream<'_> {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
+        // A client that sent Flush waits for the error before it sends Sync.
+        let mut told = false;
         loop {
             while let Some((tag, len)) = wire::peek_header(&self.buf) {
                 let size = wire::frame_size(len, self.ctx.max_message_bytes)
@@ -536,17 +576,22 @@ impl Upstream<'_> {
                     break;
                 }
                 self.buf.advance(size);
+                let mut out = BytesMut::new();
+                if !told && matches!(tag, b'S' | b'Q' | b'F' | b'H') {
+                    wire::put_error(&mut out, &ErrorFields::error(code, message));
+                    told = true;
+                }
                 match tag {
                     b'X' => return Err(RelayEnd::ClientClosed),
-                    b'S' | b'Q' | b'F' => {
-                        let mut out = BytesMut::new();
-                        wire::put_error(&mut out, &ErrorFields::error(code, message));
-                        wire::put_ready_for_query(&mut out, b'I');
-                        client_w.write_all(&out).await.map_err(RelayEnd::ClientIo)?;
-                        client_w.flush().await.map_err(RelayEnd::ClientIo)?;
-                        return Ok(());
-                    }
+                    b'S' | b'Q' | b'F' => wire::put_ready_for_query(&mut out, b'I'),
                     _ => {}
+                }
+                if !out.is_empty() {
+                    client_w.write_all(&out).await.map_err(RelayEnd::ClientIo)?;
+                    client_w.flush().await.map_err(RelayEnd::ClientIo)?;
+                }
+                if matches!(tag, b'S' | b'Q' | b'F') {
+                    return Ok(());
                 }
             }
             self.read(client_r, shared).await?;
@@ -667,7 +712,8 @@ pub async fn run(client: PooledClient<'_>, ctx: &RelayContext<'_>) -> (RelayStat
         .await;
         pool.stats.clients_active.dec();
         cancel.set(None);
-        let state = std::mem::take(&mut *lease_state(&shared));
+        let mut state = std::mem::take(&mut *lease_state(&shared));
+        up.forget_statements(std::mem::take(&mut state.unparsed));
         shared.has_fixups.store(false, Ordering::Relaxed);
         let conn = lease.conn();
         conn.prepared = state.prepared;
@@ -686,10 +732,22 @@ pub async fn run(client: PooledClient<'_>, ctx: &RelayContext<'_>) -> (RelayStat
             pool.stats.clients_pinned.dec();
         }
         let idle = down.may_release_after_end(&shared);
+        if idle && conn.prepared.doubtful() {
+            // What DEALLOCATE ALL / DISCARD ALL left is made certain before anyone else
+            // borrows the session.
+            if conn.session.query("DEALLOCATE ALL").await.is_err() {
+                drop(lease);
+                if matches!(outcome, RelayEnd::Released) {
+                    continue;
+                }
+                break outcome;
+            }
+            conn.prepared = PreparedOnServer::default();
+        }
         match outcome {
             RelayEnd::Released => {
                 if state.settings_dirty {
-                    match conn.read_settings(pool.key.read_only).await {
+                    match conn.read_settings(&pool.key).await {
                         Ok(now) => settings = now,
                         Err(e) => {
                             tracing::warn!(error = %e, "could not read a backend connection's settings; closed");
@@ -705,7 +763,7 @@ pub async fn run(client: PooledClient<'_>, ctx: &RelayContext<'_>) -> (RelayStat
                 let ready = if state.pinned {
                     conn.reset_session(&pool.key).await
                 } else if state.settings_dirty {
-                    conn.read_settings(pool.key.read_only).await.map(drop)
+                    conn.read_settings(&pool.key).await.map(drop)
                 } else {
                     Ok(())
                 };
@@ -716,9 +774,9 @@ pub async fn run(client: PooledClient<'_>, ctx: &RelayContext<'_>) -> (RelayStat
             }
             RelayEnd::ServerClosed | RelayEnd::ServerIo(_) | RelayEnd::ServerProtocol(_) => {
                 drop(lease);
-                let outstanding = up.sync_points - down.ready_count;
+                let outstanding = up.sync_points.saturating_sub(down.ready_count);
                 let in_transaction = shared.status.load(Ordering::Relaxed) != b'I';
-                if state.pinned || up.unsynced || down.passthrough > 0 {
+                if state.pinned || up.mid_batch() || down.passthrough > 0 {
                     break RelayEnd::BackendLost;
                 }
                 // Only the transaction in flight is lost: the client hears an error for
