@@ -2,7 +2,7 @@
 //! sends something and gives it back at ReadyForQuery outside a transaction.
 //!
 //! The client's prepared statements live here, in its view; on the server they exist
-//! under rolegate's names (`rolegate_s<n>`, one per text), prepared on each backend
+//! under rolegate's names (`rolegate_s` + a hash of the text), prepared on each backend
 //! session the first time a client needs them there. What that changes in the replies
 //! is fixed up by position: every Parse and Close rolegate sends is recorded with the
 //! Sync that ends its batch, and the n-th ParseComplete / CloseComplete of a batch
