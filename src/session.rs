@@ -219,47 +219,21 @@ async fn serve(
 
     let policy = proxy.policy();
     let restore_sql = role.setup_sql();
-    let class_label = ClassLabel {
-        class: identity.class.as_str().to_owned(),
-    };
-    let sessions_gauge = proxy
-        .metrics
-        .client_sessions
-        .get_or_create(&class_label)
-        .clone();
-    sessions_gauge.inc();
-    let ctx = RelayContext {
-        policy: &policy,
-        idle_timeout: config.limits.idle_client_timeout,
-        shutdown: proxy.shutdown.subscribe(),
-        metrics: &proxy.metrics,
-        requester: Requester {
-            user: &identity.user,
-            class: identity.class,
-            allow: &identity.allow,
-            role: role.role,
-        },
-        large_objects: proxy.large_objects.get().unwrap_or(&EMPTY_LARGE_OBJECTS),
-        restore_sql: &restore_sql,
+    let sessions_gauge = sessions_gauge(proxy, identity.class);
+    let ctx = relay_context(
+        proxy,
+        &config,
+        &identity,
+        role,
+        (&policy, &restore_sql),
         standard_conforming_strings,
-        max_message_bytes: config.limits.max_message_bytes,
-        pooling: None,
-    };
+        None,
+    );
     let (stats, end) = relay::run(client, backend.stream, &ctx).await;
     sessions_gauge.dec();
     proxy.metrics.backend_connections.dec();
     drop(cancel_key);
-    tracing::info!(
-        user = identity.user.as_str(),
-        class = identity.class.as_str(),
-        %peer,
-        duration_ms = started.elapsed().as_millis() as u64,
-        client_bytes = stats.client_bytes,
-        server_bytes = stats.server_bytes,
-        refused = stats.refused,
-        outcome = %end,
-        "session ended"
-    );
+    log_session_end(&identity, peer, started, &stats, &end);
 }
 
 /// Ends a client's login with the server's (or rolegate's) reason the backend session
@@ -386,17 +360,56 @@ async fn serve_pooled(
     );
     let policy = proxy.policy();
     let restore_sql = role.setup_sql();
-    let class_label = ClassLabel {
-        class: identity.class.as_str().to_owned(),
+    let sessions_gauge = sessions_gauge(proxy, identity.class);
+    let ctx = relay_context(
+        proxy,
+        &config,
+        &identity,
+        role,
+        (&policy, &restore_sql),
+        standard_conforming_strings,
+        Some(Pooling {
+            pools: &proxy.pools,
+            pool: &pool,
+        }),
+    );
+    let client = PooledClient {
+        stream: client,
+        settings,
+        cancel: &cancel_key.slot,
+        backend_addr: proxy.backend.addr(),
     };
-    let sessions_gauge = proxy
+    let (stats, end) = relay::pooled::run(client, &ctx).await;
+    sessions_gauge.dec();
+    drop(cancel_key);
+    log_session_end(&identity, peer, started, &stats, &end);
+}
+
+/// The gauge of sessions of `class`, raised for this one.
+fn sessions_gauge(proxy: &Proxy, class: ClientClass) -> prometheus_client::metrics::gauge::Gauge {
+    let gauge = proxy
         .metrics
         .client_sessions
-        .get_or_create(&class_label)
+        .get_or_create(&ClassLabel {
+            class: class.as_str().to_owned(),
+        })
         .clone();
-    sessions_gauge.inc();
-    let ctx = RelayContext {
-        policy: &policy,
+    gauge.inc();
+    gauge
+}
+
+/// What the relay of one client session needs.
+fn relay_context<'a>(
+    proxy: &'a Proxy,
+    config: &'a crate::config::Config,
+    identity: &'a ClientIdentity,
+    role: SessionRole<'a>,
+    (policy, restore_sql): (&'a crate::policy::Policy, &'a str),
+    standard_conforming_strings: bool,
+    pooling: Option<Pooling<'a>>,
+) -> RelayContext<'a> {
+    RelayContext {
+        policy,
         idle_timeout: config.limits.idle_client_timeout,
         shutdown: proxy.shutdown.subscribe(),
         metrics: &proxy.metrics,
@@ -407,23 +420,20 @@ async fn serve_pooled(
             role: role.role,
         },
         large_objects: proxy.large_objects.get().unwrap_or(&EMPTY_LARGE_OBJECTS),
-        restore_sql: &restore_sql,
+        restore_sql,
         standard_conforming_strings,
         max_message_bytes: config.limits.max_message_bytes,
-        pooling: Some(Pooling {
-            pools: &proxy.pools,
-            pool: &pool,
-        }),
-    };
-    let client = PooledClient {
-        stream: client,
-        settings,
-        cancel: &cancel_key.slot,
-        backend_addr: proxy.backend.addr(),
-    };
-    let (stats, end) = relay::pooled::run(client, &ctx).await;
-    sessions_gauge.dec();
-    drop(cancel_key);
+        pooling,
+    }
+}
+
+fn log_session_end(
+    identity: &ClientIdentity,
+    peer: SocketAddr,
+    started: Instant,
+    stats: &relay::RelayStats,
+    end: &relay::RelayEnd,
+) {
     tracing::info!(
         user = identity.user.as_str(),
         class = identity.class.as_str(),

@@ -368,22 +368,8 @@ async fn large_objects_work_through_real_drivers() {
         "jdbc:postgresql://127.0.0.1:{}/{}?sslmode=disable",
         rg.port, db.name
     );
-    let java = tokio::process::Command::new("java")
-        .args(["-cp", "/usr/share/java/postgresql.jar"])
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/clients/LoJdbc.java"
-        ))
-        .args([&url, "web", "web-pw"])
-        .output()
-        .await
-        .expect("java could not run");
-    let out = String::from_utf8_lossy(&java.stdout);
-    assert!(
-        java.status.success() && out.starts_with("ok"),
-        "{out}\n{}",
-        String::from_utf8_lossy(&java.stderr)
-    );
+    let (ok, out, err) = java("LoJdbc.java", &[&url, "web", "web-pw"]).await;
+    assert!(ok && out.starts_with("ok"), "{out}\n{err}");
     // Other functions stay refused over FunctionCall, whatever the class.
     let oids = admin(&db.name)
         .await

@@ -183,25 +183,14 @@ async fn real_drivers_work_in_transaction_mode() {
             "{user}: {out}{err}\n{}",
             rg.log_text()
         );
-        let java = tokio::process::Command::new("java")
-            .args(["-cp", "/usr/share/java/postgresql.jar"])
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/tests/clients/PooledJdbc.java"
-            ))
-            .arg(format!(
-                "jdbc:postgresql://127.0.0.1:{}/{}?sslmode=disable",
-                rg.port, db.name
-            ))
-            .args([user, password_of(user), "12"])
-            .output()
-            .await
-            .expect("java could not run");
-        let out = String::from_utf8_lossy(&java.stdout);
+        let url = format!(
+            "jdbc:postgresql://127.0.0.1:{}/{}?sslmode=disable",
+            rg.port, db.name
+        );
+        let (ok, out, err) = java("PooledJdbc.java", &[&url, user, password_of(user), "12"]).await;
         assert!(
-            java.status.success() && out.starts_with("ok"),
-            "{user}: {out}{}\n{}",
-            String::from_utf8_lossy(&java.stderr),
+            ok && out.starts_with("ok"),
+            "{user}: {out}{err}\n{}",
             rg.log_text()
         );
     }

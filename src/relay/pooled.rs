@@ -869,29 +869,50 @@ where
     CW: AsyncWrite + Unpin,
     F: std::future::Future<Output = RelayEnd> + Unpin,
 {
-    let metrics = up.ctx.metrics;
     match &mut lease.conn().session.stream {
         MaybeTls::Plain(tcp) => {
-            let (mut server_r, mut server_w) = tcp.split();
-            if let Some(end) = up.forward(&mut server_w, shared).await {
-                return end;
-            }
-            tokio::select! {
-                end = up.run(client_r, &mut server_w, shared) => end,
-                end = down.run(&mut server_r, client_w, shared, metrics) => end,
-                end = closing => end,
-            }
+            let (server_r, server_w) = tcp.split();
+            lease_pump(
+                up, down, client_r, client_w, server_r, server_w, shared, closing,
+            )
+            .await
         }
         other => {
-            let (mut server_r, mut server_w) = tokio::io::split(other);
-            if let Some(end) = up.forward(&mut server_w, shared).await {
-                return end;
-            }
-            tokio::select! {
-                end = up.run(client_r, &mut server_w, shared) => end,
-                end = down.run(&mut server_r, client_w, shared, metrics) => end,
-                end = closing => end,
-            }
+            let (server_r, server_w) = tokio::io::split(other);
+            lease_pump(
+                up, down, client_r, client_w, server_r, server_w, shared, closing,
+            )
+            .await
         }
+    }
+}
+
+/// The client's bytes that were waiting go first; then both directions at once.
+#[allow(clippy::too_many_arguments)]
+async fn lease_pump<CR, CW, SR, SW, F>(
+    up: &mut Upstream<'_>,
+    down: &mut Downstream,
+    client_r: &mut CR,
+    client_w: &mut CW,
+    mut server_r: SR,
+    mut server_w: SW,
+    shared: &Shared,
+    closing: &mut F,
+) -> RelayEnd
+where
+    CR: AsyncRead + Unpin,
+    CW: AsyncWrite + Unpin,
+    SR: AsyncRead + Unpin,
+    SW: AsyncWrite + Unpin,
+    F: std::future::Future<Output = RelayEnd> + Unpin,
+{
+    if let Some(end) = up.forward(&mut server_w, shared).await {
+        return end;
+    }
+    let metrics = up.ctx.metrics;
+    tokio::select! {
+        end = up.run(client_r, &mut server_w, shared) => end,
+        end = down.run(&mut server_r, client_w, shared, metrics) => end,
+        end = closing => end,
     }
 }

@@ -457,6 +457,18 @@ pub async fn node(script: &str, args: &[&str]) -> (bool, String, String) {
     client_script("node", script, args, &[("NODE_PATH", &modules)]).await
 }
 
+/// Runs a single-source Java program from tests/clients with pgjdbc (Debian's
+/// libpostgresql-jdbc-java) on its class path.
+pub async fn java(source: &str, args: &[&str]) -> (bool, String, String) {
+    client_script(
+        "java",
+        source,
+        args,
+        &[("CLASSPATH", "/usr/share/java/postgresql.jar")],
+    )
+    .await
+}
+
 async fn client_script(
     program: &str,
     script: &str,
