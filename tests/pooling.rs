@@ -597,3 +597,64 @@ async fn statement_bookkeeping_follows_what_the_server_did() {
     next.send(&out).await;
     assert_eq!(next.data_values().await, vec!["again".to_owned()]);
 }
+
+/// COPY FROM STDIN over both protocols (tokio-postgres sends a Sync before the data,
+/// which the server ignores): afterwards the backend session goes back to the pool, and
+/// another client's unnamed-statement tricks across an error still find nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_in_gives_the_backend_back() {
+    use futures_util::SinkExt;
+    let db = TestDb::create("pool_copy").await;
+    let rg = Rolegate::start_with(&db, pooled(1, "checkout_timeout = \"2s\"", free_port())).await;
+    make_table(&rg, &db).await;
+    let copier = rg.client("web", &db).await;
+    let other = rg.client("web", &db).await;
+    for round in 0..3 {
+        let sink = copier
+            .copy_in("COPY items (id, owner) FROM STDIN")
+            .await
+            .unwrap();
+        let mut sink = std::pin::pin!(sink);
+        let rows = format!(
+            "{}\tcopied\n{}\tcopied\n",
+            1000 + 2 * round,
+            1001 + 2 * round
+        );
+        sink.send(bytes::Bytes::from(rows)).await.unwrap();
+        assert_eq!(sink.finish().await.unwrap(), 2);
+        let n: i64 = other
+            .query_one("SELECT count(*) FROM items WHERE owner = 'copied'", &[])
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: {e}\n{}", rg.log_text()))
+            .get(0);
+        assert_eq!(n, 2 * (round + 1));
+    }
+    // An error makes the server skip the client's Parse of its unnamed statement; the
+    // Bind after the next Sync gets the client's statement, never another client's.
+    let mut first = RawClient::login(rg.port, "web", "web-pw", &db.name).await;
+    let mut out = bytes::BytesMut::new();
+    parse(&mut out, "", "SELECT set_config($1, $2, false)");
+    sync(&mut out);
+    first.send(&out).await;
+    assert!(first.until_ready().await.1.is_empty());
+    drop(first);
+    let mut second = RawClient::login(rg.port, "web", "web-pw", &db.name).await;
+    let mut out = bytes::BytesMut::new();
+    bind_execute(&mut out, "nope", &[]);
+    parse(&mut out, "", "SELECT $1::text || $2::text");
+    sync(&mut out);
+    bind_execute(&mut out, "", &[(0, b"role"), (0, b"none")]);
+    sync(&mut out);
+    second.send(&out).await;
+    let (_, errors) = second.until_ready().await;
+    assert_eq!(sqlstate_of(&errors), Some("26000"), "{errors:?}");
+    // (Its own text, parsed again on the backend session; never the other client's
+    // set_config.)
+    assert_eq!(second.data_values().await, vec!["rolenone".to_owned()]);
+    let user: String = other
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(user, db.owner);
+}

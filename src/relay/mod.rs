@@ -122,6 +122,8 @@ struct Shared {
     /// Extended-protocol messages were sent after the last Sync: the backend session is
     /// in the middle of something even when every Sync was answered.
     unsynced: AtomicBool,
+    /// CopyInResponses the server sent (COPY FROM STDIN began).
+    copy_ins: AtomicU64,
 }
 
 impl Shared {
@@ -139,6 +141,7 @@ impl Shared {
             lease: pooled.then(|| Mutex::new(pooled::LeaseState::default())),
             has_fixups: AtomicBool::new(false),
             unsynced: AtomicBool::new(false),
+            copy_ins: AtomicU64::new(0),
         }
     }
 
@@ -410,6 +413,10 @@ struct Upstream<'a> {
     last_effects: crate::policy::SessionEffects,
     /// Extended-protocol messages sent since the last Sync (kept for transaction pooling).
     unsynced: bool,
+    /// Syncs sent since the last Execute or Query (see the `c` / `f` frames in `scan`).
+    syncs_since_execute: u64,
+    /// COPY FROM STDIN operations the client ended (CopyDone or CopyFail).
+    copy_ins_ended: u64,
 }
 
 impl<'a> Upstream<'a> {
@@ -437,6 +444,8 @@ impl<'a> Upstream<'a> {
             pooled: ctx.pooling.as_ref().map(|_| Default::default()),
             last_effects: Default::default(),
             unsynced: false,
+            syncs_since_execute: 0,
+            copy_ins_ended: 0,
         }
     }
 
@@ -502,7 +511,7 @@ impl<'a> Upstream<'a> {
             self.ctx
                 .metrics
                 .queries
-                .inc_by(self.sync_points - syncs_before);
+                .inc_by(self.sync_points.saturating_sub(syncs_before));
             shared
                 .sync_points_sent
                 .store(self.sync_points, Ordering::Relaxed);
@@ -559,14 +568,30 @@ impl<'a> Upstream<'a> {
                     b'S' => {
                         self.unsynced = false;
                         self.sync_points += 1;
+                        self.syncs_since_execute += 1;
                         if std::mem::take(&mut self.discard_all_in_batch) {
                             self.restore_role_after(pos, shared);
                             pos = 0;
                         }
                     }
                     b'X' => return Ok((pos, true)),
-                    // (COPY data too: outside COPY the server ignores it, and it must not
-                    // reach a backend session that serves someone else next.)
+                    b'E' => {
+                        self.unsynced = true;
+                        self.syncs_since_execute = 0;
+                    }
+                    // The server ignores every Sync it gets in COPY FROM STDIN, which
+                    // starts at the last Execute or Query: they get no ReadyForQuery.
+                    // Only after a real CopyInResponse: a CopyDone outside COPY (the
+                    // server ignores it) must not make a Sync look answered.
+                    b'c' | b'f' => {
+                        let ignored = std::mem::take(&mut self.syncs_since_execute);
+                        if shared.copy_ins.load(Ordering::Relaxed) > self.copy_ins_ended {
+                            self.copy_ins_ended += 1;
+                            self.sync_points -= ignored;
+                        }
+                    }
+                    // Harmless on their own (partial frames are counted apart).
+                    b'd' | b'H' => {}
                     _ => self.unsynced = true,
                 }
                 continue;
@@ -590,6 +615,7 @@ impl<'a> Upstream<'a> {
                     pos += size;
                     if matches!(tag, b'Q' | b'F') {
                         self.sync_points += 1;
+                        self.syncs_since_execute = 0;
                     }
                     if restore_role {
                         self.restore_role_after(pos, shared);
@@ -606,6 +632,7 @@ impl<'a> Upstream<'a> {
                     pos = 0;
                     if tag == b'Q' {
                         self.sync_points += 1;
+                        self.syncs_since_execute = 0;
                     }
                     if restore_role {
                         self.restore_role_after(0, shared);
@@ -1125,7 +1152,7 @@ impl Downstream {
                 && !matches!(tag, b'A' | b'N' | b'S')
                 && shared.own_queries().front() == Some(&(self.ready_count + 1));
             let fixup = matches!(tag, b'1' | b'3') && shared.has_fixups.load(Ordering::Relaxed);
-            let inspected = own || fixup || matches!(tag, b'Z' | b'S' | b'E');
+            let inspected = own || fixup || matches!(tag, b'Z' | b'S' | b'E' | b'G');
             if available < size {
                 if inspected {
                     break;
@@ -1157,6 +1184,9 @@ impl Downstream {
             match tag {
                 b'Z' => {
                     self.ready(pos, size, shared);
+                }
+                b'G' => {
+                    shared.copy_ins.fetch_add(1, Ordering::Relaxed);
                 }
                 b'S' => {
                     let body = &self.buf[pos + 5..pos + size];

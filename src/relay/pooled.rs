@@ -43,8 +43,6 @@ pub struct LeaseState {
     settings_dirty: bool,
     /// Something lives only in this backend session: the client keeps it.
     pinned: bool,
-    /// The client's unnamed statement was parsed in this lease.
-    unnamed_parsed: bool,
     /// Client statement names whose Parse did not run (an earlier error skipped it):
     /// they leave the client's view, as they never were on the server.
     unparsed: Vec<Vec<u8>>,
@@ -69,8 +67,9 @@ enum FixupAction {
     /// A Close standing in for the client's Parse of a statement the server has: the
     /// client hears ParseComplete.
     AsParseComplete,
-    /// Closing the least recently used statement; still there if it did not run.
-    Evicted(Bytes),
+    /// Closing the least recently used statement (if it did not run, see
+    /// `batch_answered`).
+    Evicted,
     /// A Close of rolegate's own whose reply stays here, whatever happened.
     Drop,
 }
@@ -87,6 +86,11 @@ pub(super) enum Reply {
 pub struct ClientStatements {
     named: HashMap<Vec<u8>, ClientStatement>,
     unnamed: Option<ClientStatement>,
+    /// The batch (its Sync's number) in which the unnamed statement was last parsed on
+    /// the server. In any other batch it is parsed again before a Bind or Describe:
+    /// an error can make the server skip a Parse, and what the backend session then
+    /// has under the empty name may be another client's.
+    unnamed_batch: u64,
 }
 
 struct ClientStatement {
@@ -153,13 +157,11 @@ pub(super) fn batch_answered(shared: &Shared, ready: u64) {
             break;
         };
         match fixup.action {
-            FixupAction::Forward {
-                prepared: Some(name),
-            }
-            | FixupAction::Swallow {
-                prepared: Some(name),
-            } => lease.prepared.remove(&name),
-            FixupAction::Evicted(name) => lease.prepared.insert(name),
+            // Skipped after an error: a later message of the same write may already
+            // have been sent believing otherwise, so no name is certain any more.
+            FixupAction::Forward { prepared: Some(_) }
+            | FixupAction::Swallow { prepared: Some(_) }
+            | FixupAction::Evicted => lease.prepared.forget_all(),
             _ => {}
         }
         if let Some(name) = fixup.client_name {
@@ -192,9 +194,7 @@ impl Downstream {
             .store(!lease.fixups.is_empty(), Ordering::Relaxed);
         match fixup.action {
             FixupAction::Forward { .. } => Reply::Forward,
-            FixupAction::Swallow { .. } | FixupAction::Evicted(_) | FixupAction::Drop => {
-                Reply::Drop
-            }
+            FixupAction::Swallow { .. } | FixupAction::Evicted | FixupAction::Drop => Reply::Drop,
             FixupAction::AsParseComplete => Reply::ParseComplete,
         }
     }
@@ -274,7 +274,6 @@ impl Upstream<'_> {
         };
         let mut lease = lease_state(shared);
         if name.is_empty() {
-            lease.unnamed_parsed = true;
             self.record(
                 shared,
                 &mut lease,
@@ -282,8 +281,10 @@ impl Upstream<'_> {
                 FixupAction::Forward { prepared: None },
             );
             drop(lease);
+            let batch = self.sync_points + 1;
             if let Some(statements) = self.pooled.as_mut() {
                 statements.unnamed = Some(statement);
+                statements.unnamed_batch = batch;
             }
             return decision;
         }
@@ -361,7 +362,7 @@ impl Upstream<'_> {
             if let Some(old) = lease.prepared.least_recently_used(server_name) {
                 lease.prepared.remove(&old);
                 put_close_statement(out, &old);
-                self.record(shared, lease, b'3', FixupAction::Evicted(old));
+                self.record(shared, lease, b'3', FixupAction::Evicted);
             }
         }
         put_parse(out, server_name, text_and_tail);
@@ -430,11 +431,12 @@ impl Upstream<'_> {
             return refusal("26000", "unnamed prepared statement does not exist".into());
         };
         let effects = statement.effects;
+        let batch = self.sync_points + 1;
+        let reparse = unnamed && statements.unnamed_batch != batch;
         let mut out = BytesMut::new();
         let mut lease = lease_state(shared);
         if unnamed {
-            if !lease.unnamed_parsed {
-                lease.unnamed_parsed = true;
+            if reparse {
                 put_parse(&mut out, b"", &statement.text_and_tail);
                 self.record(
                     shared,
@@ -464,6 +466,11 @@ impl Upstream<'_> {
             wire::put_message(&mut out, tag, &renamed);
         }
         drop(lease);
+        if reparse {
+            if let Some(statements) = self.pooled.as_mut() {
+                statements.unnamed_batch = batch;
+            }
+        }
         if tag == b'B' {
             self.apply_effects(effects, shared);
         }
@@ -510,7 +517,6 @@ impl Upstream<'_> {
             }
             Some(_) => {
                 statements.unnamed = None;
-                lease_state(shared).unnamed_parsed = false;
                 Decision::Forward {
                     restore_role: false,
                 }
@@ -526,7 +532,6 @@ impl Upstream<'_> {
         if let Some(statements) = self.pooled.as_mut() {
             statements.unnamed = None;
         }
-        lease_state(shared).unnamed_parsed = false;
         self.apply_effects(self.last_effects, shared);
     }
 
@@ -713,7 +718,13 @@ pub async fn run(client: PooledClient<'_>, ctx: &RelayContext<'_>) -> (RelayStat
         pool.stats.clients_active.dec();
         cancel.set(None);
         let mut state = std::mem::take(&mut *lease_state(&shared));
-        up.forget_statements(std::mem::take(&mut state.unparsed));
+        // (Parses still unanswered when the backend session was lost never ran either.)
+        let unanswered = state.fixups.drain(..).filter_map(|f| f.client_name);
+        let unparsed: Vec<_> = std::mem::take(&mut state.unparsed)
+            .into_iter()
+            .chain(unanswered)
+            .collect();
+        up.forget_statements(unparsed);
         shared.has_fixups.store(false, Ordering::Relaxed);
         let conn = lease.conn();
         conn.prepared = state.prepared;
@@ -774,7 +785,12 @@ pub async fn run(client: PooledClient<'_>, ctx: &RelayContext<'_>) -> (RelayStat
             }
             RelayEnd::ServerClosed | RelayEnd::ServerIo(_) | RelayEnd::ServerProtocol(_) => {
                 drop(lease);
-                let outstanding = up.sync_points.saturating_sub(down.ready_count);
+                // (rolegate's own role-restoring query is not the client's to hear about.)
+                let own = shared.own_queries().len() as u64;
+                let outstanding = up
+                    .sync_points
+                    .saturating_sub(down.ready_count)
+                    .saturating_sub(own);
                 let in_transaction = shared.status.load(Ordering::Relaxed) != b'I';
                 if state.pinned || up.mid_batch() || down.passthrough > 0 {
                     break RelayEnd::BackendLost;
