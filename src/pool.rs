@@ -585,6 +585,24 @@ impl ServerConn {
 }
 
 impl ServerConn {
+    /// Whether nothing lives in this backend session that only it has: no LISTEN, no
+    /// session advisory lock, no SQL-level prepared statement, no WITH HOLD cursor, no
+    /// temporary table.
+    pub async fn nothing_pinned(&mut self) -> bool {
+        const PINNED_STATE_SQL: &str = "SELECT \
+            (SELECT count(*) FROM pg_catalog.pg_listening_channels()) \
+          + (SELECT count(*) FROM pg_catalog.pg_locks \
+             WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid()) \
+          + (SELECT count(*) FROM pg_catalog.pg_prepared_statements WHERE from_sql) \
+          + (SELECT count(*) FROM pg_catalog.pg_cursors WHERE is_holdable) \
+          + (SELECT count(*) FROM pg_catalog.pg_class \
+             WHERE relnamespace = pg_catalog.pg_my_temp_schema())";
+        matches!(
+            self.session.query(PINNED_STATE_SQL).await.as_deref(),
+            Ok([row]) if matches!(row.as_slice(), [Some(n)] if n == "0")
+        )
+    }
+
     /// Undoes what a pinned client left behind (cursors, LISTEN, advisory locks,
     /// prepared statements, temporary tables, settings) without touching the role, and
     /// proves the session is still in it.

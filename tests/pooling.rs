@@ -658,3 +658,44 @@ async fn copy_in_gives_the_backend_back() {
         .get(0);
     assert_eq!(user, db.owner);
 }
+
+/// A pin ends when the server has nothing left that only that backend session holds:
+/// after UNLISTEN * or an advisory unlock, the backend session serves others again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undoing_what_pins_unpins() {
+    let db = TestDb::create("pool_unpin").await;
+    let admin_port = free_port();
+    let rg = Rolegate::start_with(&db, pooled(1, "checkout_timeout = \"500ms\"", admin_port)).await;
+    let pinned = rg.client("web", &db).await;
+    let other = rg.client("web", &db).await;
+    let gauge = format!("rolegate_pool_clients_pinned{{pool=\"{}\"}}", db.owner);
+    for (pin, half_undo, undo) in [
+        ("LISTEN a; LISTEN b", "UNLISTEN a", "UNLISTEN *"),
+        (
+            "SELECT pg_advisory_lock(7), pg_advisory_lock(8)",
+            "SELECT pg_advisory_unlock(7)",
+            "SELECT pg_advisory_unlock(8)",
+        ),
+    ] {
+        pinned.batch_execute(pin).await.unwrap();
+        let err = other.query_one("SELECT 1", &[]).await.unwrap_err();
+        assert_eq!(sqlstate(&err).as_deref(), Some("53300"), "{pin}: {err}");
+        // Something is still held: still pinned.
+        pinned.batch_execute(half_undo).await.unwrap();
+        let err = other.query_one("SELECT 1", &[]).await.unwrap_err();
+        assert_eq!(
+            sqlstate(&err).as_deref(),
+            Some("53300"),
+            "{half_undo}: {err}"
+        );
+        assert_eq!(metric(&metrics(admin_port).await, &gauge), 1.0);
+        pinned.batch_execute(undo).await.unwrap();
+        let n: i32 = other
+            .query_one("SELECT 2", &[])
+            .await
+            .unwrap_or_else(|e| panic!("{undo}: {e}"))
+            .get(0);
+        assert_eq!(n, 2);
+        assert_eq!(metric(&metrics(admin_port).await, &gauge), 0.0);
+    }
+}

@@ -78,11 +78,14 @@ pub struct SessionEffects {
     pub drops_prepared: bool,
     /// DISCARD ALL: everything above is undone.
     pub discards_all: bool,
+    /// It may undo what pins (UNLISTEN, an advisory unlock, CLOSE, DEALLOCATE, DISCARD):
+    /// the server is asked whether anything is left.
+    pub unpins: bool,
 }
 
 impl SessionEffects {
     pub fn any(&self) -> bool {
-        self.settings || self.pins || self.drops_prepared || self.discards_all
+        self.settings || self.pins || self.drops_prepared || self.discards_all || self.unpins
     }
 
     pub fn add(&mut self, other: SessionEffects) {
@@ -90,6 +93,7 @@ impl SessionEffects {
         self.pins |= other.pins;
         self.drops_prepared |= other.drops_prepared;
         self.discards_all |= other.discards_all;
+        self.unpins |= other.unpins;
     }
 }
 
@@ -210,6 +214,7 @@ fn classify_statement(node: &pg_query::protobuf::Node, walk_needed: bool) -> Sta
     info.modifies_data |= findings.modifies_data;
     info.session_effects.settings |= findings.sets_session_setting;
     info.session_effects.pins |= findings.session_lock;
+    info.session_effects.unpins |= findings.session_unlock;
     // A parameter is bound at the protocol's Bind, where rolegate judges it; a SQL-level
     // PREPARE takes its values from EXECUTE, which rolegate does not look into.
     let prepared_in_sql = matches!(node.node.as_ref(), Some(NodeEnum::PrepareStmt(_)));
@@ -267,6 +272,11 @@ impl StatementInfo {
         self.session_effects.pins = true;
         self
     }
+
+    fn unpinning(mut self) -> StatementInfo {
+        self.session_effects.unpins = true;
+        self
+    }
 }
 
 fn top_level(node: &NodeEnum) -> StatementInfo {
@@ -312,10 +322,11 @@ fn top_level(node: &NodeEnum) -> StatementInfo {
                     pins: false,
                     drops_prepared: true,
                     discards_all: true,
+                    unpins: true,
                 };
                 info
             } else {
-                S::new("DISCARD", Effect::Session)
+                S::new("DISCARD", Effect::Session).unpinning()
             }
         }
         NodeEnum::DeclareCursorStmt(d) => {
@@ -328,7 +339,7 @@ fn top_level(node: &NodeEnum) -> StatementInfo {
             }
         }
         NodeEnum::FetchStmt(f) => S::new(if f.ismove { "MOVE" } else { "FETCH" }, Effect::Read),
-        NodeEnum::ClosePortalStmt(_) => S::new("CLOSE", Effect::Session),
+        NodeEnum::ClosePortalStmt(_) => S::new("CLOSE", Effect::Session).unpinning(),
         NodeEnum::PrepareStmt(p) => {
             let mut info = nested("PREPARE", p.query.as_deref()).pinning();
             info.reserved_name = is_reserved_name(&p.name);
@@ -343,11 +354,12 @@ fn top_level(node: &NodeEnum) -> StatementInfo {
             let mut info = S::new("DEALLOCATE", Effect::Session);
             info.reserved_name = is_reserved_name(&d.name);
             info.session_effects.drops_prepared = d.isall || d.name.is_empty();
+            info.session_effects.unpins = true;
             info
         }
         NodeEnum::ExplainStmt(e) => nested("EXPLAIN", e.query.as_deref()),
         NodeEnum::ListenStmt(_) => S::new("LISTEN", Effect::Session).pinning(),
-        NodeEnum::UnlistenStmt(_) => S::new("UNLISTEN", Effect::Session),
+        NodeEnum::UnlistenStmt(_) => S::new("UNLISTEN", Effect::Session).unpinning(),
         NodeEnum::NotifyStmt(_) => S::new("NOTIFY", Effect::Session),
         NodeEnum::CreateStmt(c) if is_temp(c.relation.as_ref()) => {
             S::new("CREATE TEMPORARY TABLE", Effect::TempTable).pinning()
@@ -627,6 +639,8 @@ struct Findings {
     sets_session_setting: bool,
     /// `pg_advisory_lock` and the other session-level advisory locks.
     session_lock: bool,
+    /// `pg_advisory_unlock`, `pg_advisory_unlock_all` and the like.
+    session_unlock: bool,
 }
 
 /// Walks every node of a parse tree (as serde sees it, so no node type is skipped).
@@ -669,6 +683,9 @@ fn func_call(call: &Value, findings: &mut Findings) {
         )
     ) {
         findings.session_lock = true;
+    }
+    if name.is_some_and(|n| n.starts_with("pg_advisory_unlock")) {
+        findings.session_unlock = true;
     }
     if name != Some("set_config") {
         return;
@@ -806,6 +823,9 @@ mod tests {
         assert!(effects("deallocate all").drops_prepared);
         assert!(!effects("deallocate p").drops_prepared);
         assert!(effects("discard all").discards_all);
+        assert!(effects("unlisten *").unpins);
+        assert!(effects("select pg_advisory_unlock_all()").unpins);
+        assert!(effects("close c").unpins);
         assert!(!effects("select 1").any());
         assert!(one("execute rolegate_s1").reserved_name);
         assert!(one("deallocate \"ROLEGATE_s1\"").reserved_name);

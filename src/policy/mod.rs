@@ -67,6 +67,7 @@ static FORWARD_AS_IS: PassActions = PassActions {
         pins: false,
         drops_prepared: false,
         discards_all: false,
+        unpins: false,
     },
 };
 

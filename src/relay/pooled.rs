@@ -43,6 +43,9 @@ pub struct LeaseState {
     settings_dirty: bool,
     /// Something lives only in this backend session: the client keeps it.
     pinned: bool,
+    /// A statement that may have undone the pins was sent: when the session is idle,
+    /// the server is asked whether anything is left.
+    unpin_candidate: bool,
     /// Client statement names whose Parse did not run (an earlier error skipped it):
     /// they leave the client's view, as they never were on the server.
     unparsed: Vec<Vec<u8>>,
@@ -209,7 +212,7 @@ impl Downstream {
             && !shared.has_own_queries.load(Ordering::Relaxed)
             && {
                 let lease = lease_state(shared);
-                !lease.pinned && lease.fixups.is_empty()
+                (!lease.pinned || lease.unpin_candidate) && lease.fixups.is_empty()
             }
     }
 }
@@ -548,6 +551,7 @@ impl Upstream<'_> {
             lease.pinned = true;
             pool.stats.clients_pinned.inc();
         }
+        lease.unpin_candidate |= effects.unpins && lease.pinned;
         if effects.drops_prepared {
             lease.prepared.forget_all();
             drop(lease);
@@ -705,16 +709,29 @@ pub async fn run(client: PooledClient<'_>, ctx: &RelayContext<'_>) -> (RelayStat
             secret: conn.session.secret,
         }));
         pool.stats.clients_active.inc();
-        let outcome = relay_lease(
-            &mut up,
-            &mut down,
-            &mut client_r,
-            &mut client_w,
-            &mut lease,
-            &shared,
-            &mut closing,
-        )
-        .await;
+        let outcome = loop {
+            let outcome = relay_lease(
+                &mut up,
+                &mut down,
+                &mut client_r,
+                &mut client_w,
+                &mut lease,
+                &shared,
+                &mut closing,
+            )
+            .await;
+            if !matches!(outcome, RelayEnd::Released) || !lease_state(&shared).pinned {
+                break outcome;
+            }
+            // Idle, pinned, and the client sent something that may have undone its pins:
+            // the server says whether anything is left.
+            lease_state(&shared).unpin_candidate = false;
+            if lease.conn().nothing_pinned().await {
+                lease_state(&shared).pinned = false;
+                pool.stats.clients_pinned.dec();
+                break outcome;
+            }
+        };
         pool.stats.clients_active.dec();
         cancel.set(None);
         let mut state = std::mem::take(&mut *lease_state(&shared));
