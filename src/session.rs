@@ -162,7 +162,17 @@ async fn serve(
     // Migrations take locks and set session state for their whole run: a migrator
     // keeps one backend session.
     if config.pool.mode == PoolMode::Transaction && identity.class != ClientClass::Migrator {
-        return serve_pooled(proxy, client, identity, params, scram_final, peer).await;
+        // Boxed: its future is larger than the session-mode path's, and every session's
+        // task would otherwise be as large as the larger of the two.
+        return Box::pin(serve_pooled(
+            proxy,
+            client,
+            identity,
+            params,
+            scram_final,
+            peer,
+        ))
+        .await;
     }
     let mut login = proxy.credentials.current();
     let role = session_role(&config.backend, identity.class);
