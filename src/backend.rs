@@ -201,6 +201,14 @@ pub async fn connect(
 }
 
 impl BackendSession {
+    /// Records the server's latest ParameterStatus for `name` (the whole frame).
+    pub fn set_parameter_status(&mut self, name: String, frame: Bytes) {
+        match self.parameter_status.iter_mut().find(|(n, _)| *n == name) {
+            Some(slot) => slot.1 = frame,
+            None => self.parameter_status.push((name, frame)),
+        }
+    }
+
     /// Runs `sql` (simple protocol) before the session is handed to a client; returns
     /// the text values of its rows.
     pub async fn query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, BackendError> {
@@ -343,15 +351,7 @@ async fn read_until_ready(
                 let name = String::from_utf8_lossy(&body[..name_end]).into_owned();
                 let mut frame = BytesMut::with_capacity(body.len() + 5);
                 wire::put_message(&mut frame, b'S', &body);
-                let frame = frame.freeze();
-                match session
-                    .parameter_status
-                    .iter_mut()
-                    .find(|(n, _)| *n == name)
-                {
-                    Some(slot) => slot.1 = frame,
-                    None => session.parameter_status.push((name, frame)),
-                }
+                session.set_parameter_status(name, frame.freeze());
             }
             b'K' => {
                 if body.len() < 8 {

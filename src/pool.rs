@@ -44,7 +44,7 @@ impl PoolKey {
     }
 }
 
-/// Every pool of this process, and the names of pooled prepared statements.
+/// Every pool of this process.
 pub struct Pools {
     pools: DashMap<PoolKey, Arc<Pool>>,
     target: Arc<BackendTarget>,
@@ -67,10 +67,6 @@ impl Pools {
             config,
             metrics,
         }
-    }
-
-    pub fn config(&self) -> &PoolConfig {
-        &self.config
     }
 
     /// The pool for backend sessions kept in `role`.
@@ -96,22 +92,6 @@ impl Pools {
             .clone()
     }
 
-    /// The server-side name of a statement: `rolegate_s` and 128 bits of the SHA-256 of
-    /// its text and parameter types (`key`), so the same statement has the same name on
-    /// every backend session, with nothing to remember (a map of every text a client
-    /// ever sent would grow without bound).
-    pub fn statement_name(&self, key: &[u8]) -> Bytes {
-        use sha2::Digest;
-        let digest = sha2::Sha256::digest(key);
-        let mut name = String::with_capacity(48);
-        name.push_str(crate::policy::RESERVED_STATEMENT_PREFIX);
-        name.push('s');
-        for byte in &digest[..16] {
-            name.push_str(&format!("{byte:02x}"));
-        }
-        Bytes::from(name)
-    }
-
     pub fn all(&self) -> Vec<Arc<Pool>> {
         self.pools.iter().map(|p| p.value().clone()).collect()
     }
@@ -128,6 +108,22 @@ impl Pools {
             }
         }
     }
+}
+
+/// The server-side name of a statement: `rolegate_s` and 128 bits of the SHA-256 of its
+/// text and parameter types (`key`), so the same statement has the same name on every
+/// backend session, with nothing to remember (a map of every text a client ever sent
+/// would grow without bound).
+pub fn statement_name(key: &[u8]) -> Bytes {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(key);
+    let mut name = String::with_capacity(48);
+    name.push_str(crate::policy::RESERVED_STATEMENT_PREFIX);
+    name.push('s');
+    for byte in &digest[..16] {
+        name.push_str(&format!("{byte:02x}"));
+    }
+    Bytes::from(name)
 }
 
 /// The numbers an operator looks at (PgBouncer's SHOW POOLS), as metrics.
@@ -453,10 +449,6 @@ impl Lease {
         self.conn.as_mut().unwrap_or_else(|| unreachable!())
     }
 
-    pub fn pool(&self) -> &Arc<Pool> {
-        &self.pool
-    }
-
     /// Back to the pool for the next client.
     pub fn release(mut self) {
         if let Some(conn) = self.conn.take() {
@@ -681,10 +673,6 @@ impl PreparedOnServer {
 
     pub fn remove(&mut self, name: &[u8]) {
         self.names.remove(name);
-    }
-
-    pub fn clear(&mut self) {
-        self.names.clear();
     }
 
     pub fn len(&self) -> usize {

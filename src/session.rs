@@ -16,7 +16,7 @@ use crate::policy::fastpath::{self, LargeObjectFunctions};
 use crate::policy::Requester;
 use crate::pool::CheckoutError;
 use crate::proxy::{CancelTarget, Proxy};
-use crate::relay::pooled::{PooledClient, Pooling};
+use crate::relay::pooled::PooledClient;
 use crate::relay::{self, RelayContext};
 use crate::startup::{self, ClientIdentity, Opening, StartupError};
 use crate::tls::MaybeTls;
@@ -343,7 +343,7 @@ async fn serve_pooled(
         judgeable_encoding(&conn.session)?;
         Ok::<_, BackendError>(lease)
     };
-    let lease = match login.await {
+    let mut lease = match login.await {
         Ok(lease) => lease,
         Err(e) => {
             tracing::warn!(user = identity.user.as_str(), error = %e, "backend session failed");
@@ -351,7 +351,6 @@ async fn serve_pooled(
             return;
         }
     };
-    let mut lease = lease;
     let parameter_status = lease.conn().session.parameter_status.clone();
     lease.release();
     let cancel_key = proxy.cancel_keys.register_pooled();
@@ -378,10 +377,7 @@ async fn serve_pooled(
         role,
         (&policy, &restore_sql),
         standard_conforming_strings,
-        Some(Pooling {
-            pools: &proxy.pools,
-            pool: &pool,
-        }),
+        Some(&pool),
     );
     let client = PooledClient {
         stream: client,
@@ -416,7 +412,7 @@ fn relay_context<'a>(
     role: SessionRole<'a>,
     (policy, restore_sql): (&'a crate::policy::Policy, &'a str),
     standard_conforming_strings: bool,
-    pooling: Option<Pooling<'a>>,
+    pooling: Option<&'a Arc<crate::pool::Pool>>,
 ) -> RelayContext<'a> {
     RelayContext {
         policy,

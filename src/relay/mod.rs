@@ -50,7 +50,7 @@ pub struct RelayContext<'a> {
     /// Puts the session back into its role (and read-only mode) after DISCARD ALL.
     pub restore_sql: &'a str,
     /// Transaction pooling: the pool the backend sessions are borrowed from.
-    pub pooling: Option<pooled::Pooling<'a>>,
+    pub pooling: Option<&'a std::sync::Arc<crate::pool::Pool>>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -711,13 +711,10 @@ impl<'a> Upstream<'a> {
                 let Some(BindParts { statement, params }) = bind_parts(body) else {
                     return Decision::Refuse(Box::new(malformed_refusal("Bind")));
                 };
-                match self.statement_checks.get(statement) {
+                let refusal = match self.statement_checks.get(statement) {
                     Some(StatementCheck::DiscardAll) => {
                         self.discard_all_in_batch = true;
-                        if self.pooled.is_some() {
-                            return self.pooled_use(tag, pos, size, shared);
-                        }
-                        FORWARD
+                        None
                     }
                     Some(StatementCheck::Bound {
                         setting_names,
@@ -728,7 +725,7 @@ impl<'a> Upstream<'a> {
                         let bound = |n: &u16| params.get(usize::from(*n) - 1).copied().flatten();
                         let policy = self.ctx.policy;
                         let who = &self.ctx.requester;
-                        let refusal = setting_names
+                        setting_names
                             .iter()
                             .filter_map(bound)
                             .find_map(|name| policy.check_bound_setting(who, name))
@@ -737,15 +734,12 @@ impl<'a> Upstream<'a> {
                                     .iter()
                                     .filter_map(bound)
                                     .find_map(|value| policy.check_bound_encoding(who, value))
-                            });
-                        if let Some(r) = refusal {
-                            return Decision::Refuse(Box::new(r));
-                        }
-                        if self.pooled.is_some() {
-                            return self.pooled_use(tag, pos, size, shared);
-                        }
-                        FORWARD
+                            })
                     }
+                    None => None,
+                };
+                match refusal {
+                    Some(r) => Decision::Refuse(Box::new(r)),
                     None if self.pooled.is_some() => self.pooled_use(tag, pos, size, shared),
                     None => FORWARD,
                 }

@@ -13,18 +13,10 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use super::*;
 use crate::policy::SessionEffects;
-use crate::pool::{Lease, Pool, Pools, PreparedOnServer};
+use crate::pool::{Lease, Pool, PreparedOnServer};
 use crate::proxy::{CancelSlot, CancelTarget};
 
 const LOST: &str = "rolegate: the backend connection was lost; the transaction did not complete";
-
-/// What a pooled relay borrows from.
-pub struct Pooling<'a> {
-    pub pools: &'a Pools,
-    pub pool: &'a Arc<Pool>,
-}
-
-use std::sync::Arc;
 
 /// A name no statement has on the server (the prefix is reserved): closing it costs
 /// nothing and answers CloseComplete.
@@ -62,11 +54,11 @@ struct Fixup {
 }
 
 enum FixupAction {
-    /// The client's own message: its reply goes through. `prepared`: the statement
-    /// it prepares, which does not exist if no reply comes.
-    Forward { prepared: Option<Bytes> },
+    /// The client's own message: its reply goes through. `prepares`: it is a Parse of
+    /// a named statement (see `batch_answered` for when no reply comes).
+    Forward { prepares: bool },
     /// A Parse of rolegate's own before a Bind or Describe: its reply stays here.
-    Swallow { prepared: Option<Bytes> },
+    Swallow { prepares: bool },
     /// A Close standing in for the client's Parse of a statement the server has: the
     /// client hears ParseComplete.
     AsParseComplete,
@@ -162,8 +154,8 @@ pub(super) fn batch_answered(shared: &Shared, ready: u64) {
         match fixup.action {
             // Skipped after an error: a later message of the same write may already
             // have been sent believing otherwise, so no name is certain any more.
-            FixupAction::Forward { prepared: Some(_) }
-            | FixupAction::Swallow { prepared: Some(_) }
+            FixupAction::Forward { prepares: true }
+            | FixupAction::Swallow { prepares: true }
             | FixupAction::Evicted => lease.prepared.forget_all(),
             _ => {}
         }
@@ -205,22 +197,17 @@ impl Downstream {
     /// Every Sync answered, no transaction open, nothing pinned, nothing half sent:
     /// the backend session can serve another client.
     pub(super) fn may_release(&self, shared: &Shared) -> bool {
-        self.buf.is_empty()
-            && self.passthrough == 0
-            && shared.is_idle()
-            && !shared.unsynced.load(Ordering::Relaxed)
-            && !shared.has_own_queries.load(Ordering::Relaxed)
-            && {
-                let lease = lease_state(shared);
-                (!lease.pinned || lease.unpin_candidate) && lease.fixups.is_empty()
-            }
+        self.may_release_after_end(shared) && {
+            let lease = lease_state(shared);
+            (!lease.pinned || lease.unpin_candidate) && lease.fixups.is_empty()
+        }
     }
 }
 
 impl Upstream<'_> {
-    fn pooling(&self) -> &Pooling<'_> {
-        match &self.ctx.pooling {
-            Some(pooling) => pooling,
+    fn pool(&self) -> &Pool {
+        match self.ctx.pooling {
+            Some(pool) => pool,
             None => unreachable!("a pooled relay without a pool"),
         }
     }
@@ -281,7 +268,7 @@ impl Upstream<'_> {
                 shared,
                 &mut lease,
                 b'1',
-                FixupAction::Forward { prepared: None },
+                FixupAction::Forward { prepares: false },
             );
             drop(lease);
             let batch = self.sync_points + 1;
@@ -304,10 +291,7 @@ impl Upstream<'_> {
                 ),
             );
         }
-        let server_name = self
-            .pooling()
-            .pools
-            .statement_name(&statement.text_and_tail);
+        let server_name = crate::pool::statement_name(&statement.text_and_tail);
         let mut out = BytesMut::new();
         if lease.prepared.contains(&server_name) {
             put_close_statement(&mut out, NO_STATEMENT);
@@ -354,7 +338,7 @@ impl Upstream<'_> {
         text_and_tail: &[u8],
         own: bool,
     ) {
-        let pool = self.pooling().pool;
+        let pool = self.pool();
         if lease.prepared.doubtful() {
             // After DEALLOCATE ALL / DISCARD ALL (which may or may not have run) the
             // statement may or may not exist: close it first, whichever it is.
@@ -370,11 +354,10 @@ impl Upstream<'_> {
         }
         put_parse(out, server_name, text_and_tail);
         lease.prepared.insert(server_name.clone());
-        let prepared = Some(server_name.clone());
         let action = if own {
-            FixupAction::Swallow { prepared }
+            FixupAction::Swallow { prepares: true }
         } else {
-            FixupAction::Forward { prepared }
+            FixupAction::Forward { prepares: true }
         };
         self.record(shared, lease, b'1', action);
         pool.stats.prepares.inc();
@@ -445,7 +428,7 @@ impl Upstream<'_> {
                     shared,
                     &mut lease,
                     b'1',
-                    FixupAction::Swallow { prepared: None },
+                    FixupAction::Swallow { prepares: false },
                 );
             }
             out.extend_from_slice(&self.buf[pos..pos + size]);
@@ -500,7 +483,7 @@ impl Upstream<'_> {
             shared,
             &mut lease,
             b'3',
-            FixupAction::Forward { prepared: None },
+            FixupAction::Forward { prepares: false },
         );
         drop(lease);
         let Some(statements) = self.pooled.as_mut() else {
@@ -542,7 +525,7 @@ impl Upstream<'_> {
         if !effects.any() {
             return;
         }
-        let pool = self.pooling().pool;
+        let pool = self.pool();
         let mut lease = lease_state(shared);
         lease.settings_dirty |= effects.settings;
         // A pin lasts until the client leaves: whether DISCARD ALL (or UNLISTEN, or an
@@ -627,10 +610,9 @@ pub async fn run(client: PooledClient<'_>, ctx: &RelayContext<'_>) -> (RelayStat
         cancel,
         backend_addr,
     } = client;
-    let Some(pooling) = &ctx.pooling else {
+    let Some(pool) = ctx.pooling else {
         return (RelayStats::default(), RelayEnd::ClientClosed);
     };
-    let pool = pooling.pool;
     let (mut client_r, mut client_w) = tokio::io::split(stream);
     let shared = Shared::new(ctx.standard_conforming_strings, true);
     let mut up = Upstream::new(ctx);
@@ -746,15 +728,7 @@ pub async fn run(client: PooledClient<'_>, ctx: &RelayContext<'_>) -> (RelayStat
         let conn = lease.conn();
         conn.prepared = state.prepared;
         for (name, frame) in state.reported {
-            match conn
-                .session
-                .parameter_status
-                .iter_mut()
-                .find(|(n, _)| *n == name)
-            {
-                Some(slot) => slot.1 = frame,
-                None => conn.session.parameter_status.push((name, frame)),
-            }
+            conn.session.set_parameter_status(name, frame);
         }
         if state.pinned {
             pool.stats.clients_pinned.dec();
