@@ -37,11 +37,22 @@ fn pg_bin() -> PathBuf {
     }
 }
 
+/// A port nothing listens on now, and one this test process has not handed out before:
+/// the kernel may offer a port it just released again, and a test that asks for two
+/// (rolegate's listen and admin addresses) must not get the same one twice.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free port")
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("no free port");
+        if !handed_out.contains(&port) {
+            handed_out.push(port);
+            return port;
+        }
+    }
 }
 
 fn pg_command(bin: &Path, program: &str) -> Command {
