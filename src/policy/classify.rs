@@ -81,11 +81,28 @@ pub struct SessionEffects {
     /// It may undo what pins (UNLISTEN, an advisory unlock, CLOSE, DEALLOCATE, DISCARD):
     /// the server is asked whether anything is left.
     pub unpins: bool,
+    /// It calls a function whose body rolegate cannot see (anything not on the list of
+    /// built-ins without session side effects): it may have changed settings, taken a
+    /// session advisory lock, LISTENed, used sequences or the random seed. After such a
+    /// transaction the relay asks the server what the session holds.
+    pub unseen: bool,
+    /// It calls a sequence function (`nextval`, `currval`, `setval`, `lastval`): the
+    /// session remembers values (`currval`, `lastval`) another client must not see.
+    pub sequences: bool,
+    /// It sets the random seed (`setseed`, `SET seed`, `set_config('seed', …)`).
+    pub seed: bool,
 }
 
 impl SessionEffects {
     pub fn any(&self) -> bool {
-        self.settings || self.pins || self.drops_prepared || self.discards_all || self.unpins
+        self.settings
+            || self.pins
+            || self.drops_prepared
+            || self.discards_all
+            || self.unpins
+            || self.unseen
+            || self.sequences
+            || self.seed
     }
 
     pub fn add(&mut self, other: SessionEffects) {
@@ -94,6 +111,9 @@ impl SessionEffects {
         self.drops_prepared |= other.drops_prepared;
         self.discards_all |= other.discards_all;
         self.unpins |= other.unpins;
+        self.unseen |= other.unseen;
+        self.sequences |= other.sequences;
+        self.seed |= other.seed;
     }
 }
 
@@ -323,6 +343,9 @@ fn top_level(node: &NodeEnum) -> StatementInfo {
                     drops_prepared: true,
                     discards_all: true,
                     unpins: true,
+                    unseen: false,
+                    sequences: true,
+                    seed: false,
                 };
                 info
             } else {

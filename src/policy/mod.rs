@@ -68,6 +68,9 @@ static FORWARD_AS_IS: PassActions = PassActions {
         drops_prepared: false,
         discards_all: false,
         unpins: false,
+        unseen: false,
+        sequences: false,
+        seed: false,
     },
 };
 
