@@ -228,15 +228,65 @@ pub struct CancelTarget {
 /// Where a cancel key points now: with transaction pooling, at the backend session the
 /// client uses at this moment (none between transactions).
 #[derive(Default)]
-pub struct CancelSlot(std::sync::Mutex<Option<CancelTarget>>);
+pub struct CancelSlot {
+    target: std::sync::Mutex<Option<CancelTarget>>,
+    /// Cancel requests looked up while the target was set and not yet carried out.
+    in_flight: std::sync::atomic::AtomicUsize,
+    carried_out: tokio::sync::Notify,
+}
 
 impl CancelSlot {
-    pub fn set(&self, target: Option<CancelTarget>) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = target;
+    fn with_target(target: Option<CancelTarget>) -> CancelSlot {
+        CancelSlot {
+            target: std::sync::Mutex::new(target),
+            ..CancelSlot::default()
+        }
     }
 
-    fn get(&self) -> Option<CancelTarget> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    pub fn set(&self, target: Option<CancelTarget>) {
+        *self.target.lock().unwrap_or_else(|p| p.into_inner()) = target;
+    }
+
+    /// The target, counted as in flight until the returned guard is dropped.
+    fn take_for_cancel(self: &Arc<Self>) -> Option<(CancelTarget, InFlightCancel)> {
+        let target = self.target.lock().unwrap_or_else(|p| p.into_inner());
+        let target = target.clone()?;
+        self.in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Some((target, InFlightCancel(self.clone())))
+    }
+
+    /// Points the key at nothing, then waits until every cancel request that was
+    /// already on its way to the backend session has been carried out (the server closed
+    /// the cancel connection), so none can reach the session's next client. Bounded by
+    /// how long a cancel request may take.
+    pub async fn clear(&self) {
+        self.set(None);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(6);
+        loop {
+            let carried_out = self.carried_out.notified();
+            if self.in_flight.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, carried_out)
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+}
+
+/// A cancel request on its way; dropping it marks it carried out.
+pub struct InFlightCancel(Arc<CancelSlot>);
+
+impl Drop for InFlightCancel {
+    fn drop(&mut self) {
+        self.0
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.0.carried_out.notify_waiters();
     }
 }
 
@@ -265,7 +315,7 @@ impl CancelKeys {
 
     fn register_slot(self: &Arc<Self>, pid: i32, target: Option<CancelTarget>) -> CancelKeyGuard {
         let mut rng = rand::thread_rng();
-        let slot = Arc::new(CancelSlot(std::sync::Mutex::new(target)));
+        let slot = Arc::new(CancelSlot::with_target(target));
         loop {
             let key = (pid, rng.gen::<i32>());
             if let dashmap::Entry::Vacant(entry) = self.keys.entry(key) {
@@ -279,8 +329,11 @@ impl CancelKeys {
         }
     }
 
-    pub fn lookup(&self, pid: i32, secret: i32) -> Option<CancelTarget> {
-        self.keys.get(&(pid, secret)).and_then(|slot| slot.get())
+    /// The backend session a cancel key points at now; the guard keeps it from being
+    /// lent to anyone else until the cancel has been carried out (see `CancelSlot::clear`).
+    pub fn lookup(&self, pid: i32, secret: i32) -> Option<(CancelTarget, InFlightCancel)> {
+        let slot = self.keys.get(&(pid, secret))?.clone();
+        slot.take_for_cancel()
     }
 }
 

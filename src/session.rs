@@ -39,11 +39,12 @@ pub async fn run(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
     };
     match opened {
         Ok(Opening::Cancel { pid, secret }) => {
-            if let Some(target) = proxy.cancel_keys.lookup(pid, secret) {
+            if let Some((target, in_flight)) = proxy.cancel_keys.lookup(pid, secret) {
                 if let Err(e) = backend::send_cancel(&target.addr, target.pid, target.secret).await
                 {
                     tracing::warn!(error = %e, "could not forward a cancel request");
                 }
+                drop(in_flight);
             }
         }
         Err((StartupError::Wire(WireError::Closed), _)) => {

@@ -124,6 +124,12 @@ struct Shared {
     unsynced: AtomicBool,
     /// CopyInResponses the server sent (COPY FROM STDIN began).
     copy_ins: AtomicU64,
+    /// Bytes judged for the server are not all written yet: the backend session is in the
+    /// middle of a message.
+    unsent: AtomicBool,
+    /// Transaction pooling: what the server owes can no longer be known exactly (see
+    /// `Upstream::note_order`); the backend session is never lent to anyone else.
+    ambiguous: AtomicBool,
 }
 
 impl Shared {
@@ -142,6 +148,8 @@ impl Shared {
             has_fixups: AtomicBool::new(false),
             unsynced: AtomicBool::new(false),
             copy_ins: AtomicU64::new(0),
+            unsent: AtomicBool::new(false),
+            ambiguous: AtomicBool::new(false),
         }
     }
 
@@ -326,10 +334,10 @@ where
 {
     let shared = Shared::new(ctx.standard_conforming_strings, false);
     let mut up = Upstream::new(ctx);
-    let mut down = Downstream::default();
+    let mut down = Downstream::new(ctx.metrics);
     let end = {
         let c2s = up.run(&mut client_r, &mut server_w, &shared);
-        let s2c = down.run(&mut server_r, &mut client_w, &shared, ctx.metrics);
+        let s2c = down.run(&mut server_r, &mut client_w, &shared);
         let closing = PollWhenWoken::new(shared.closing(ctx.shutdown.clone(), ctx.idle_timeout));
         tokio::select! {
             end = c2s => end,
@@ -357,6 +365,33 @@ where
         refused: up.refused,
     };
     (stats, end)
+}
+
+/// Writes what is judged and waiting: `out` first, then the first `*judged` bytes of
+/// `buf`. Each write advances past what it wrote, so when `select!` drops this future
+/// halfway the next call goes on from there: nothing is sent twice, nothing is lost.
+async fn send_judged<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    out: &mut BytesMut,
+    buf: &mut BytesMut,
+    judged: &mut usize,
+) -> std::io::Result<()> {
+    while !out.is_empty() {
+        let n = w.write(out).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        out.advance(n);
+    }
+    while *judged > 0 {
+        let n = w.write(&buf[..*judged]).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        buf.advance(n);
+        *judged -= n;
+    }
+    w.flush().await
 }
 
 /// The client hears why rolegate ended its session, as PostgreSQL's own FATALs do.
@@ -417,6 +452,15 @@ struct Upstream<'a> {
     syncs_since_execute: u64,
     /// COPY FROM STDIN operations the client ended (CopyDone or CopyFail).
     copy_ins_ended: u64,
+    /// How many bytes at the front of `buf` are judged and wait to be written (after
+    /// `out`, which holds rewritten frames and everything before them).
+    judged: usize,
+    /// The client sent Terminate: the session ends once the judged bytes are written.
+    terminate: bool,
+    /// Bytes read before a backend session was leased wait in `buf` to be judged.
+    resume: bool,
+    /// CopyData was sent and no CopyDone or CopyFail yet.
+    copy_data_open: bool,
 }
 
 impl<'a> Upstream<'a> {
@@ -446,6 +490,10 @@ impl<'a> Upstream<'a> {
             unsynced: false,
             syncs_since_execute: 0,
             copy_ins_ended: 0,
+            judged: 0,
+            terminate: false,
+            resume: false,
+            copy_data_open: false,
         }
     }
 
@@ -455,13 +503,31 @@ impl<'a> Upstream<'a> {
         W: AsyncWrite + Unpin,
     {
         loop {
-            if let Err(end) = self.read(client, shared).await {
-                return end;
-            }
-            if let Some(end) = self.forward(server, shared).await {
+            if let Some(end) = self.step(client, server, shared).await {
                 return end;
             }
         }
+    }
+
+    /// Reads from the client and forwards; or, if a cancelled step left judged bytes
+    /// unsent (or `resume` says bytes read earlier wait to be judged), finishes that
+    /// first. Cancellation-safe at every await.
+    async fn step<R, W>(
+        &mut self,
+        client: &mut R,
+        server: &mut W,
+        shared: &Shared,
+    ) -> Option<RelayEnd>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        if !std::mem::take(&mut self.resume) && !self.has_unsent() {
+            if let Err(end) = self.read(client, shared).await {
+                return Some(end);
+            }
+        }
+        self.forward(server, shared).await
     }
 
     /// Something went to the server that is not complete yet: frames before a Sync, or
@@ -496,42 +562,98 @@ impl<'a> Upstream<'a> {
     }
 
     /// Judges the complete frames in `buf` and sends what passes to the server, in one
-    /// write.
+    /// write. Cancellation-safe: what was judged stays in `out` / the first `judged` bytes
+    /// of `buf` until it is written, and a call after a cancelled one finishes it first.
     async fn forward<W: AsyncWrite + Unpin>(
         &mut self,
         server: &mut W,
         shared: &Shared,
     ) -> Option<RelayEnd> {
-        let syncs_before = self.sync_points;
-        let (end, terminate) = match self.scan(shared) {
-            Ok(scanned) => scanned,
-            Err(e) => return Some(RelayEnd::ClientProtocol(e)),
-        };
-        if self.sync_points != syncs_before {
-            self.ctx
-                .metrics
-                .queries
-                .inc_by(self.sync_points.saturating_sub(syncs_before));
-            shared
-                .sync_points_sent
-                .store(self.sync_points, Ordering::Relaxed);
+        loop {
+            if self.has_unsent() {
+                if let Err(e) =
+                    send_judged(server, &mut self.out, &mut self.buf, &mut self.judged).await
+                {
+                    return Some(RelayEnd::ServerIo(e));
+                }
+                shared.unsent.store(false, Ordering::Relaxed);
+                if std::mem::take(&mut self.terminate) {
+                    return Some(RelayEnd::ClientClosed);
+                }
+                if self.buf.is_empty() {
+                    return None;
+                }
+            }
+            let syncs_before = self.sync_points;
+            let (end, terminate) = match self.scan(shared) {
+                Ok(scanned) => scanned,
+                Err(e) => return Some(RelayEnd::ClientProtocol(e)),
+            };
+            if self.sync_points != syncs_before {
+                self.ctx
+                    .metrics
+                    .queries
+                    .inc_by(self.sync_points.saturating_sub(syncs_before));
+                shared
+                    .sync_points_sent
+                    .store(self.sync_points, Ordering::Relaxed);
+            }
+            if shared.lease.is_some() {
+                shared.unsynced.store(self.mid_batch(), Ordering::Relaxed);
+            }
+            if self.out.is_empty() {
+                self.judged = end;
+            } else {
+                self.out.extend_from_slice(&self.buf[..end]);
+                self.buf.advance(end);
+            }
+            self.terminate = terminate;
+            if !self.has_unsent() {
+                return std::mem::take(&mut self.terminate).then_some(RelayEnd::ClientClosed);
+            }
+            shared.unsent.store(true, Ordering::Relaxed);
         }
-        if shared.lease.is_some() {
-            shared.unsynced.store(self.mid_batch(), Ordering::Relaxed);
+    }
+
+    /// Transaction pooling: notes a client message whose replies cannot be known in
+    /// advance. PostgreSQL ignores Sync and Flush during COPY FROM STDIN, ends the COPY
+    /// with an error on any other message, and may end it with an error on any CopyData;
+    /// after an error in an extended-protocol batch it skips everything, a Query too, up
+    /// to Sync. So after CopyData, a Sync may or may not be answered; a Query or
+    /// FunctionCall after unsynced extended messages may or may not run. Such a backend
+    /// session can never be known at rest again: it stays with the client and is closed
+    /// when the client leaves.
+    fn note_order(&mut self, tag: u8, shared: &Shared) {
+        let copy_running =
+            self.copy_data_open || shared.copy_ins.load(Ordering::Relaxed) > self.copy_ins_ended;
+        match tag {
+            b'd' => self.copy_data_open = true,
+            b'c' | b'f' => self.copy_data_open = false,
+            b'S' | b'H' if self.copy_data_open => {
+                self.make_ambiguous(shared, "Sync or Flush between CopyData messages");
+            }
+            b'S' | b'H' => {}
+            _ if copy_running => self.make_ambiguous(shared, "a message inside COPY FROM STDIN"),
+            b'Q' | b'F' if self.unsynced => {
+                self.make_ambiguous(shared, "a Query or FunctionCall inside an extended batch");
+            }
+            _ => {}
         }
-        let result = if self.out.is_empty() {
-            server.write_all(&self.buf[..end]).await
-        } else {
-            self.out.extend_from_slice(&self.buf[..end]);
-            let r = server.write_all(&self.out).await;
-            self.out.clear();
-            r
-        };
-        self.buf.advance(end);
-        if let Err(e) = result.and(server.flush().await) {
-            return Some(RelayEnd::ServerIo(e));
+    }
+
+    fn make_ambiguous(&self, shared: &Shared, why: &str) {
+        if !shared.ambiguous.swap(true, Ordering::Relaxed) {
+            tracing::info!(
+                why,
+                "the client sent messages whose replies cannot be predicted; its backend \
+                 connection stays with it and is closed when it leaves"
+            );
         }
-        terminate.then_some(RelayEnd::ClientClosed)
+    }
+
+    /// Judged bytes not yet written to the server.
+    fn has_unsent(&self) -> bool {
+        self.judged > 0 || !self.out.is_empty()
     }
 
     /// Walks the complete frames in `buf`. Returns how many bytes at the front of `buf`
@@ -548,6 +670,9 @@ impl<'a> Upstream<'a> {
         while let Some((tag, len)) = wire::peek_header(&self.buf[pos..]) {
             let size = wire::frame_size(len, self.ctx.max_message_bytes)?;
             let available = self.buf.len() - pos;
+            if self.pooled.is_some() {
+                self.note_order(tag, shared);
+            }
             // Bind and Close are read only while a statement needs a look at its Bind
             // (rare): everything else of the extended protocol passes by its header.
             // (With transaction pooling, statement names are rolegate's own on the server.)
@@ -588,6 +713,15 @@ impl<'a> Upstream<'a> {
                         if shared.copy_ins.load(Ordering::Relaxed) > self.copy_ins_ended {
                             self.copy_ins_ended += 1;
                             self.sync_points -= ignored;
+                        } else {
+                            // No COPY known to be running: this ends one whose
+                            // CopyInResponse is still on its way, or it is a stray the
+                            // server drops. Syncs before it then may or may not have been
+                            // answered.
+                            self.copy_ins_ended += 1;
+                            if ignored > 0 {
+                                self.make_ambiguous(shared, "CopyDone or CopyFail after Sync");
+                            }
                         }
                     }
                     // Harmless on their own (partial frames are counted apart).
@@ -1076,61 +1210,83 @@ struct Downstream {
     own_query_failed: bool,
     /// Why the session must end, found while scanning.
     end: Option<RelayEnd>,
+    /// How many bytes at the front of `buf` wait to be written to the client (after
+    /// `out`).
+    judged: usize,
+    bytes_counter: Option<crate::metrics::ShardedCounter>,
 }
 
 impl Downstream {
-    async fn run<R, W>(
-        &mut self,
-        server: &mut R,
-        client: &mut W,
-        shared: &Shared,
-        metrics: &Metrics,
-    ) -> RelayEnd
+    fn new(metrics: &Metrics) -> Downstream {
+        Downstream {
+            bytes_counter: Some(
+                metrics
+                    .bytes
+                    .get_or_create(&DirectionLabel {
+                        direction: "server_to_client",
+                    })
+                    .clone(),
+            ),
+            ..Downstream::default()
+        }
+    }
+
+    async fn run<R, W>(&mut self, server: &mut R, client: &mut W, shared: &Shared) -> RelayEnd
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        let bytes_counter = metrics
-            .bytes
-            .get_or_create(&DirectionLabel {
-                direction: "server_to_client",
-            })
-            .clone();
         loop {
+            if let Some(end) = self.step(server, client, shared).await {
+                return end;
+            }
+        }
+    }
+
+    /// Reads what the server sent next and passes it on; or first finishes a write a
+    /// cancelled step left. Cancellation-safe at every await.
+    async fn step<R, W>(
+        &mut self,
+        server: &mut R,
+        client: &mut W,
+        shared: &Shared,
+    ) -> Option<RelayEnd>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        if self.judged == 0 && self.out.is_empty() {
             if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
                 self.buf.reserve(READ_CHUNK);
             }
             match server.read_buf(&mut self.buf).await {
-                Ok(0) => return RelayEnd::ServerClosed,
+                Ok(0) => return Some(RelayEnd::ServerClosed),
                 Ok(n) => {
                     self.bytes += n as u64;
-                    bytes_counter.inc_by(n as u64);
+                    if let Some(counter) = &self.bytes_counter {
+                        counter.inc_by(n as u64);
+                    }
                 }
-                Err(e) => return RelayEnd::ServerIo(e),
+                Err(e) => return Some(RelayEnd::ServerIo(e)),
             }
             let end = match self.scan(shared) {
                 Ok(end) => end,
-                Err(e) => return RelayEnd::ServerProtocol(e),
+                Err(e) => return Some(RelayEnd::ServerProtocol(e)),
             };
             if let Some(reason) = self.end.take() {
-                return reason;
+                return Some(reason);
             }
-            let result = if self.out.is_empty() {
-                client.write_all(&self.buf[..end]).await
+            if self.out.is_empty() {
+                self.judged = end;
             } else {
                 self.out.extend_from_slice(&self.buf[..end]);
-                let r = client.write_all(&self.out).await;
-                self.out.clear();
-                r
-            };
-            self.buf.advance(end);
-            if let Err(e) = result.and(client.flush().await) {
-                return RelayEnd::ClientIo(e);
-            }
-            if shared.lease.is_some() && self.may_release(shared) {
-                return RelayEnd::Released;
+                self.buf.advance(end);
             }
         }
+        if let Err(e) = send_judged(client, &mut self.out, &mut self.buf, &mut self.judged).await {
+            return Some(RelayEnd::ClientIo(e));
+        }
+        None
     }
 
     fn scan(&mut self, shared: &Shared) -> Result<usize, WireError> {
@@ -1239,6 +1395,15 @@ impl Downstream {
     fn ready(&mut self, pos: usize, size: usize, shared: &Shared) -> u8 {
         self.ready_count += 1;
         let ready = self.ready_count;
+        // More answers than questions: what rolegate believed the server owes was wrong.
+        if shared.lease.is_some()
+            && ready > shared.sync_points_sent.load(Ordering::Relaxed)
+            && !shared.ambiguous.swap(true, Ordering::Relaxed)
+        {
+            tracing::warn!(
+                "a ReadyForQuery nobody asked for; the backend connection will be closed"
+            );
+        }
         // (A ReadyForQuery without a status byte leaves the last one in place.)
         let status = if size == 6 {
             self.buf[pos + 5]

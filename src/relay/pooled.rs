@@ -544,6 +544,50 @@ impl Upstream<'_> {
         }
     }
 
+    /// Between transactions the client holds no backend session, and the server it had
+    /// is in its normal state: CopyData, CopyDone and CopyFail (of a COPY that ended) are
+    /// dropped and Flush does nothing, as the server would do; Sync is answered
+    /// ReadyForQuery (idle) as the server would answer it. None of them reaches a backend
+    /// session the client does not hold.
+    async fn answer_stray<W: AsyncWrite + Unpin>(
+        &mut self,
+        client_w: &mut W,
+    ) -> Result<(), RelayEnd> {
+        let mut out = BytesMut::new();
+        loop {
+            if self.discard > 0 {
+                let n = self.discard.min(self.buf.len());
+                self.buf.advance(n);
+                self.discard -= n;
+                if self.discard > 0 {
+                    break;
+                }
+            }
+            let Some((tag, len)) = wire::peek_header(&self.buf) else {
+                break;
+            };
+            if !matches!(tag, b'd' | b'c' | b'f' | b'H' | b'S') {
+                break;
+            }
+            let size = wire::frame_size(len, self.ctx.max_message_bytes)
+                .map_err(RelayEnd::ClientProtocol)?;
+            if tag == b'S' && self.buf.len() < size {
+                break;
+            }
+            let here = size.min(self.buf.len());
+            self.buf.advance(here);
+            self.discard = size - here;
+            if tag == b'S' {
+                wire::put_ready_for_query(&mut out, b'I');
+            }
+        }
+        if !out.is_empty() {
+            client_w.write_all(&out).await.map_err(RelayEnd::ClientIo)?;
+            client_w.flush().await.map_err(RelayEnd::ClientIo)?;
+        }
+        Ok(())
+    }
+
     /// No backend session could be had: the client's next batch (up to its Sync or
     /// Query) is answered with `message` and not run; the session goes on.
     async fn answer_without_backend<R, W>(
@@ -616,18 +660,26 @@ pub async fn run(client: PooledClient<'_>, ctx: &RelayContext<'_>) -> (RelayStat
     let (mut client_r, mut client_w) = tokio::io::split(stream);
     let shared = Shared::new(ctx.standard_conforming_strings, true);
     let mut up = Upstream::new(ctx);
-    let mut down = Downstream::default();
+    let mut down = Downstream::new(ctx.metrics);
     let mut closing = PollWhenWoken::new(shared.closing(ctx.shutdown.clone(), ctx.idle_timeout));
     let end = 'session: loop {
-        // No backend session: wait for the client.
-        while up.buf.is_empty() {
-            tokio::select! {
-                read = up.read(&mut client_r, &shared) => {
-                    if let Err(end) = read {
-                        break 'session end;
+        // No backend session: wait for the client. What needs none is answered here.
+        loop {
+            while up.buf.is_empty() {
+                tokio::select! {
+                    read = up.read(&mut client_r, &shared) => {
+                        if let Err(end) = read {
+                            break 'session end;
+                        }
                     }
+                    end = &mut closing => break 'session end,
                 }
-                end = &mut closing => break 'session end,
+            }
+            if let Err(end) = up.answer_stray(&mut client_w).await {
+                break 'session end;
+            }
+            if !up.buf.is_empty() {
+                break;
             }
         }
         if up.buf.first() == Some(&b'X') {
@@ -715,7 +767,8 @@ pub async fn run(client: PooledClient<'_>, ctx: &RelayContext<'_>) -> (RelayStat
             }
         };
         pool.stats.clients_active.dec();
-        cancel.set(None);
+        // No cancel of this client's may reach the backend session's next client.
+        cancel.clear().await;
         let mut state = std::mem::take(&mut *lease_state(&shared));
         // (Parses still unanswered when the backend session was lost never ran either.)
         let unanswered = state.fixups.drain(..).filter_map(|f| f.client_name);
@@ -783,7 +836,7 @@ pub async fn run(client: PooledClient<'_>, ctx: &RelayContext<'_>) -> (RelayStat
                     .saturating_sub(down.ready_count)
                     .saturating_sub(own);
                 let in_transaction = shared.status.load(Ordering::Relaxed) != b'I';
-                if state.pinned || up.mid_batch() || down.passthrough > 0 {
+                if state.pinned || up.mid_batch() || up.has_unsent() || down.passthrough > 0 {
                     break RelayEnd::BackendLost;
                 }
                 // Only the transaction in flight is lost: the client hears an error for
@@ -838,7 +891,11 @@ impl Downstream {
     /// The relay ended while the backend session was leased: whether it is idle and
     /// clean (pinned state aside) for the next client.
     fn may_release_after_end(&self, shared: &Shared) -> bool {
-        self.buf.is_empty()
+        !shared.ambiguous.load(Ordering::Relaxed)
+            && self.buf.is_empty()
+            && self.judged == 0
+            && self.out.is_empty()
+            && !shared.unsent.load(Ordering::Relaxed)
             && self.passthrough == 0
             && shared.is_idle()
             && !shared.unsynced.load(Ordering::Relaxed)
@@ -849,6 +906,7 @@ impl Downstream {
     fn forget_backend(&mut self, shared: &Shared, sync_points: u64) {
         self.buf.clear();
         self.out.clear();
+        self.judged = 0;
         self.ready_count = sync_points;
         self.own_query_failed = false;
         shared.ready_received.store(sync_points, Ordering::Relaxed);
@@ -857,6 +915,7 @@ impl Downstream {
         shared.own_queries().clear();
         shared.has_own_queries.store(false, Ordering::Relaxed);
         shared.unsynced.store(false, Ordering::Relaxed);
+        shared.ambiguous.store(false, Ordering::Relaxed);
     }
 }
 
@@ -913,13 +972,21 @@ where
     SW: AsyncWrite + Unpin,
     F: std::future::Future<Output = RelayEnd> + Unpin,
 {
-    if let Some(end) = up.forward(&mut server_w, shared).await {
-        return end;
-    }
-    let metrics = up.ctx.metrics;
-    tokio::select! {
-        end = up.run(client_r, &mut server_w, shared) => end,
-        end = down.run(&mut server_r, client_w, shared, metrics) => end,
-        end = closing => end,
+    up.resume = true;
+    loop {
+        tokio::select! {
+            end = up.step(client_r, &mut server_w, shared) => if let Some(end) = end {
+                return end;
+            },
+            end = down.step(&mut server_r, client_w, shared) => if let Some(end) = end {
+                return end;
+            },
+            end = &mut *closing => return end,
+        }
+        // Both steps are cancellation-safe, so whichever finished, nothing is half done
+        // but what `may_release` checks.
+        if down.may_release(shared) {
+            return RelayEnd::Released;
+        }
     }
 }
