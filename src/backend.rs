@@ -41,6 +41,10 @@ pub enum BackendError {
     Server(Vec<(u8, String)>),
     #[error("protocol error talking to the server: {0}")]
     Protocol(#[from] WireError),
+    /// rolegate's own query got an answer it did not ask for: the session's protocol
+    /// state is not what rolegate believed, and it is closed.
+    #[error("unexpected answer to rolegate's own query: {0}")]
+    Unexpected(String),
 }
 
 impl BackendError {
@@ -217,6 +221,84 @@ impl BackendSession {
         self.stream.write_all(&query).await.map_err(WireError::Io)?;
         read_until_ready(self).await
     }
+}
+
+impl BackendSession {
+    /// Runs rolegate's own query and checks its answer strictly: exactly one result set
+    /// per entry of `columns`, each with exactly those column names, and nothing else but
+    /// CommandComplete, notices, setting reports and notifications. Returns the rows of
+    /// each result set.
+    pub async fn query_expecting(
+        &mut self,
+        sql: &str,
+        columns: &[&[&str]],
+    ) -> Result<Vec<Vec<Vec<Option<String>>>>, BackendError> {
+        let mut query = BytesMut::new();
+        wire::put_query(&mut query, sql);
+        self.stream.write_all(&query).await.map_err(WireError::Io)?;
+        let mut sets: Vec<Vec<Vec<Option<String>>>> = Vec::new();
+        let mut error = None;
+        let unexpected = |what: String| Err(BackendError::Unexpected(what));
+        loop {
+            let (tag, body) = wire::read_message(&mut self.stream, MAX_SETUP_MESSAGE).await?;
+            match tag {
+                b'T' => {
+                    let Some(expected) = columns.get(sets.len()) else {
+                        return unexpected("a result set too many".into());
+                    };
+                    let names = row_description_names(&body)
+                        .ok_or(WireError::Malformed("RowDescription"))?;
+                    if names
+                        .iter()
+                        .map(String::as_str)
+                        .ne(expected.iter().copied())
+                    {
+                        return unexpected(format!("columns {names:?}"));
+                    }
+                    sets.push(Vec::new());
+                }
+                b'D' => {
+                    let row = data_row(&body).ok_or(WireError::Malformed("DataRow"))?;
+                    let width = sets.len().checked_sub(1).and_then(|i| columns.get(i));
+                    match (sets.last_mut(), width) {
+                        (Some(set), Some(width)) if row.len() == width.len() => set.push(row),
+                        _ => return unexpected("a row outside its result set".into()),
+                    }
+                }
+                b'S' => {
+                    let name_end = body.iter().position(|&b| b == 0).unwrap_or(body.len());
+                    let name = String::from_utf8_lossy(&body[..name_end]).into_owned();
+                    let mut frame = BytesMut::with_capacity(body.len() + 5);
+                    wire::put_message(&mut frame, b'S', &body);
+                    self.set_parameter_status(name, frame.freeze());
+                }
+                b'E' => error = Some(wire::error_fields(&body)),
+                b'C' | b'N' | b'A' => {}
+                b'Z' => {
+                    return match error {
+                        Some(fields) => Err(BackendError::Server(fields)),
+                        None if sets.len() == columns.len() => Ok(sets),
+                        None => unexpected(format!("{} result sets", sets.len())),
+                    };
+                }
+                other => return unexpected(format!("message type {:?}", other as char)),
+            }
+        }
+    }
+}
+
+/// The column names of a RowDescription.
+fn row_description_names(mut body: &[u8]) -> Option<Vec<String>> {
+    let count = i16::from_be_bytes(body.get(..2)?.try_into().ok()?);
+    body = &body[2..];
+    let mut names = Vec::with_capacity(count.max(0) as usize);
+    for _ in 0..count {
+        let end = body.iter().position(|&b| b == 0)?;
+        names.push(String::from_utf8_lossy(&body[..end]).into_owned());
+        // name \0, table oid, column, type oid, size, modifier, format
+        body = body.get(end + 1 + 18..)?;
+    }
+    Some(names)
 }
 
 /// Proves that `login` opens a session and can take `owner_role`: the check a new

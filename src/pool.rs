@@ -111,12 +111,16 @@ impl Pools {
 }
 
 /// The server-side name of a statement: `rolegate_s` and 128 bits of the SHA-256 of its
-/// text and parameter types (`key`), so the same statement has the same name on every
-/// backend session, with nothing to remember (a map of every text a client ever sent
-/// would grow without bound).
-pub fn statement_name(key: &[u8]) -> Bytes {
+/// text and parameter types (`key`) and of the settings it is parsed under (`context`:
+/// `'01/02/2024'::date` means one day under DateStyle MDY and another under DMY), so the
+/// same statement has the same name on every backend session, with nothing to remember
+/// (a map of every text a client ever sent would grow without bound).
+pub fn statement_name(key: &[u8], context: u64) -> Bytes {
     use sha2::Digest;
-    let digest = sha2::Sha256::digest(key);
+    let digest = sha2::Sha256::new()
+        .chain_update(key)
+        .chain_update(context.to_le_bytes())
+        .finalize();
     let mut name = String::with_capacity(48);
     name.push_str(crate::policy::RESERVED_STATEMENT_PREFIX);
     name.push('s');
@@ -550,30 +554,118 @@ impl ServerConn {
     }
 
     /// Reads the session-level settings the server holds now (after a client changed
-    /// some): they are the client's from here on.
-    /// The role is checked on the way (a second line of defence: nothing a client may
-    /// send changes it).
+    /// some): they are the client's from here on. Custom settings (`app.tenant`) are
+    /// listed nowhere by PostgreSQL, so those in `custom` are read by name. With
+    /// `reset_all` (a function rolegate cannot look into ran, so settings it cannot name
+    /// may have changed) the session is then reset to its startup settings.
+    /// The answer is checked strictly, the role is proved on the way (a second line of
+    /// defence: nothing a client may send changes it), and a read-back never carries the
+    /// role, the session authorization or, for read-only pools, the read-only settings.
     pub async fn read_settings(
         &mut self,
         key: &PoolKey,
+        custom: &std::collections::BTreeSet<String>,
+        reset_all: bool,
     ) -> Result<BTreeMap<String, String>, BackendError> {
-        let mut rows = self.session.query(SESSION_SETTINGS_SQL).await?;
-        match rows.pop().as_deref() {
-            Some([Some(user)]) if *user == key.role => {}
-            _ => return Err(role_lost()),
+        const NAME_SETTING: &[&str] = &["name", "setting"];
+        let mut sql = String::from(
+            "SELECT name, setting FROM pg_catalog.pg_settings \
+             WHERE source = 'session' AND name NOT IN ('role', 'session_authorization');",
+        );
+        let mut shapes: Vec<&[&str]> = vec![NAME_SETTING];
+        if !custom.is_empty() {
+            let names: Vec<String> = custom.iter().map(|n| quote_literal(n)).collect();
+            sql.push_str(&format!(
+                "SELECT n AS name, pg_catalog.current_setting(n, true) AS setting \
+                 FROM pg_catalog.unnest(ARRAY[{}]::text[]) AS n;",
+                names.join(", ")
+            ));
+            shapes.push(NAME_SETTING);
+        }
+        sql.push_str("SELECT current_user;");
+        shapes.push(&["current_user"]);
+        if reset_all {
+            sql.push_str("RESET ALL;");
+        }
+        let mut sets = self.session.query_expecting(&sql, &shapes).await?;
+        let user = sets.pop().unwrap_or_default();
+        if !matches!(user.as_slice(), [row] if matches!(row.as_slice(), [Some(u)] if *u == key.role))
+        {
+            return Err(role_lost());
         }
         let read_only = key.read_only;
-        let settings: BTreeMap<String, String> = rows
+        let settings: BTreeMap<String, String> = sets
             .into_iter()
+            .flatten()
             .filter_map(|row| match row.as_slice() {
                 [Some(name), Some(value)] => Some((name.to_ascii_lowercase(), value.clone())),
                 _ => None,
             })
-            .filter(|(name, _)| !(read_only && name == "default_transaction_read_only"))
+            .filter(|(name, _)| {
+                !(is_kept_by_rolegate(name)
+                    || read_only
+                        && matches!(
+                            name.as_str(),
+                            "default_transaction_read_only" | "transaction_read_only"
+                        ))
+            })
             .collect();
-        self.settings = settings.clone();
+        self.settings = if reset_all {
+            BTreeMap::new()
+        } else {
+            settings.clone()
+        };
         Ok(settings)
     }
+
+    /// Resets the session to its startup settings (the client left) and proves the role.
+    pub async fn reset_settings(&mut self, key: &PoolKey) -> Result<(), BackendError> {
+        let sets = self
+            .session
+            .query_expecting("RESET ALL; SELECT current_user", &[&["current_user"]])
+            .await?;
+        self.settings.clear();
+        match sets.as_slice() {
+            [rows] if matches!(rows.as_slice(), [row] if matches!(row.as_slice(), [Some(u)] if *u == key.role)) => {
+                Ok(())
+            }
+            _ => Err(role_lost()),
+        }
+    }
+
+    /// Clears what a client left in the session that nobody else may see: the values
+    /// `currval` and `lastval` remember, and the random seed (set to one of rolegate's).
+    pub async fn clear_leftovers(
+        &mut self,
+        sequences: bool,
+        seed: bool,
+    ) -> Result<(), BackendError> {
+        let mut sql = String::new();
+        let mut shapes: Vec<&[&str]> = Vec::new();
+        if sequences {
+            sql.push_str("DISCARD SEQUENCES;");
+        }
+        if seed {
+            sql.push_str(&random_seed_sql());
+            shapes.push(&["setseed"]);
+        }
+        if sql.is_empty() {
+            return Ok(());
+        }
+        self.session.query_expecting(&sql, &shapes).await.map(drop)
+    }
+}
+
+/// Settings rolegate keeps itself; a client's read-back never carries them.
+fn is_kept_by_rolegate(name: &str) -> bool {
+    matches!(name, "role" | "session_authorization")
+}
+
+/// Sets the random seed to a value nobody else knows (`setseed` needs -1..1).
+fn random_seed_sql() -> String {
+    use rand::Rng;
+    let seed: f64 = rand::thread_rng().gen_range(-1.0..1.0);
+    format!("SELECT pg_catalog.setseed({seed:.17});")
 }
 
 impl ServerConn {
@@ -599,17 +691,22 @@ impl ServerConn {
     /// prepared statements, temporary tables, settings) without touching the role, and
     /// proves the session is still in it.
     pub async fn reset_session(&mut self, key: &PoolKey) -> Result<(), BackendError> {
-        let rows = self
+        let sql = format!(
+            "CLOSE ALL; UNLISTEN *; SELECT pg_catalog.pg_advisory_unlock_all(); \
+             DEALLOCATE ALL; DISCARD TEMP; DISCARD SEQUENCES; RESET ALL; {} SELECT current_user",
+            random_seed_sql()
+        );
+        let sets = self
             .session
-            .query(
-                "CLOSE ALL; UNLISTEN *; SELECT pg_catalog.pg_advisory_unlock_all(); \
-                 DEALLOCATE ALL; DISCARD TEMP; RESET ALL; SELECT current_user",
+            .query_expecting(
+                &sql,
+                &[&["pg_advisory_unlock_all"], &["setseed"], &["current_user"]],
             )
             .await?;
         self.prepared = PreparedOnServer::default();
         self.settings.clear();
-        match rows.last().and_then(|row| row.first()) {
-            Some(Some(user)) if *user == key.role => Ok(()),
+        match sets.last().map(Vec::as_slice) {
+            Some([row]) if matches!(row.as_slice(), [Some(user)] if *user == key.role) => Ok(()),
             _ => Err(role_lost()),
         }
     }
@@ -622,13 +719,6 @@ fn role_lost() -> BackendError {
         (b'M', "the backend session left its role".into()),
     ])
 }
-
-/// The session-level settings of a backend session, except those rolegate keeps itself
-/// (the role; read-only mode is part of the pool's key and filtered by the caller), then
-/// the role the session is in.
-const SESSION_SETTINGS_SQL: &str = "SELECT name, setting FROM pg_catalog.pg_settings \
-     WHERE source = 'session' AND name NOT IN ('role', 'session_authorization'); \
-     SELECT current_user";
 
 /// rolegate's prepared statements on one backend session, least recently used first out.
 #[derive(Default)]

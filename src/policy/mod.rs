@@ -7,6 +7,7 @@
 pub mod classify;
 pub mod fastpath;
 pub mod rules;
+pub mod setting_names;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

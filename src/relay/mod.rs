@@ -938,6 +938,16 @@ impl<'a> Upstream<'a> {
             session_effects,
         } = *pass;
         self.last_effects = session_effects;
+        if session_effects.settings {
+            if let Some(statements) = self.pooled.as_mut() {
+                // Custom settings are read back by name (PostgreSQL lists them nowhere);
+                // a text whose names cannot be read off counts as unseen.
+                let sql = String::from_utf8_lossy(sql);
+                if !statements.note_custom_settings(&sql, scs) {
+                    self.last_effects.unseen = true;
+                }
+            }
+        }
         let check = if discard_all {
             Some(StatementCheck::DiscardAll)
         } else if !bound_setting_names.is_empty() || !bound_encodings.is_empty() {

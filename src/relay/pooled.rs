@@ -9,7 +9,7 @@
 //! answers the n-th Parse / Close. PostgreSQL skips to Sync after an error, so a
 //! recorded message that got no reply by the batch's ReadyForQuery did not run.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use super::*;
 use crate::policy::SessionEffects;
@@ -33,11 +33,22 @@ pub struct LeaseState {
     reported: Vec<(String, Bytes)>,
     /// A statement may have changed session-level settings.
     settings_dirty: bool,
+    /// The parse context of statements prepared after that (shared with nobody).
+    dirty_context: u64,
     /// Something lives only in this backend session: the client keeps it.
     pinned: bool,
     /// A statement that may have undone the pins was sent: when the session is idle,
     /// the server is asked whether anything is left.
     unpin_candidate: bool,
+    /// A function rolegate cannot look into ran: settings are read back and then reset
+    /// (names may be unknown), and pins, sequences and the seed are checked or cleared.
+    unseen: bool,
+    /// An unseen function ran since the server was last asked about pins.
+    pin_check: bool,
+    /// Sequence functions ran: `currval`/`lastval` state is cleared before lending.
+    sequences: bool,
+    /// The random seed was set: it is set again to a value of rolegate's before lending.
+    seed: bool,
     /// Client statement names whose Parse did not run (an earlier error skipped it):
     /// they leave the client's view, as they never were on the server.
     unparsed: Vec<Vec<u8>>,
@@ -81,6 +92,12 @@ pub(super) enum Reply {
 pub struct ClientStatements {
     named: HashMap<Vec<u8>, ClientStatement>,
     unnamed: Option<ClientStatement>,
+    /// Custom settings (`app.tenant`) the client may have set: read back by name.
+    custom_settings: BTreeSet<String>,
+    /// A hash of the client's settings that change what a statement text means when
+    /// it is parsed (`DateStyle`, `TimeZone`, `search_path`…): statements are shared on
+    /// a backend session only between clients that parse them alike.
+    context: u64,
     /// The batch (its Sync's number) in which the unnamed statement was last parsed on
     /// the server. In any other batch it is parsed again before a Bind or Describe:
     /// an error can make the server skip a Parse, and what the backend session then
@@ -89,12 +106,40 @@ pub struct ClientStatements {
 }
 
 struct ClientStatement {
-    /// Its name on the server (empty for the unnamed statement).
+    /// Its name on the server (empty for the unnamed statement): a hash of its text,
+    /// its parameter types and the settings that decide what the text means.
     server_name: Bytes,
+    /// The parse context `server_name` was made for (see `ClientStatements::context`).
+    context: u64,
     /// The Parse body after the name: text (as judged and maybe rewritten), types.
     text_and_tail: Bytes,
     /// What running it leaves in the session.
     effects: SessionEffects,
+}
+
+/// At most this many custom setting names are followed per client.
+const MAX_CUSTOM_SETTINGS: usize = 64;
+
+impl ClientStatements {
+    /// Notes the custom settings a statement may set; false when it may set some whose
+    /// names cannot be known (or the client already has too many to follow).
+    pub(super) fn note_custom_settings(
+        &mut self,
+        sql: &str,
+        standard_conforming_strings: bool,
+    ) -> bool {
+        let found =
+            crate::policy::setting_names::custom_setting_names(sql, standard_conforming_strings);
+        let mut complete = found.complete;
+        for name in found.names {
+            if self.custom_settings.len() < MAX_CUSTOM_SETTINGS {
+                self.custom_settings.insert(name);
+            } else if !self.custom_settings.contains(&name) {
+                complete = false;
+            }
+        }
+        complete
+    }
 }
 
 fn lease_state(shared: &Shared) -> std::sync::MutexGuard<'_, LeaseState> {
@@ -222,6 +267,54 @@ impl Upstream<'_> {
         shared.has_fixups.store(true, Ordering::Relaxed);
     }
 
+    /// The parse context statements are prepared in now: the client's settings, or,
+    /// once this lease may have changed them, one of this lease's own.
+    fn parse_context(&self, lease: &LeaseState) -> u64 {
+        if lease.settings_dirty {
+            lease.dirty_context
+        } else {
+            self.pooled
+                .as_ref()
+                .map_or(0, |statements| statements.context)
+        }
+    }
+
+    /// Sets the parse context from the client's settings (lower-case name → value).
+    pub(super) fn set_parse_context(&mut self, settings: &BTreeMap<String, String>) {
+        use std::hash::{Hash, Hasher};
+        // What a text means when it is parsed: literals of dates, times and intervals,
+        // how strings and arrays are read, which objects names resolve to.
+        const PARSE_SETTINGS: &[&str] = &[
+            "array_nulls",
+            "backslash_quote",
+            "client_encoding",
+            "datestyle",
+            "default_text_search_config",
+            "intervalstyle",
+            "lc_monetary",
+            "lc_numeric",
+            "search_path",
+            "standard_conforming_strings",
+            "timezone",
+            "transform_null_equals",
+        ];
+        let mut hasher = std::hash::DefaultHasher::new();
+        for name in PARSE_SETTINGS {
+            settings.get(*name).hash(&mut hasher);
+        }
+        if let Some(statements) = self.pooled.as_mut() {
+            statements.context = hasher.finish();
+        }
+    }
+
+    /// The custom settings the client may have set (none in session mode).
+    fn custom_settings(&self) -> &BTreeSet<String> {
+        static NONE: BTreeSet<String> = BTreeSet::new();
+        self.pooled
+            .as_ref()
+            .map_or(&NONE, |statements| &statements.custom_settings)
+    }
+
     /// Drops from the client's view the statements whose Parse did not run.
     fn forget_unparsed(&mut self, shared: &Shared) {
         let unparsed = std::mem::take(&mut lease_state(shared).unparsed);
@@ -259,6 +352,7 @@ impl Upstream<'_> {
         let text_and_tail = Bytes::copy_from_slice(&frame[5 + name.len() + 1..]);
         let statement = ClientStatement {
             server_name: Bytes::new(),
+            context: 0,
             text_and_tail,
             effects: self.last_effects,
         };
@@ -291,7 +385,8 @@ impl Upstream<'_> {
                 ),
             );
         }
-        let server_name = crate::pool::statement_name(&statement.text_and_tail);
+        let context = self.parse_context(&lease);
+        let server_name = crate::pool::statement_name(&statement.text_and_tail, context);
         let mut out = BytesMut::new();
         if lease.prepared.contains(&server_name) {
             put_close_statement(&mut out, NO_STATEMENT);
@@ -317,6 +412,7 @@ impl Upstream<'_> {
                 name,
                 ClientStatement {
                     server_name,
+                    context,
                     ..statement
                 },
             );
@@ -433,7 +529,13 @@ impl Upstream<'_> {
             }
             out.extend_from_slice(&self.buf[pos..pos + size]);
         } else {
-            let server_name = statement.server_name.clone();
+            let context = self.parse_context(&lease);
+            // (Settings changed since the client's Parse: prepared again as they are now.)
+            let server_name = if statement.context == context {
+                statement.server_name.clone()
+            } else {
+                crate::pool::statement_name(&statement.text_and_tail, context)
+            };
             if !lease.prepared.contains(&server_name) {
                 self.prepare_on_server(
                     shared,
@@ -527,7 +629,14 @@ impl Upstream<'_> {
         }
         let pool = self.pool();
         let mut lease = lease_state(shared);
-        lease.settings_dirty |= effects.settings;
+        if (effects.settings || effects.unseen) && !lease.settings_dirty {
+            lease.settings_dirty = true;
+            lease.dirty_context = rand::random();
+        }
+        lease.unseen |= effects.unseen;
+        lease.pin_check |= effects.unseen;
+        lease.sequences |= effects.sequences;
+        lease.seed |= effects.seed;
         // A pin lasts until the client leaves: whether DISCARD ALL (or UNLISTEN, or an
         // unlock) undid everything is not known when it is sent.
         if effects.pins && !lease.pinned {
@@ -660,6 +769,7 @@ pub async fn run(client: PooledClient<'_>, ctx: &RelayContext<'_>) -> (RelayStat
     let (mut client_r, mut client_w) = tokio::io::split(stream);
     let shared = Shared::new(ctx.standard_conforming_strings, true);
     let mut up = Upstream::new(ctx);
+    up.set_parse_context(&settings);
     let mut down = Downstream::new(ctx.metrics);
     let mut closing = PollWhenWoken::new(shared.closing(ctx.shutdown.clone(), ctx.idle_timeout));
     let end = 'session: loop {
@@ -754,6 +864,19 @@ pub async fn run(client: PooledClient<'_>, ctx: &RelayContext<'_>) -> (RelayStat
                 &mut closing,
             )
             .await;
+            // A function rolegate cannot look into may have LISTENed or taken a lock:
+            // the server says whether the client now holds something only this backend
+            // session has.
+            let check_pins = matches!(outcome, RelayEnd::Released)
+                && std::mem::take(&mut lease_state(&shared).pin_check);
+            if check_pins && !lease.conn().nothing_pinned().await {
+                let mut state = lease_state(&shared);
+                if !state.pinned {
+                    state.pinned = true;
+                    pool.stats.clients_pinned.inc();
+                }
+                continue;
+            }
             if !matches!(outcome, RelayEnd::Released) || !lease_state(&shared).pinned {
                 break outcome;
             }
@@ -802,13 +925,26 @@ pub async fn run(client: PooledClient<'_>, ctx: &RelayContext<'_>) -> (RelayStat
         match outcome {
             RelayEnd::Released => {
                 if state.settings_dirty {
-                    match conn.read_settings(&pool.key).await {
-                        Ok(now) => settings = now,
+                    match conn
+                        .read_settings(&pool.key, up.custom_settings(), state.unseen)
+                        .await
+                    {
+                        Ok(now) => {
+                            up.set_parse_context(&now);
+                            settings = now;
+                        }
                         Err(e) => {
                             tracing::warn!(error = %e, "could not read a backend connection's settings; closed");
                             continue;
                         }
                     }
+                }
+                if let Err(e) = conn
+                    .clear_leftovers(state.sequences || state.unseen, state.seed || state.unseen)
+                    .await
+                {
+                    tracing::warn!(error = %e, "could not clear what a client left in a backend connection; closed");
+                    continue;
                 }
                 lease.release();
             }
@@ -817,10 +953,22 @@ pub async fn run(client: PooledClient<'_>, ctx: &RelayContext<'_>) -> (RelayStat
                 // backend session serves anyone else.
                 let ready = if state.pinned {
                     conn.reset_session(&pool.key).await
-                } else if state.settings_dirty {
-                    conn.read_settings(&pool.key).await.map(drop)
                 } else {
-                    Ok(())
+                    let reset = if state.settings_dirty {
+                        conn.reset_settings(&pool.key).await
+                    } else {
+                        Ok(())
+                    };
+                    match reset {
+                        Ok(()) => {
+                            conn.clear_leftovers(
+                                state.sequences || state.unseen,
+                                state.seed || state.unseen,
+                            )
+                            .await
+                        }
+                        Err(e) => Err(e),
+                    }
                 };
                 if ready.is_ok() {
                     lease.release();
@@ -984,8 +1132,9 @@ where
             end = &mut *closing => return end,
         }
         // Both steps are cancellation-safe, so whichever finished, nothing is half done
-        // but what `may_release` checks.
-        if down.may_release(shared) {
+        // but what `may_release` checks. (Bytes of a frame whose rest is still to come
+        // keep the backend session: the client is in the middle of a message.)
+        if up.buf.is_empty() && down.may_release(shared) {
             return RelayEnd::Released;
         }
     }
