@@ -283,7 +283,10 @@ fn classify_statement(
             Err(_) => findings.unknown_set_config = true,
         }
     }
-    info.modifies_data |= findings.modifies_data;
+    info.modifies_data |= findings.modifies_data || findings.writes_large_objects;
+    if findings.writes_large_objects && info.effect == Effect::Read {
+        info.label = format!("{} writing a large object", info.label).into();
+    }
     info.session_effects.settings |= findings.sets_session_setting;
     info.session_effects.pins |= findings.session_lock;
     info.session_effects.unpins |= findings.session_unlock;
@@ -747,6 +750,9 @@ struct Findings {
     sequences: bool,
     /// `setseed`, `set_config('seed', …)`.
     seed: bool,
+    /// `lo_create`, `lowrite`, `lo_open(…, INV_WRITE)`…: PostgreSQL lets these write in a
+    /// read-only transaction, so only the parser stops readonly clients.
+    writes_large_objects: bool,
     /// Statements run from SQL-text literals.
     embedded: Vec<StatementInfo>,
     /// The function given computed SQL text.
@@ -841,6 +847,9 @@ fn func_call(call: &Value, findings: &mut Findings, ctx: Context<'_>) {
     };
     call_effects(schema, name, findings);
     let args = call.get("args").and_then(Value::as_array);
+    if writes_large_objects(name, args.map_or(&[][..], Vec::as_slice)) {
+        findings.writes_large_objects = true;
+    }
     if let Some(arguments) = sql_arguments(name, ctx.sql_text_functions) {
         sql_text_call(
             name,
@@ -882,6 +891,48 @@ fn func_call(call: &Value, findings: &mut Findings, ctx: Context<'_>) {
         Some(_) => {}
         None => findings.unknown_set_config = true,
     }
+}
+
+/// Large-object functions that write. PostgreSQL runs every one of them in a read-only
+/// transaction (large objects are not data a read-only transaction protects).
+fn writes_large_objects(name: &str, args: &[Value]) -> bool {
+    const WRITERS: [&str; 10] = [
+        "lo_create",
+        "lo_creat",
+        "lo_from_bytea",
+        "lo_put",
+        "lo_unlink",
+        "lo_import",
+        "lo_export",
+        "lowrite",
+        "lo_truncate",
+        "lo_truncate64",
+    ];
+    /// libpq's INV_WRITE mode bit of `lo_open`.
+    const INV_WRITE: i64 = 0x0002_0000;
+    if WRITERS.contains(&name) {
+        return true;
+    }
+    if name != "lo_open" {
+        return false;
+    }
+    // A mode that is not a literal may ask for writing.
+    match args.get(1).map(integer_constant) {
+        Some(Some(mode)) => mode & INV_WRITE != 0,
+        _ => true,
+    }
+}
+
+/// An integer constant, possibly under casts.
+fn integer_constant(node: &Value) -> Option<i64> {
+    let inner = node.get("node")?;
+    if let Some(cast) = inner.get("TypeCast") {
+        return integer_constant(cast.get("arg")?);
+    }
+    let val = inner.get("AConst")?.get("val")?;
+    let ival = val.get("Ival")?;
+    // A zero is left out of the serialized form.
+    Some(ival.get("ival").and_then(Value::as_i64).unwrap_or(0))
 }
 
 /// The arguments of a function that runs SQL text: a string literal is parsed and its
@@ -1400,6 +1451,31 @@ mod tests {
         // Without the configuration, dblink is just a function rolegate cannot see into.
         let plain = one("select dblink_exec('conn', 'drop table t')");
         assert!(plain.embedded.is_empty() && plain.session_effects.unseen);
+    }
+
+    #[test]
+    fn large_object_writes_are_writes() {
+        for sql in [
+            "select lo_create(0)",
+            "select lo_from_bytea(0, 'x')",
+            "select lo_unlink(42)",
+            "select lo_put(42, 0, 'x')",
+            "select lo_open(42, 131072)",
+            "select lo_open(42, x'60000'::int)",
+            "select lo_open(42, $1)",
+            "select lowrite(0, 'x')",
+        ] {
+            let info = one(sql);
+            assert!(info.modifies_data, "{sql}");
+            assert_eq!(info.label, "SELECT writing a large object", "{sql}");
+        }
+        for sql in [
+            "select lo_get(42)",
+            "select lo_open(42, 262144)",
+            "select loread(0, 10)",
+        ] {
+            assert!(!one(sql).modifies_data, "{sql}");
+        }
     }
 
     #[test]
