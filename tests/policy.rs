@@ -532,6 +532,40 @@ async fn an_advisory_lock_in_sql_text_stays_with_its_client(pool: bool) {
     assert!(released);
 }
 
+/// Functions of extensions listed in `[policy] sql_text_functions` are judged like
+/// query_to_xml (refused before the server would look for the extension).
+async fn listed_extension_functions_are_judged_too(pool: bool) {
+    let db = TestDb::create("sqldblink").await;
+    let rg = start(
+        &db,
+        pool,
+        Options {
+            extra: "[policy]\nsql_text_functions = [\"dblink\", \"dblink_exec\"]\n".into(),
+            ..Options::default()
+        },
+    )
+    .await;
+    let web = rg.client("web", &db).await;
+    for (sql, says) in [
+        (
+            "SELECT * FROM dblink('dbname=x', 'SELECT set_config(''role'', ''none'', false)') AS t(a text)",
+            "changing the session role is not allowed (set_config('role') in dblink's SQL text)",
+        ),
+        (
+            "SELECT dblink_exec('dbname=x', 'DROP TABLE items')",
+            "DDL is not allowed for app clients (DROP TABLE in dblink_exec's SQL text)",
+        ),
+        (
+            "SELECT dblink_exec('dbname=x', 'DROP TABLE ' || 'items')",
+            "dblink_exec is given SQL text computed when the statement runs",
+        ),
+    ] {
+        let err = web.simple_query(sql).await.unwrap_err();
+        assert_eq!(sqlstate(&err).as_deref(), Some("42501"), "{sql}: {err:?}");
+        assert!(message(&err).contains(says), "{sql}: {err:?}");
+    }
+}
+
 in_both_modes!(
     corpus_verdicts_hold_for_every_class_and_protocol,
     a_refusal_says_what_and_why_and_the_session_goes_on,
@@ -547,4 +581,5 @@ in_both_modes!(
     sql_handed_to_functions_is_judged_as_the_clients_own,
     computed_sql_text_is_refused_with_the_reason,
     an_advisory_lock_in_sql_text_stays_with_its_client,
+    listed_extension_functions_are_judged_too,
 );

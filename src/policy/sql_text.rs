@@ -152,4 +152,16 @@ mod tests {
         assert!(sql_arguments("query_to_xml", &[]).is_some());
         assert!(sql_arguments("table_to_xml", &configured).is_none());
     }
+
+    #[test]
+    fn the_policy_section_reads_them() {
+        let policy: crate::config::PolicyConfig =
+            toml::from_str(r#"sql_text_functions = ["dblink", "dblink_exec:2"]"#).unwrap();
+        assert_eq!(policy.sql_text_functions.len(), 2);
+        assert_eq!(policy.sql_text_functions[1].position, Some(1));
+        let bad = toml::from_str::<crate::config::PolicyConfig>(r#"sql_text_functions = ["x:0"]"#)
+            .unwrap_err()
+            .to_string();
+        assert!(bad.contains("\"function:N\""), "{bad}");
+    }
 }
