@@ -750,7 +750,7 @@ struct Findings {
     sequences: bool,
     /// `setseed`, `set_config('seed', …)`.
     seed: bool,
-    /// `lo_create`, `lowrite`, `lo_open(…, INV_WRITE)`…: PostgreSQL lets these write in a
+    /// `lo_create`, `lowrite`, `lo_open`…: PostgreSQL lets these write in a
     /// read-only transaction, so only the parser stops readonly clients.
     writes_large_objects: bool,
     /// Statements run from SQL-text literals.
@@ -1011,6 +1011,9 @@ fn literal(node: &Value) -> Literal<'_> {
         return Literal::Computed;
     };
     if let Some(cast) = inner.get("TypeCast") {
+        if !keeps_text(cast) {
+            return Literal::Computed;
+        }
         return cast.get("arg").map_or(Literal::Computed, literal);
     }
     let Some(constant) = inner.get("AConst") else {
@@ -1020,6 +1023,33 @@ fn literal(node: &Value) -> Literal<'_> {
         Some(text) => Literal::Text(text),
         None => Literal::Other,
     }
+}
+
+/// A cast that leaves a string as it is: to `text` or `varchar` without a length. Any
+/// other computes a new value: `'rolexyz'::varchar(4)` is `role`, `'role  '::bpchar::text`
+/// is `role`, `'16406'::oid::regclass::text` is a table's name.
+fn keeps_text(cast: &Value) -> bool {
+    let Some(type_name) = cast.get("type_name") else {
+        return false;
+    };
+    let none = |key: &str| {
+        type_name
+            .get(key)
+            .and_then(Value::as_array)
+            .is_none_or(Vec::is_empty)
+    };
+    if !none("typmods") || !none("array_bounds") {
+        return false;
+    }
+    let names: Vec<Option<&str>> = type_name
+        .get("names")
+        .and_then(Value::as_array)
+        .map(|names| names.iter().map(string_node).collect())
+        .unwrap_or_default();
+    matches!(
+        names.as_slice(),
+        [Some("text" | "varchar")] | [Some("pg_catalog"), Some("text" | "varchar")]
+    )
 }
 
 /// `$n`, possibly under type casts (`$1::text`).
@@ -1051,11 +1081,11 @@ fn string_node(node: &Value) -> Option<&str> {
     node.get("node")?.get("String")?.get("sval")?.as_str()
 }
 
-/// A string constant, possibly under type casts (`'role'::text`).
+/// A string constant, possibly under casts that keep it as it is (`'role'::text`).
 fn constant_string(node: &Value) -> Option<&str> {
     let inner = node.get("node")?;
     if let Some(cast) = inner.get("TypeCast") {
-        return constant_string(cast.get("arg")?);
+        return constant_string(cast.get("arg")?).filter(|_| keeps_text(cast));
     }
     inner
         .get("AConst")?
@@ -1432,6 +1462,37 @@ mod tests {
         // Without the configuration, dblink is just a function rolegate cannot see into.
         let plain = one("select dblink_exec('conn', 'drop table t')");
         assert!(plain.embedded.is_empty() && plain.session_effects.unseen);
+    }
+
+    #[test]
+    fn casts_that_compute_a_new_string_are_not_literals() {
+        for computed in [
+            "select set_config('16406'::oid::regclass::text, 'none', false)",
+            "select set_config('rolexyz'::varchar(4), 'none', false)",
+            "select set_config('role  '::bpchar::text, 'none', false)",
+            "select set_config('rolexyz'::char(4)::text, 'none', false)",
+        ] {
+            let info = one(computed);
+            assert!(info.changes_role, "{computed}");
+            assert_eq!(info.label, "set_config with a computed setting name");
+        }
+        for literal in [
+            "select set_config('role'::text, 'none', false)",
+            "select set_config('role'::varchar, 'none', false)",
+            "select set_config('role'::pg_catalog.text::character varying, 'none', false)",
+        ] {
+            assert_eq!(one(literal).label, "set_config('role')", "{literal}");
+        }
+        assert!(
+            one("select set_config('search_path'::text, 'x', false)")
+                .session_effects
+                .settings
+        );
+        assert!(!one("select set_config('search_path'::text, 'x', false)").changes_role);
+        let computed = one("select query_to_xml('select 1'::varchar(3), true, false, '')");
+        assert!(computed.computed_sql_text.is_some());
+        let kept = one("select query_to_xml('select 1'::varchar, true, false, '')");
+        assert!(kept.computed_sql_text.is_none() && kept.embedded.len() == 1);
     }
 
     #[test]
