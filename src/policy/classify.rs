@@ -77,6 +77,10 @@ pub struct StatementInfo {
     pub computed_sql_text: Option<String>,
     /// SQL text inside SQL text deeper than [`MAX_SQL_TEXT_DEPTH`].
     pub sql_text_too_deep: bool,
+    /// SQL text in a function's SQL argument that rolegate's grammar rejects (with the
+    /// parser's message): an older server's grammar may still run it (PostgreSQL 13's
+    /// postfix operators), so it cannot be judged.
+    pub sql_text_syntax_error: Option<String>,
 }
 
 /// What a statement leaves in the backend session beyond its result. Transaction
@@ -301,6 +305,7 @@ fn classify_statement(
     info.embedded = findings.embedded;
     info.computed_sql_text = findings.computed_sql_text;
     info.sql_text_too_deep = findings.sql_text_too_deep;
+    info.sql_text_syntax_error = findings.sql_text_syntax_error;
     // A parameter is bound at the protocol's Bind, where rolegate judges it; a SQL-level
     // PREPARE takes its values from EXECUTE, which rolegate does not look into.
     let prepared_in_sql = matches!(node.node.as_ref(), Some(NodeEnum::PrepareStmt(_)));
@@ -354,6 +359,7 @@ impl StatementInfo {
             embedded: Vec::new(),
             computed_sql_text: None,
             sql_text_too_deep: false,
+            sql_text_syntax_error: None,
         }
     }
 
@@ -758,6 +764,7 @@ struct Findings {
     /// The function given computed SQL text.
     computed_sql_text: Option<String>,
     sql_text_too_deep: bool,
+    sql_text_syntax_error: Option<String>,
 }
 
 /// Walks every node of a parse tree (as serde sees it, so no node type is skipped).
@@ -952,8 +959,11 @@ fn sql_text_call(
         let Some(value) = value.filter(|_| is_sql) else {
             continue;
         };
+        // Where the argument is known to be SQL, text that does not parse is refused; where
+        // any argument may be (a connection string, a name), it is taken for one of those.
+        let must_parse = matches!(arguments, SqlArguments::At { .. });
         match literal(value) {
-            Literal::Text(text) => embed(function, text, findings, ctx),
+            Literal::Text(text) => embed(function, text, must_parse, findings, ctx),
             Literal::Other => {}
             Literal::Computed => {
                 findings
@@ -964,9 +974,8 @@ fn sql_text_call(
     }
 }
 
-/// SQL text from a literal: its statements, judged later as the client's own. A text
-/// that does not parse is left alone: the server cannot run it either.
-fn embed(function: &str, text: &str, findings: &mut Findings, ctx: Context<'_>) {
+/// SQL text from a literal: its statements, judged later as the client's own.
+fn embed(function: &str, text: &str, must_parse: bool, findings: &mut Findings, ctx: Context<'_>) {
     if ctx.depth >= MAX_SQL_TEXT_DEPTH {
         findings.sql_text_too_deep = true;
         return;
@@ -975,8 +984,16 @@ fn embed(function: &str, text: &str, findings: &mut Findings, ctx: Context<'_>) 
         depth: ctx.depth + 1,
         ..ctx
     };
-    let Classification::Statements(statements) = classify_in(text, inner) else {
-        return;
+    let statements = match classify_in(text, inner) {
+        Classification::Statements(statements) => statements,
+        Classification::SyntaxError(message) => {
+            if must_parse {
+                findings
+                    .sql_text_syntax_error
+                    .get_or_insert_with(|| format!("{function}'s SQL text: {message}"));
+            }
+            return;
+        }
     };
     for mut statement in statements {
         statement.label = format!("{} in {function}'s SQL text", statement.label).into();
@@ -1392,7 +1409,13 @@ mod tests {
                 .embedded
                 .is_empty()
         );
-        assert!(one("select ts_stat('not sql')").embedded.is_empty());
+        // Text in the SQL argument that does not parse cannot be judged (an older server's
+        // grammar may run it).
+        let postfix = one("select query_to_xml('select set_config(''role'', ''none'', false), 5 !', true, false, '')");
+        assert!(postfix.embedded.is_empty());
+        assert!(postfix
+            .sql_text_syntax_error
+            .is_some_and(|e| e.starts_with("query_to_xml's SQL text: ")));
         // `$1` in the text is not the client's parameter.
         let bound =
             embedded("select query_to_xml('select set_config($1, ''x'', false)', true, false, '')");
@@ -1450,6 +1473,7 @@ mod tests {
             "select * from dblink('dbname=x', 'select set_config(''role'', ''none'', false)') as t(a text)",
         );
         assert_eq!(info.embedded.len(), 1, "the connection string is not SQL");
+        assert!(info.sql_text_syntax_error.is_none());
         assert!(info.embedded[0].changes_role);
         let info = classify_one("select dblink_exec('conn', 'drop table t')");
         assert_eq!(info.embedded[0].effect, Effect::Schema);

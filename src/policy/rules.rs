@@ -124,6 +124,15 @@ fn judge_sql_text(
             leaves_owner_role: true,
         });
     }
+    if let Some(message) = &s.sql_text_syntax_error {
+        return Err(Refusal {
+            code: "42601",
+            message: format!("rolegate: {message}"),
+            hint: Some("rolegate parses SQL handed to functions as text before it reaches the server; this text is not valid PostgreSQL.".into()),
+            kind: "syntax error in SQL text".into(),
+            leaves_owner_role: true,
+        });
+    }
     if let Some(function) = &s.computed_sql_text {
         if class != ClientClass::Migrator {
             return Err(Refusal {
