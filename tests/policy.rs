@@ -566,6 +566,36 @@ async fn listed_extension_functions_are_judged_too(pool: bool) {
     }
 }
 
+/// A setting changed inside query_to_xml's text follows its client as a plain
+/// `set_config` does: the next clients on the same backend connections do not get it.
+async fn a_setting_changed_in_sql_text_stays_with_its_client(pool: bool) {
+    let db = TestDb::create("sqlsetting").await;
+    let rg = start(&db, pool, Options::default()).await;
+    let setter = rg.client("web", &db).await;
+    setter
+        .query_one(
+            "SELECT query_to_xml('SELECT set_config(''statement_timeout'', ''4242'', false)', true, false, '')::text",
+            &[],
+        )
+        .await
+        .unwrap();
+    for _ in 0..4 {
+        let other = rg.client("web", &db).await;
+        let timeout: String = other
+            .query_one("SHOW statement_timeout", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(timeout, "0", "another client got the setting");
+    }
+    let timeout: String = setter
+        .query_one("SHOW statement_timeout", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(timeout, "4242ms");
+}
+
 in_both_modes!(
     corpus_verdicts_hold_for_every_class_and_protocol,
     a_refusal_says_what_and_why_and_the_session_goes_on,
@@ -582,4 +612,5 @@ in_both_modes!(
     computed_sql_text_is_refused_with_the_reason,
     an_advisory_lock_in_sql_text_stays_with_its_client,
     listed_extension_functions_are_judged_too,
+    a_setting_changed_in_sql_text_stays_with_its_client,
 );
