@@ -566,34 +566,40 @@ async fn listed_extension_functions_are_judged_too(pool: bool) {
     }
 }
 
-/// A setting changed inside query_to_xml's text follows its client as a plain
-/// `set_config` does: the next clients on the same backend connections do not get it.
+/// A setting changed inside query_to_xml's text, or by an UPDATE of pg_settings however
+/// its name is spelled, follows its client as a plain `set_config` does: the next clients
+/// on the same backend connections do not get it.
 async fn a_setting_changed_in_sql_text_stays_with_its_client(pool: bool) {
     let db = TestDb::create("sqlsetting").await;
     let rg = start(&db, pool, Options::default()).await;
-    let setter = rg.client("web", &db).await;
-    setter
-        .query_one(
+    for (sql, value) in [
+        (
             "SELECT query_to_xml('SELECT set_config(''statement_timeout'', ''4242'', false)', true, false, '')::text",
-            &[],
-        )
-        .await
-        .unwrap();
-    for _ in 0..4 {
-        let other = rg.client("web", &db).await;
-        let timeout: String = other
+            "4242ms",
+        ),
+        (
+            r#"UPDATE U&"pg\005fsettings" SET setting = '4343' WHERE name = 'statement_timeout'"#,
+            "4343ms",
+        ),
+    ] {
+        let setter = rg.client("web", &db).await;
+        setter.simple_query(sql).await.unwrap();
+        for _ in 0..4 {
+            let other = rg.client("web", &db).await;
+            let timeout: String = other
+                .query_one("SHOW statement_timeout", &[])
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(timeout, "0", "another client got the setting of {sql}");
+        }
+        let timeout: String = setter
             .query_one("SHOW statement_timeout", &[])
             .await
             .unwrap()
             .get(0);
-        assert_eq!(timeout, "0", "another client got the setting");
+        assert_eq!(timeout, value, "{sql}");
     }
-    let timeout: String = setter
-        .query_one("SHOW statement_timeout", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(timeout, "4242ms");
 }
 
 in_both_modes!(
