@@ -323,6 +323,10 @@ pub struct PolicyConfig {
     /// How many distinct statement texts keep their verdict cached.
     #[serde(default = "default_cache_entries")]
     pub cache_entries: usize,
+    /// Functions of installed extensions that run SQL text they are given (dblink's):
+    /// `"name"` (every argument may be SQL) or `"name:N"` (the N-th argument).
+    #[serde(default)]
+    pub sql_text_functions: Vec<crate::policy::SqlTextFunction>,
 }
 
 fn default_max_statement_bytes() -> usize {
@@ -338,6 +342,7 @@ impl Default for PolicyConfig {
             mode: PolicyMode::default(),
             max_statement_bytes: default_max_statement_bytes(),
             cache_entries: default_cache_entries(),
+            sql_text_functions: Vec::new(),
         }
     }
 }

@@ -364,6 +364,244 @@ async fn a_refused_parse_in_a_pipeline_keeps_the_driver_in_step(pool: bool) {
     assert!(out.contains("pipeline ok"), "{out}");
 }
 
+/// What each class's backend sessions are in: `current_user` and
+/// `default_transaction_read_only` on every backend connection of the class's pool (two
+/// clients in a transaction at once hold both of them in transaction mode).
+async fn sessions_are_untouched(rg: &Rolegate, db: &TestDb) {
+    for (user, read_only) in [("web", "off"), ("analyst", "on"), ("migrate", "off")] {
+        let first = rg.client(user, db).await;
+        let second = rg.client(user, db).await;
+        for client in [&first, &second] {
+            client.batch_execute("BEGIN").await.unwrap();
+        }
+        for client in [&first, &second] {
+            let row = client
+                .query_one(
+                    "SELECT current_user::text, current_setting('default_transaction_read_only')",
+                    &[],
+                )
+                .await
+                .unwrap();
+            assert_eq!(row.get::<_, String>(0), db.owner, "{user}");
+            assert_eq!(row.get::<_, String>(1), read_only, "{user}");
+        }
+        for client in [&first, &second] {
+            client.batch_execute("COMMIT").await.unwrap();
+        }
+    }
+}
+
+/// Issue 19's escapes through SQL handed to functions as text: each refused by rolegate
+/// as the same statement sent plainly is, over both protocols, and nothing changed after,
+/// for the client nor for the next one on the same backend connection.
+async fn sql_handed_to_functions_is_judged_as_the_clients_own(pool: bool) {
+    let db = TestDb::create("sqltext").await;
+    let rg = start(&db, pool, Options::default()).await;
+    fixture(&rg, &db).await;
+    let owner = &db.owner;
+    let escapes = [
+        "SELECT query_to_xml('SELECT set_config(''role'', ''none'', false)', true, false, '')".to_string(),
+        format!("SELECT query_to_xml('SELECT set_config(''role'', ''{owner}'', false)', true, false, '')"),
+        "SELECT query_to_xml_and_xmlschema('SELECT set_config(''role'', ''none'', false)', true, false, '')".into(),
+        "SELECT query_to_xmlschema($$SELECT set_config('role', 'none', false)$$, true, false, '')".into(),
+        "SELECT * FROM ts_stat('SELECT set_config(''role'', ''none'', false)::tsvector')".into(),
+        "SELECT ts_rewrite('a'::tsquery, 'SELECT set_config(''role'', ''none'', false)::tsquery, ''b''::tsquery')".into(),
+        "SELECT query_to_xml('SELECT query_to_xml(''SELECT set_config(''''role'''', ''''none'''', false)'', true, false, '''')', true, false, '')".into(),
+    ];
+    for user in ["web", "analyst", "migrate"] {
+        let client = rg.client(user, &db).await;
+        for sql in &escapes {
+            let simple = client.simple_query(sql).await.unwrap_err();
+            let extended = client.query(sql.as_str(), &[]).await.unwrap_err();
+            for err in [simple, extended] {
+                assert_eq!(
+                    sqlstate(&err).as_deref(),
+                    Some("42501"),
+                    "{user}: {sql}: {err:?}"
+                );
+                assert!(
+                    message(&err).contains("changing the session role is not allowed"),
+                    "{user}: {sql}: {err:?}"
+                );
+            }
+            let row = client
+                .query_one("SELECT current_user::text", &[])
+                .await
+                .unwrap();
+            assert_eq!(&row.get::<_, String>(0), owner, "{user}: {sql}");
+        }
+        // The same text with a read in it is a read, for every class.
+        let row = client
+            .query_one(
+                "SELECT query_to_xml('SELECT 1 AS one', true, false, '')::text",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert!(row.get::<_, String>(0).contains("<one>1</one>"), "{user}");
+    }
+    // readonly: leaving read-only inside the text is refused; what PostgreSQL itself lets
+    // a read-only transaction do (large objects) is refused by rolegate.
+    let analyst = rg.client("analyst", &db).await;
+    let err = analyst
+        .simple_query("SELECT query_to_xml('SELECT set_config(''default_transaction_read_only'', ''off'', false)', true, false, '')")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("42501"), "{err:?}");
+    let err = analyst
+        .query_one("SELECT setval('seq', 5)", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("25006"), "{err:?}");
+    let err = analyst
+        .query_one("SELECT lo_create(0)", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("42501"), "{err:?}");
+    let large_objects: i64 = admin(&db.name)
+        .await
+        .query_one("SELECT count(*) FROM pg_largeobject_metadata", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(large_objects, 0);
+    sessions_are_untouched(&rg, &db).await;
+}
+
+/// SQL text computed when the statement runs cannot be judged: refused for app and
+/// readonly clients with a message that says so, run for migrators.
+async fn computed_sql_text_is_refused_with_the_reason(pool: bool) {
+    let db = TestDb::create("sqlcomputed").await;
+    let rg = start(&db, pool, Options::default()).await;
+    fixture(&rg, &db).await;
+    let computed =
+        "SELECT query_to_xml(q, true, false, '')::text FROM (VALUES ('SELECT 1 AS one')) v(q)";
+    for user in ["web", "analyst"] {
+        let client = rg.client(user, &db).await;
+        let err = client.query_one(computed, &[]).await.unwrap_err();
+        assert_eq!(sqlstate(&err).as_deref(), Some("42501"), "{err:?}");
+        assert!(
+            message(&err)
+                .contains("query_to_xml is given SQL text computed when the statement runs"),
+            "{err:?}"
+        );
+        let err = client
+            .query_one(
+                "SELECT query_to_xml($1, true, false, '')::text",
+                &[&"SELECT 1"],
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(sqlstate(&err).as_deref(), Some("42501"), "{err:?}");
+        client.query_one("SELECT 1", &[]).await.unwrap();
+    }
+    let migrate = rg.client("migrate", &db).await;
+    let row = migrate.query_one(computed, &[]).await.unwrap();
+    assert!(row.get::<_, String>(0).contains("<one>1</one>"));
+    sessions_are_untouched(&rg, &db).await;
+}
+
+/// A session advisory lock taken inside query_to_xml's text pins its client to its
+/// backend connection, as the plain `SELECT pg_advisory_lock(1)` does: no other client
+/// can take it over (on the same backend connection it would be granted again).
+async fn an_advisory_lock_in_sql_text_stays_with_its_client(pool: bool) {
+    let db = TestDb::create("sqllock").await;
+    let rg = start(&db, pool, Options::default()).await;
+    let holder = rg.client("web", &db).await;
+    holder
+        .query_one(
+            "SELECT query_to_xml('SELECT pg_advisory_lock(4242)', true, false, '')::text",
+            &[],
+        )
+        .await
+        .unwrap();
+    for _ in 0..4 {
+        let other = rg.client("web", &db).await;
+        let taken: bool = other
+            .query_one("SELECT pg_try_advisory_lock(4242)", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(!taken, "another client took the lock over");
+    }
+    let released: bool = holder
+        .query_one("SELECT pg_advisory_unlock(4242)", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(released);
+}
+
+/// Functions of extensions listed in `[policy] sql_text_functions` are judged like
+/// query_to_xml (refused before the server would look for the extension).
+async fn listed_extension_functions_are_judged_too(pool: bool) {
+    let db = TestDb::create("sqldblink").await;
+    let rg = start(
+        &db,
+        pool,
+        Options {
+            extra: "[policy]\nsql_text_functions = [\"dblink\", \"dblink_exec\"]\n".into(),
+            ..Options::default()
+        },
+    )
+    .await;
+    let web = rg.client("web", &db).await;
+    for (sql, says) in [
+        (
+            "SELECT * FROM dblink('dbname=x', 'SELECT set_config(''role'', ''none'', false)') AS t(a text)",
+            "changing the session role is not allowed (set_config('role') in dblink's SQL text)",
+        ),
+        (
+            "SELECT dblink_exec('dbname=x', 'DROP TABLE items')",
+            "DDL is not allowed for app clients (DROP TABLE in dblink_exec's SQL text)",
+        ),
+        (
+            "SELECT dblink_exec('dbname=x', 'DROP TABLE ' || 'items')",
+            "dblink_exec is given SQL text computed when the statement runs",
+        ),
+    ] {
+        let err = web.simple_query(sql).await.unwrap_err();
+        assert_eq!(sqlstate(&err).as_deref(), Some("42501"), "{sql}: {err:?}");
+        assert!(message(&err).contains(says), "{sql}: {err:?}");
+    }
+}
+
+/// A setting changed inside query_to_xml's text, or by an UPDATE of pg_settings however
+/// its name is spelled, follows its client as a plain `set_config` does: the next clients
+/// on the same backend connections do not get it.
+async fn a_setting_changed_in_sql_text_stays_with_its_client(pool: bool) {
+    let db = TestDb::create("sqlsetting").await;
+    let rg = start(&db, pool, Options::default()).await;
+    for (sql, value) in [
+        (
+            "SELECT query_to_xml('SELECT set_config(''statement_timeout'', ''4242'', false)', true, false, '')::text",
+            "4242ms",
+        ),
+        (
+            r#"UPDATE U&"pg\005fsettings" SET setting = '4343' WHERE name = 'statement_timeout'"#,
+            "4343ms",
+        ),
+    ] {
+        let setter = rg.client("web", &db).await;
+        setter.simple_query(sql).await.unwrap();
+        for _ in 0..4 {
+            let other = rg.client("web", &db).await;
+            let timeout: String = other
+                .query_one("SHOW statement_timeout", &[])
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(timeout, "0", "another client got the setting of {sql}");
+        }
+        let timeout: String = setter
+            .query_one("SHOW statement_timeout", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(timeout, value, "{sql}");
+    }
+}
+
 in_both_modes!(
     corpus_verdicts_hold_for_every_class_and_protocol,
     a_refusal_says_what_and_why_and_the_session_goes_on,
@@ -376,4 +614,9 @@ in_both_modes!(
     a_migrator_runs_a_real_migration_owned_by_the_owner,
     report_mode_logs_and_lets_through,
     a_refused_parse_in_a_pipeline_keeps_the_driver_in_step,
+    sql_handed_to_functions_is_judged_as_the_clients_own,
+    computed_sql_text_is_refused_with_the_reason,
+    an_advisory_lock_in_sql_text_stays_with_its_client,
+    listed_extension_functions_are_judged_too,
+    a_setting_changed_in_sql_text_stays_with_its_client,
 );

@@ -7,6 +7,13 @@ use pg_query::protobuf::{a_const, DiscardMode, ObjectType, TransactionStmtKind, 
 use pg_query::{NodeEnum, ParserOptions};
 use serde_json::Value;
 
+use super::builtins::is_side_effect_free;
+use super::sql_text::{sql_arguments, SqlArguments, SqlTextFunction};
+
+/// How deep SQL text inside SQL text (`query_to_xml('SELECT query_to_xml(''…'')')`) is
+/// followed; deeper text is refused, for every class, as it cannot be judged.
+pub const MAX_SQL_TEXT_DEPTH: usize = 4;
+
 /// The kind of work a statement does, as far as the policy cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Effect {
@@ -61,6 +68,19 @@ pub struct StatementInfo {
     pub reserved_name: bool,
     /// Where the statement is in the text (byte offsets, end exclusive).
     pub span: (usize, usize),
+    /// Statements that a function runs from a string literal it is given
+    /// (`query_to_xml('SELECT …')`): judged as the client's own. Their session effects
+    /// are in `session_effects` already.
+    pub embedded: Vec<StatementInfo>,
+    /// A function that runs SQL text is given one computed when the statement runs (a
+    /// column, a parameter, an expression): that function's name. Nobody can judge it.
+    pub computed_sql_text: Option<String>,
+    /// SQL text inside SQL text deeper than [`MAX_SQL_TEXT_DEPTH`].
+    pub sql_text_too_deep: bool,
+    /// SQL text in a function's SQL argument that rolegate's grammar rejects (with the
+    /// parser's message): an older server's grammar may still run it (PostgreSQL 13's
+    /// postfix operators), so it cannot be judged.
+    pub sql_text_syntax_error: Option<String>,
 }
 
 /// What a statement leaves in the backend session beyond its result. Transaction
@@ -151,7 +171,39 @@ pub enum Classification {
 
 /// Parses `sql` as the server would, given the server's `standard_conforming_strings`.
 pub fn classify(sql: &str, standard_conforming_strings: bool) -> Classification {
-    let options = if standard_conforming_strings {
+    classify_with(sql, standard_conforming_strings, &[])
+}
+
+/// [`classify`], knowing which installed extensions' functions run SQL text
+/// (`[policy] sql_text_functions`).
+pub fn classify_with(
+    sql: &str,
+    standard_conforming_strings: bool,
+    sql_text_functions: &[SqlTextFunction],
+) -> Classification {
+    classify_in(
+        sql,
+        Context {
+            scs: standard_conforming_strings,
+            sql_text_functions,
+            depth: 0,
+        },
+    )
+}
+
+/// What classifying a text needs besides the text.
+#[derive(Clone, Copy)]
+struct Context<'a> {
+    /// `standard_conforming_strings`: SQL text inside a literal is parsed by the server
+    /// under the same value as the statement around it.
+    scs: bool,
+    sql_text_functions: &'a [SqlTextFunction],
+    /// How many SQL-text arguments deep this text is (0: the client's own).
+    depth: usize,
+}
+
+fn classify_in(sql: &str, ctx: Context<'_>) -> Classification {
+    let options = if ctx.scs {
         ParserOptions::DEFAULT
     } else {
         ParserOptions::DISABLE_STANDARD_CONFORMING_STRINGS
@@ -161,8 +213,6 @@ pub fn classify(sql: &str, standard_conforming_strings: bool) -> Classification 
         Err(e) => return Classification::SyntaxError(parse_error_message(e)),
     };
     let walk_needed = may_hide_effects(sql);
-    // `UPDATE pg_settings SET setting = …` is a SET in disguise.
-    let touches_settings = contains_word(sql, b"pg_settings");
     let statements = parsed
         .protobuf
         .stmts
@@ -173,8 +223,7 @@ pub fn classify(sql: &str, standard_conforming_strings: bool) -> Classification 
                 Ok(0) | Err(_) => sql.len(),
                 Ok(len) => (start + len).min(sql.len()),
             };
-            let mut info = classify_statement(raw.stmt.as_deref()?, walk_needed);
-            info.session_effects.settings |= touches_settings;
+            let mut info = classify_statement(raw.stmt.as_deref()?, walk_needed, ctx);
             info.span = (start, end);
             Some(info)
         })
@@ -183,11 +232,14 @@ pub fn classify(sql: &str, standard_conforming_strings: bool) -> Classification 
 }
 
 /// Whether the tree walk can find anything in this text. Every node the walk looks for
-/// needs one of these words in the source: INSERT/UPDATE/DELETE/MERGE for nested writes,
-/// INTO for SELECT INTO, and `set_config` as a plain or quoted identifier, or written
-/// with Unicode escapes (`U&"…"`). Keywords cannot be escaped or split, so a text without
-/// any of them needs no walk; this only saves time, the verdict still comes from the tree.
+/// needs one of these words in the source: INSERT/UPDATE/DELETE/MERGE for nested writes
+/// (and UPDATE for `UPDATE pg_settings`), INTO for SELECT INTO, and a parenthesis for
+/// any function call. Keywords cannot be escaped or split, so a text without any of them
+/// needs no walk; this only saves time, the verdict still comes from the tree.
 fn may_hide_effects(sql: &str) -> bool {
+    if sql.contains('(') {
+        return true;
+    }
     const WORDS: [&[u8]; 8] = [
         b"advisory",
         b"insert",
@@ -216,7 +268,11 @@ fn parse_error_message(e: pg_query::Error) -> String {
     }
 }
 
-fn classify_statement(node: &pg_query::protobuf::Node, walk_needed: bool) -> StatementInfo {
+fn classify_statement(
+    node: &pg_query::protobuf::Node,
+    walk_needed: bool,
+    ctx: Context<'_>,
+) -> StatementInfo {
     let mut info = match node.node.as_ref() {
         Some(inner) => top_level(inner),
         None => StatementInfo::new("(empty)", Effect::Read),
@@ -226,15 +282,30 @@ fn classify_statement(node: &pg_query::protobuf::Node, walk_needed: bool) -> Sta
     let mut findings = Findings::default();
     if walk_needed {
         match serde_json::to_value(node) {
-            Ok(tree) => walk(&tree, &mut findings),
+            Ok(tree) => walk(&tree, &mut findings, ctx),
             // Cannot happen for prost types; fail closed if it ever does.
             Err(_) => findings.unknown_set_config = true,
         }
     }
-    info.modifies_data |= findings.modifies_data;
+    info.modifies_data |= findings.modifies_data || findings.writes_large_objects;
+    if findings.writes_large_objects && info.effect == Effect::Read {
+        info.label = format!("{} writing a large object", info.label).into();
+    }
     info.session_effects.settings |= findings.sets_session_setting;
     info.session_effects.pins |= findings.session_lock;
     info.session_effects.unpins |= findings.session_unlock;
+    info.session_effects.settings |= findings.updates_pg_settings;
+    info.session_effects.sequences |= findings.sequences;
+    info.session_effects.seed |= findings.seed;
+    // SQL computed at run time may do anything a function body may.
+    info.session_effects.unseen |= findings.unseen || findings.computed_sql_text.is_some();
+    for embedded in &findings.embedded {
+        info.session_effects.add(embedded.session_effects);
+    }
+    info.embedded = findings.embedded;
+    info.computed_sql_text = findings.computed_sql_text;
+    info.sql_text_too_deep = findings.sql_text_too_deep;
+    info.sql_text_syntax_error = findings.sql_text_syntax_error;
     // A parameter is bound at the protocol's Bind, where rolegate judges it; a SQL-level
     // PREPARE takes its values from EXECUTE, which rolegate does not look into.
     let prepared_in_sql = matches!(node.node.as_ref(), Some(NodeEnum::PrepareStmt(_)));
@@ -285,7 +356,17 @@ impl StatementInfo {
             session_effects: SessionEffects::default(),
             reserved_name: false,
             span: (0, 0),
+            embedded: Vec::new(),
+            computed_sql_text: None,
+            sql_text_too_deep: false,
+            sql_text_syntax_error: None,
         }
+    }
+
+    /// Runs code rolegate cannot see (a procedure, a DO block, a prepared statement).
+    fn unseen(mut self) -> StatementInfo {
+        self.session_effects.unseen = true;
+        self
     }
 
     fn pinning(mut self) -> StatementInfo {
@@ -369,7 +450,7 @@ fn top_level(node: &NodeEnum) -> StatementInfo {
             info
         }
         NodeEnum::ExecuteStmt(e) => {
-            let mut info = S::new("EXECUTE", Effect::Read);
+            let mut info = S::new("EXECUTE", Effect::Read).unseen();
             info.reserved_name = is_reserved_name(&e.name);
             info
         }
@@ -396,8 +477,8 @@ fn top_level(node: &NodeEnum) -> StatementInfo {
             }
             info
         }
-        NodeEnum::DoStmt(_) => S::new("DO", Effect::Code),
-        NodeEnum::CallStmt(_) => S::new("CALL", Effect::Code),
+        NodeEnum::DoStmt(_) => S::new("DO", Effect::Code).unseen(),
+        NodeEnum::CallStmt(_) => S::new("CALL", Effect::Code).unseen(),
         NodeEnum::VacuumStmt(v) => S::new(
             if v.is_vacuumcmd { "VACUUM" } else { "ANALYZE" },
             Effect::Maintenance,
@@ -558,6 +639,9 @@ fn variable_set(v: &pg_query::protobuf::VariableSetStmt) -> StatementInfo {
     // SET LOCAL and SET TRANSACTION [SNAPSHOT] end with the transaction.
     info.session_effects.settings =
         !v.is_local && !matches!(name.as_str(), "transaction" | "transaction snapshot");
+    // Setting the seed reseeds random(), and a reseeded generator stays reseeded after
+    // SET LOCAL's transaction.
+    info.session_effects.seed = name == "seed";
     if name == "client_encoding" && kind == VariableSetKind::VarSetValue {
         let value = match v.args.as_slice() {
             [arg] => constant_node_string(arg),
@@ -664,56 +748,127 @@ struct Findings {
     session_lock: bool,
     /// `pg_advisory_unlock`, `pg_advisory_unlock_all` and the like.
     session_unlock: bool,
+    /// `UPDATE pg_settings`: a SET in disguise.
+    updates_pg_settings: bool,
+    /// A function whose body rolegate cannot see.
+    unseen: bool,
+    /// `nextval`, `currval`, `setval`, `lastval`.
+    sequences: bool,
+    /// `setseed`, `set_config('seed', …)`.
+    seed: bool,
+    /// `lo_create`, `lowrite`, `lo_open`…: PostgreSQL lets these write in a
+    /// read-only transaction, so only the parser stops readonly clients.
+    writes_large_objects: bool,
+    /// Statements run from SQL-text literals.
+    embedded: Vec<StatementInfo>,
+    /// The function given computed SQL text.
+    computed_sql_text: Option<String>,
+    sql_text_too_deep: bool,
+    sql_text_syntax_error: Option<String>,
 }
 
 /// Walks every node of a parse tree (as serde sees it, so no node type is skipped).
-fn walk(value: &Value, findings: &mut Findings) {
+fn walk(value: &Value, findings: &mut Findings, ctx: Context<'_>) {
     match value {
         Value::Object(map) => {
             for (key, child) in map {
                 match key.as_str() {
-                    "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt" => {
-                        findings.modifies_data = true
+                    "UpdateStmt" => {
+                        findings.modifies_data = true;
+                        // However it is spelled (quoted, U&"…", schema-qualified), the
+                        // tree has the name the server resolves.
+                        if child.pointer("/relation/relname").and_then(Value::as_str)
+                            == Some("pg_settings")
+                        {
+                            findings.updates_pg_settings = true;
+                        }
                     }
+                    "InsertStmt" | "DeleteStmt" | "MergeStmt" => findings.modifies_data = true,
                     "SelectStmt" if child.get("into_clause").is_some_and(|i| !i.is_null()) => {
                         findings.select_into = true;
                     }
-                    "FuncCall" => func_call(child, findings),
+                    "FuncCall" => func_call(child, findings, ctx),
                     _ => {}
                 }
-                walk(child, findings);
+                walk(child, findings, ctx);
             }
         }
-        Value::Array(items) => items.iter().for_each(|item| walk(item, findings)),
+        Value::Array(items) => items.iter().for_each(|item| walk(item, findings, ctx)),
         _ => {}
     }
 }
 
-/// `set_config(name, value, is_local)` can change any setting from inside any expression.
-fn func_call(call: &Value, findings: &mut Findings) {
-    let name = call
+/// Functions whose session effects rolegate knows by name (judged below).
+const SESSION_LOCKS: [&str; 4] = [
+    "pg_advisory_lock",
+    "pg_advisory_lock_shared",
+    "pg_try_advisory_lock",
+    "pg_try_advisory_lock_shared",
+];
+const SEQUENCE_FUNCTIONS: [&str; 4] = ["nextval", "currval", "setval", "lastval"];
+
+/// What calling `schema.name` leaves in the session, beyond `set_config` (below).
+fn call_effects(schema: Option<&str>, name: &str, findings: &mut Findings) {
+    // Matched in any schema: a look-alike elsewhere counts as the real one, and as
+    // unseen (it is not PostgreSQL's).
+    let known = if SESSION_LOCKS.contains(&name) {
+        findings.session_lock = true;
+        true
+    } else if name.starts_with("pg_advisory_unlock") {
+        findings.session_unlock = true;
+        true
+    } else if SEQUENCE_FUNCTIONS.contains(&name) {
+        findings.sequences = true;
+        true
+    } else if name == "setseed" {
+        findings.seed = true;
+        true
+    } else {
+        name == "set_config"
+    };
+    let built_in_schema = schema.is_none_or(|s| s == "pg_catalog");
+    let seen = (known && built_in_schema) || is_side_effect_free(schema, name);
+    findings.unseen |= !seen;
+}
+
+/// A function call: `set_config(name, value, is_local)` can change any setting from
+/// inside any expression, some functions run SQL text, and any function rolegate does
+/// not know may leave anything in the session.
+fn func_call(call: &Value, findings: &mut Findings, ctx: Context<'_>) {
+    let parts: Vec<Option<&str>> = call
         .get("funcname")
         .and_then(Value::as_array)
-        .and_then(|parts| parts.last())
-        .and_then(|part| string_node(part));
-    if matches!(
-        name,
-        Some(
-            "pg_advisory_lock"
-                | "pg_advisory_lock_shared"
-                | "pg_try_advisory_lock"
-                | "pg_try_advisory_lock_shared"
-        )
-    ) {
-        findings.session_lock = true;
+        .map(|parts| parts.iter().map(string_node).collect())
+        .unwrap_or_default();
+    let (schema, name) = match parts.as_slice() {
+        [Some(name)] => (None, *name),
+        [Some(schema), Some(name)] => (Some(*schema), *name),
+        // database.schema.function, or a name the walk cannot read: unknown.
+        _ => {
+            findings.unseen = true;
+            match parts.last() {
+                Some(Some(name)) => (Some(""), *name),
+                _ => return,
+            }
+        }
+    };
+    call_effects(schema, name, findings);
+    let args = call.get("args").and_then(Value::as_array);
+    if writes_large_objects(name) {
+        findings.writes_large_objects = true;
     }
-    if name.is_some_and(|n| n.starts_with("pg_advisory_unlock")) {
-        findings.session_unlock = true;
+    if let Some(arguments) = sql_arguments(name, ctx.sql_text_functions) {
+        sql_text_call(
+            name,
+            &arguments,
+            args.map_or(&[][..], Vec::as_slice),
+            findings,
+            ctx,
+        );
     }
-    if name != Some("set_config") {
+    if name != "set_config" {
         return;
     }
-    let args = call.get("args").and_then(Value::as_array);
     let arg = |i: usize| args.and_then(|args| args.get(i));
     // Local only when the third argument is literally `true`.
     findings.sets_session_setting |= !arg(2).is_some_and(constant_true);
@@ -723,9 +878,12 @@ fn func_call(call: &Value, findings: &mut Findings) {
     };
     if let Some(n) = param_number(first) {
         findings.bound_setting_names.push(n);
+        // It may be the seed: what the name is is only known at Bind.
+        findings.seed = true;
         return;
     }
     match constant_string(first).map(str::trim) {
+        Some(s) if s.eq_ignore_ascii_case("seed") => findings.seed = true,
         Some(s) if is_role_setting(s) => findings.changes_role = true,
         Some(s) if is_read_only_setting(s) => findings.leaves_read_only = true,
         Some(s) if s.eq_ignore_ascii_case("client_encoding") => {
@@ -740,6 +898,175 @@ fn func_call(call: &Value, findings: &mut Findings) {
         Some(_) => {}
         None => findings.unknown_set_config = true,
     }
+}
+
+/// Large-object functions that write. PostgreSQL runs every one of them in a read-only
+/// transaction (large objects are not data a read-only transaction protects). `lo_open`
+/// counts whatever its mode: texts that differ only in numbers share a verdict (see
+/// `numeric_literal_key`), so no verdict may depend on a number such as INV_WRITE. SQL
+/// reads large objects with `lo_get`; the FunctionCall message's `lo_open` is judged by
+/// its mode in `fastpath`.
+fn writes_large_objects(name: &str) -> bool {
+    const WRITERS: [&str; 11] = [
+        "lo_open",
+        "lo_create",
+        "lo_creat",
+        "lo_from_bytea",
+        "lo_put",
+        "lo_unlink",
+        "lo_import",
+        "lo_export",
+        "lowrite",
+        "lo_truncate",
+        "lo_truncate64",
+    ];
+    WRITERS.contains(&name)
+}
+
+/// The arguments of a function that runs SQL text: a string literal is parsed and its
+/// statements are judged as the client's own; a computed one cannot be judged.
+fn sql_text_call(
+    function: &str,
+    arguments: &SqlArguments,
+    args: &[Value],
+    findings: &mut Findings,
+    ctx: Context<'_>,
+) {
+    for (position, arg) in args.iter().enumerate() {
+        let named = arg.get("node").and_then(|n| n.get("NamedArgExpr"));
+        let (name, value) = match named {
+            Some(named) => (
+                Some(named.get("name").and_then(Value::as_str).unwrap_or("")),
+                named.get("arg"),
+            ),
+            None => (None, Some(arg)),
+        };
+        let is_sql = match arguments {
+            SqlArguments::Any => true,
+            SqlArguments::At {
+                position: sql_position,
+                arity,
+                names,
+            } => match name {
+                // Names rolegate does not know the function's parameters by: any of them
+                // may be the SQL.
+                Some(name) => {
+                    names.is_empty() || names.iter().any(|n| n.eq_ignore_ascii_case(name))
+                }
+                None => position == *sql_position && arity.is_none_or(|a| a == args.len()),
+            },
+        };
+        let Some(value) = value.filter(|_| is_sql) else {
+            continue;
+        };
+        // Where the argument is known to be SQL, text that does not parse is refused; where
+        // any argument may be (a connection string, a name), it is taken for one of those.
+        let must_parse = matches!(arguments, SqlArguments::At { .. });
+        match literal(value) {
+            Literal::Text(text) => embed(function, text, must_parse, findings, ctx),
+            Literal::Other => {}
+            Literal::Computed => {
+                findings
+                    .computed_sql_text
+                    .get_or_insert_with(|| function.to_owned());
+            }
+        }
+    }
+}
+
+/// SQL text from a literal: its statements, judged later as the client's own.
+fn embed(function: &str, text: &str, must_parse: bool, findings: &mut Findings, ctx: Context<'_>) {
+    if ctx.depth >= MAX_SQL_TEXT_DEPTH {
+        findings.sql_text_too_deep = true;
+        return;
+    }
+    let inner = Context {
+        depth: ctx.depth + 1,
+        ..ctx
+    };
+    let statements = match classify_in(text, inner) {
+        Classification::Statements(statements) => statements,
+        Classification::SyntaxError(message) => {
+            if must_parse {
+                findings
+                    .sql_text_syntax_error
+                    .get_or_insert_with(|| format!("{function}'s SQL text: {message}"));
+            }
+            return;
+        }
+    };
+    for mut statement in statements {
+        statement.label = format!("{} in {function}'s SQL text", statement.label).into();
+        statement.span = (0, 0);
+        // Parameters of the client's statement are not those of the text: `$1` there
+        // names nothing rolegate could judge at Bind.
+        if !statement.bound_setting_names.is_empty() {
+            statement.bound_setting_names.clear();
+            statement.changes_role = true;
+            statement.label =
+                format!("set_config with a computed setting name in {function}'s SQL text").into();
+        }
+        if !statement.bound_encodings.is_empty() {
+            statement.bound_encodings.clear();
+            statement.sets_client_encoding = Some(None);
+        }
+        findings.embedded.push(statement);
+    }
+}
+
+enum Literal<'a> {
+    /// A string constant (also `E''`, `U&''`, dollar quotes, under casts).
+    Text(&'a str),
+    /// NULL, a number, a boolean: not text.
+    Other,
+    /// Anything computed: a column, a parameter, an operator, a subquery, a call…
+    Computed,
+}
+
+fn literal(node: &Value) -> Literal<'_> {
+    let Some(inner) = node.get("node") else {
+        return Literal::Computed;
+    };
+    if let Some(cast) = inner.get("TypeCast") {
+        if !keeps_text(cast) {
+            return Literal::Computed;
+        }
+        return cast.get("arg").map_or(Literal::Computed, literal);
+    }
+    let Some(constant) = inner.get("AConst") else {
+        return Literal::Computed;
+    };
+    match constant.pointer("/val/Sval/sval").and_then(Value::as_str) {
+        Some(text) => Literal::Text(text),
+        None => Literal::Other,
+    }
+}
+
+/// A cast that leaves a string as it is: to `text` or `varchar` without a length. Any
+/// other computes a new value: `'rolexyz'::varchar(4)` is `role`, `'role  '::bpchar::text`
+/// is `role`, `'16406'::oid::regclass::text` is a table's name.
+fn keeps_text(cast: &Value) -> bool {
+    let Some(type_name) = cast.get("type_name") else {
+        return false;
+    };
+    let none = |key: &str| {
+        type_name
+            .get(key)
+            .and_then(Value::as_array)
+            .is_none_or(Vec::is_empty)
+    };
+    if !none("typmods") || !none("array_bounds") {
+        return false;
+    }
+    let names: Vec<Option<&str>> = type_name
+        .get("names")
+        .and_then(Value::as_array)
+        .map(|names| names.iter().map(string_node).collect())
+        .unwrap_or_default();
+    matches!(
+        names.as_slice(),
+        [Some("text" | "varchar")] | [Some("pg_catalog"), Some("text" | "varchar")]
+    )
 }
 
 /// `$n`, possibly under type casts (`$1::text`).
@@ -771,11 +1098,11 @@ fn string_node(node: &Value) -> Option<&str> {
     node.get("node")?.get("String")?.get("sval")?.as_str()
 }
 
-/// A string constant, possibly under type casts (`'role'::text`).
+/// A string constant, possibly under casts that keep it as it is (`'role'::text`).
 fn constant_string(node: &Value) -> Option<&str> {
     let inner = node.get("node")?;
     if let Some(cast) = inner.get("TypeCast") {
-        return constant_string(cast.get("arg")?);
+        return constant_string(cast.get("arg")?).filter(|_| keeps_text(cast));
     }
     inner
         .get("AConst")?
@@ -937,6 +1264,280 @@ mod tests {
         match classify(sql, true) {
             Classification::Statements(s) => assert_eq!(s[1].label, "DROP TABLE"),
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn unseen_is_any_function_not_known_to_leave_nothing() {
+        let unseen = |sql| one(sql).session_effects.unseen;
+        for seen in [
+            "select count(*), coalesce(max(id), 0), now() from t",
+            "select lower(name), length(name), round(1.5) from t",
+            "select pg_catalog.lower('X'), extract(year from now()), trim(both from ' a ')",
+            "select jsonb_build_object('a', 1), substring('abc' from 2)",
+            "select set_config('search_path', 'x', false)",
+            "select pg_advisory_lock(1)",
+            "select nextval('s')",
+            "select setseed(0.5)",
+            "select 1",
+            "select current_user",
+        ] {
+            assert!(!unseen(seen), "{seen}");
+        }
+        for not_seen in [
+            "select add_one(1)",
+            "select public.lower('x')",
+            "select \"LOWER\"('x')",
+            "select x.pg_catalog.lower('x')",
+            "select * from t where id = my_func(2)",
+            "select pg_catalog.pg_create_logical_replication_slot('s', 'p', true)",
+            "insert into t values (my_default())",
+            "call p()",
+            "do $$ begin end $$",
+            "execute p",
+            "select 1 from generate_series(1, 2) g, my_srf() f",
+        ] {
+            assert!(unseen(not_seen), "{not_seen}");
+        }
+    }
+
+    #[test]
+    fn sequences_and_seed_are_found() {
+        let effects = |sql| one(sql).session_effects;
+        for sql in [
+            "select nextval('s')",
+            "select currval('s')",
+            "select pg_catalog.setval('s', 5)",
+            "select lastval()",
+            "insert into t values (nextval('s'))",
+        ] {
+            assert!(effects(sql).sequences, "{sql}");
+            assert!(effects(sql).any(), "{sql}");
+        }
+        assert!(!effects("select 1").sequences);
+        for sql in [
+            "select setseed(0.5)",
+            "set seed = 0.5",
+            "set local seed to 0.5",
+            "select set_config('seed', '0.5', true)",
+            "select set_config($1, '0.5', false)",
+        ] {
+            assert!(effects(sql).seed, "{sql}");
+        }
+        assert!(!effects("select random()").seed);
+        assert!(!effects("set search_path = x").seed);
+        let mut sum = SessionEffects::default();
+        sum.add(effects("select lastval()"));
+        sum.add(effects("select setseed(0)"));
+        sum.add(effects("select add_one(1)"));
+        assert!(sum.sequences && sum.seed && sum.unseen && sum.any());
+    }
+
+    #[test]
+    fn settings_changes_are_found_however_spelled() {
+        let settings = |sql| one(sql).session_effects.settings;
+        for sql in [
+            "update pg_settings set setting = 'x' where name = 'search_path'",
+            r#"UPDATE U&"pg\005fsettings" SET setting = 'x' WHERE name = 'search_path'"#,
+            r#"update pg_catalog."pg_settings" set setting = 'x'"#,
+            "with u as (update pg_settings set setting = 'x' returning 1) select * from u",
+            "select set_config('app.tenant', 'acme', false)",
+            "SET app.tenant = 'acme'",
+            "set session app.tenant to 'acme'",
+            "reset app.tenant",
+            "select query_to_xml('select set_config(''app.tenant'', ''acme'', false)', true, false, '')",
+        ] {
+            assert!(settings(sql), "{sql}");
+        }
+        assert!(!settings("select * from pg_settings"));
+        assert!(!settings("update t set a = 1"));
+        assert!(!settings("set local app.tenant = 'acme'"));
+    }
+
+    fn embedded(sql: &str) -> StatementInfo {
+        let info = one(sql);
+        assert!(!info.embedded.is_empty(), "{sql}: nothing embedded");
+        info
+    }
+
+    fn innermost(info: &StatementInfo) -> &StatementInfo {
+        match info.embedded.first() {
+            Some(inner) => innermost(inner),
+            None => info,
+        }
+    }
+
+    #[test]
+    fn sql_text_literals_are_classified_as_statements() {
+        let role =
+            r"select query_to_xml('SELECT set_config(''role'', ''none'', false)', true, false, '')";
+        let info = embedded(role);
+        assert!(info.embedded[0].changes_role);
+        assert_eq!(
+            info.embedded[0].label,
+            "set_config('role') in query_to_xml's SQL text"
+        );
+        // Every way of writing a literal that pg_query turns into a string.
+        for sql in [
+            r"select query_to_xml(E'select set_config(\'role\', \'none\', false)', true, false, '')",
+            r"select query_to_xml(U&'select set_config(\0027role\0027, \0027none\0027, false)', true, false, '')",
+            r"select query_to_xml($q$select set_config('role', 'none', false)$q$, true, false, '')",
+            r"select query_to_xml('select set_config(''role'', ''none'', false)'::text, true, false, '')",
+            r"select pg_catalog.query_to_xmlschema($$select set_config('role','none',false)$$, true, false, '')",
+            r"select query_to_xml_and_xmlschema($$select set_config('role','none',false)$$, true, false, '')",
+            r"select * from ts_stat($$select set_config('role','none',false)::tsvector$$)",
+            r"select ts_rewrite('a'::tsquery, $$select set_config('role','none',false)::tsquery, 'b'::tsquery$$)",
+            r"select query_to_xml(query => $$select set_config('role','none',false)$$, nulls => true, tableforest => false, targetns => '')",
+            // Nested: query_to_xml inside query_to_xml's literal.
+            r"select query_to_xml('select query_to_xml(''select set_config(''''role'''', ''''none'''', false)'', true, false, '''')', true, false, '')",
+        ] {
+            assert!(innermost(&embedded(sql)).changes_role, "{sql}");
+        }
+        // A read stays a read; its effects count for the statement around it.
+        let read = embedded("select query_to_xml('select 1', true, false, '')");
+        assert_eq!(read.embedded[0].effect, Effect::Read);
+        assert!(!read.session_effects.any());
+        let lock = embedded("select query_to_xml('select pg_advisory_lock(1)', true, false, '')");
+        assert!(lock.session_effects.pins);
+        let write = embedded(
+            "select query_to_xml('with d as (delete from t returning 1) select * from d', true, false, '')",
+        );
+        assert!(write.embedded[0].modifies_data);
+        // ts_rewrite's three-argument form takes no SQL; text that is not SQL is left alone.
+        assert!(
+            one("select ts_rewrite('a'::tsquery, 'a'::tsquery, 'b'::tsquery)")
+                .embedded
+                .is_empty()
+        );
+        // Text in the SQL argument that does not parse cannot be judged (an older server's
+        // grammar may run it).
+        let postfix = one("select query_to_xml('select set_config(''role'', ''none'', false), 5 !', true, false, '')");
+        assert!(postfix.embedded.is_empty());
+        assert!(postfix
+            .sql_text_syntax_error
+            .is_some_and(|e| e.starts_with("query_to_xml's SQL text: ")));
+        // `$1` in the text is not the client's parameter.
+        let bound =
+            embedded("select query_to_xml('select set_config($1, ''x'', false)', true, false, '')");
+        assert!(bound.embedded[0].changes_role);
+        assert!(bound.bound_setting_names.is_empty());
+    }
+
+    #[test]
+    fn computed_sql_text_is_marked() {
+        for sql in [
+            "select query_to_xml($1, true, false, '')",
+            "select query_to_xml('select ' || 'set_config(1)', true, false, '')",
+            "select query_to_xml(q, true, false, '') from queries",
+            "select query_to_xml((select q from queries), true, false, '')",
+            "select ts_stat(format('select %s', 1))",
+            "select query_to_xml(query => $1, nulls => true, tableforest => false, targetns => '')",
+        ] {
+            let info = one(sql);
+            assert!(info.computed_sql_text.is_some(), "{sql}");
+            assert!(info.session_effects.unseen, "{sql}");
+        }
+        // Computed arguments that are not the SQL are fine.
+        assert!(one("select query_to_xml('select 1', $1, false, $2)")
+            .computed_sql_text
+            .is_none());
+    }
+
+    #[test]
+    fn sql_text_is_followed_only_so_deep() {
+        // Distinct dollar tags, so that the nesting needs no quote doubling.
+        let nested = |levels: usize| {
+            let mut sql = "select set_config('role', 'none', false)".to_string();
+            for level in 0..levels {
+                sql = format!("select query_to_xml($t{level}${sql}$t{level}$, true, false, '')");
+            }
+            sql
+        };
+        let deepest_followed = one(&nested(MAX_SQL_TEXT_DEPTH));
+        assert!(innermost(&deepest_followed).changes_role);
+        let too_deep = one(&nested(MAX_SQL_TEXT_DEPTH + 1));
+        assert!(innermost(&too_deep).sql_text_too_deep);
+    }
+
+    #[test]
+    fn configured_functions_run_sql_text() {
+        let functions = [
+            SqlTextFunction::try_from("dblink".to_string()).unwrap(),
+            SqlTextFunction::try_from("dblink_exec:2".to_string()).unwrap(),
+        ];
+        let classify_one = |sql: &str| match classify_with(sql, true, &functions) {
+            Classification::Statements(mut s) => s.remove(0),
+            Classification::SyntaxError(e) => panic!("{sql}: {e}"),
+        };
+        let info = classify_one(
+            "select * from dblink('dbname=x', 'select set_config(''role'', ''none'', false)') as t(a text)",
+        );
+        assert_eq!(info.embedded.len(), 1, "the connection string is not SQL");
+        assert!(info.sql_text_syntax_error.is_none());
+        assert!(info.embedded[0].changes_role);
+        let info = classify_one("select dblink_exec('conn', 'drop table t')");
+        assert_eq!(info.embedded[0].effect, Effect::Schema);
+        assert!(classify_one("select dblink_exec($1, 'select 1')")
+            .computed_sql_text
+            .is_none());
+        assert!(classify_one("select dblink('c', $1)")
+            .computed_sql_text
+            .is_some());
+        // Without the configuration, dblink is just a function rolegate cannot see into.
+        let plain = one("select dblink_exec('conn', 'drop table t')");
+        assert!(plain.embedded.is_empty() && plain.session_effects.unseen);
+    }
+
+    #[test]
+    fn casts_that_compute_a_new_string_are_not_literals() {
+        for computed in [
+            "select set_config('16406'::oid::regclass::text, 'none', false)",
+            "select set_config('rolexyz'::varchar(4), 'none', false)",
+            "select set_config('role  '::bpchar::text, 'none', false)",
+            "select set_config('rolexyz'::char(4)::text, 'none', false)",
+        ] {
+            let info = one(computed);
+            assert!(info.changes_role, "{computed}");
+            assert_eq!(info.label, "set_config with a computed setting name");
+        }
+        for literal in [
+            "select set_config('role'::text, 'none', false)",
+            "select set_config('role'::varchar, 'none', false)",
+            "select set_config('role'::pg_catalog.text::character varying, 'none', false)",
+        ] {
+            assert_eq!(one(literal).label, "set_config('role')", "{literal}");
+        }
+        assert!(
+            one("select set_config('search_path'::text, 'x', false)")
+                .session_effects
+                .settings
+        );
+        assert!(!one("select set_config('search_path'::text, 'x', false)").changes_role);
+        let computed = one("select query_to_xml('select 1'::varchar(3), true, false, '')");
+        assert!(computed.computed_sql_text.is_some());
+        let kept = one("select query_to_xml('select 1'::varchar, true, false, '')");
+        assert!(kept.computed_sql_text.is_none() && kept.embedded.len() == 1);
+    }
+
+    #[test]
+    fn large_object_writes_are_writes() {
+        for sql in [
+            "select lo_create(0)",
+            "select lo_from_bytea(0, 'x')",
+            "select lo_unlink(42)",
+            "select lo_put(42, 0, 'x')",
+            "select lo_open(42, 131072)",
+            // Even for reading: its verdict would be shared with the writing mode's.
+            "select lo_open(42, 262144)",
+            "select lo_open(42, $1)",
+            "select lowrite(0, 'x')",
+        ] {
+            let info = one(sql);
+            assert!(info.modifies_data, "{sql}");
+            assert_eq!(info.label, "SELECT writing a large object", "{sql}");
+        }
+        for sql in ["select lo_get(42)", "select loread(0, 10)"] {
+            assert!(!one(sql).modifies_data, "{sql}");
         }
     }
 

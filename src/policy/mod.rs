@@ -4,10 +4,12 @@
 //! `rules` turns that into a verdict for a class; the [`ClassificationCache`] makes
 //! repeated statements (ORMs send the same few hundred) cost a hash lookup.
 
+mod builtins;
 pub mod classify;
 pub mod fastpath;
 pub mod rules;
 pub mod setting_names;
+pub mod sql_text;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -19,6 +21,7 @@ pub use classify::{
     RESERVED_STATEMENT_PREFIX,
 };
 pub use rules::{unsupported_client_encoding, Allowed, Refusal};
+pub use sql_text::SqlTextFunction;
 
 use crate::config::{Allowance, ClientClass, PolicyConfig, PolicyMode};
 
@@ -100,7 +103,8 @@ impl Policy {
         Policy {
             mode: config.mode,
             max_statement_bytes: config.max_statement_bytes,
-            cache: ClassificationCache::new(config.cache_entries),
+            cache: ClassificationCache::new(config.cache_entries)
+                .with_sql_text_functions(config.sql_text_functions.clone()),
         }
     }
 
@@ -132,6 +136,9 @@ impl Policy {
                         session_effects: SessionEffects {
                             settings: true,
                             pins: true,
+                            unseen: true,
+                            sequences: true,
+                            seed: true,
                             ..SessionEffects::default()
                         },
                         ..PassActions::default()
@@ -391,6 +398,8 @@ pub struct ClassificationCache {
     maps: [DashMap<Box<str>, Arc<Classification>, ahash::RandomState>; 2],
     entries: AtomicUsize,
     capacity: usize,
+    /// Installed extensions' functions that run SQL text (`[policy] sql_text_functions`).
+    sql_text_functions: Vec<SqlTextFunction>,
 }
 
 impl ClassificationCache {
@@ -399,7 +408,14 @@ impl ClassificationCache {
             maps: [DashMap::default(), DashMap::default()],
             entries: AtomicUsize::new(0),
             capacity,
+            sql_text_functions: Vec::new(),
         }
+    }
+
+    /// Classifies knowing these functions run SQL text too.
+    pub fn with_sql_text_functions(mut self, functions: Vec<SqlTextFunction>) -> Self {
+        self.sql_text_functions = functions;
+        self
     }
 
     pub fn get_or_classify(&self, sql: &str, scs: bool) -> Arc<Classification> {
@@ -427,7 +443,7 @@ impl ClassificationCache {
         if let Some(hit) = map.get(key) {
             return hit.clone();
         }
-        let classification = Arc::new(classify(sql, scs));
+        let classification = Arc::new(classify::classify_with(sql, scs, &self.sql_text_functions));
         if key.len() <= MAX_CACHED_STATEMENT && self.capacity > 0 {
             if self.entries.load(Ordering::Relaxed) >= self.capacity {
                 self.evict();

@@ -1,7 +1,8 @@
 //! Client class + classified statements → verdict, with the words the client will read.
 
 use super::classify::{
-    Classification, Effect, RoleStatement, SessionEffects, StatementInfo, RESERVED_STATEMENT_PREFIX,
+    Classification, Effect, RoleStatement, SessionEffects, StatementInfo, MAX_SQL_TEXT_DEPTH,
+    RESERVED_STATEMENT_PREFIX,
 };
 use crate::config::{Allowance, ClientClass};
 use crate::sql::quote_ident;
@@ -74,18 +75,10 @@ pub fn judge(
             }
         }
         if s.reserved_name {
-            return Err(Refusal {
-                code: "42501",
-                message: format!(
-                    "rolegate: prepared statement names beginning with \"{RESERVED_STATEMENT_PREFIX}\" are rolegate's own ({})",
-                    s.label
-                ),
-                hint: Some("Choose another name for the prepared statement.".into()),
-                kind: "reserved statement name".into(),
-                leaves_owner_role: true,
-            });
+            return Err(reserved_name_refusal(s));
         }
         judge_statement(class, allow, s)?;
+        judge_sql_text(class, allow, role, s)?;
         allowed.session_effects.add(s.session_effects);
         allowed
             .bound_setting_names
@@ -95,6 +88,96 @@ pub fn judge(
             .extend_from_slice(&s.bound_encodings);
     }
     Ok(allowed)
+}
+
+fn reserved_name_refusal(s: &StatementInfo) -> Refusal {
+    Refusal {
+        code: "42501",
+        message: format!(
+            "rolegate: prepared statement names beginning with \"{RESERVED_STATEMENT_PREFIX}\" are rolegate's own ({})",
+            s.label
+        ),
+        hint: Some("Choose another name for the prepared statement.".into()),
+        kind: "reserved statement name".into(),
+        leaves_owner_role: true,
+    }
+}
+
+/// The SQL text a statement hands to functions that run it (`query_to_xml('…')`): each
+/// statement in a literal is judged as if the client had sent it, and text computed at
+/// run time is refused to the classes whose limits it could step over.
+fn judge_sql_text(
+    class: ClientClass,
+    allow: &[Allowance],
+    role: &str,
+    s: &StatementInfo,
+) -> Result<(), Refusal> {
+    if s.sql_text_too_deep {
+        return Err(Refusal {
+            code: "42501",
+            message: format!(
+                "rolegate: SQL text inside SQL text more than {MAX_SQL_TEXT_DEPTH} levels deep cannot be judged ({})",
+                s.label
+            ),
+            hint: Some("Send the innermost statement on its own.".into()),
+            kind: "SQL text nested too deeply".into(),
+            leaves_owner_role: true,
+        });
+    }
+    if let Some(message) = &s.sql_text_syntax_error {
+        return Err(Refusal {
+            code: "42601",
+            message: format!("rolegate: {message}"),
+            hint: Some("rolegate parses SQL handed to functions as text before it reaches the server; this text is not valid PostgreSQL.".into()),
+            kind: "syntax error in SQL text".into(),
+            leaves_owner_role: true,
+        });
+    }
+    if let Some(function) = &s.computed_sql_text {
+        if class != ClientClass::Migrator {
+            return Err(Refusal {
+                code: "42501",
+                message: format!(
+                    "rolegate: {function} is given SQL text computed when the statement runs (a column, a parameter or an expression), which rolegate cannot judge, so it is not allowed for {} clients ({})",
+                    class.as_str(),
+                    s.label
+                ),
+                hint: Some(format!(
+                    "Write the SQL that {function} runs as a string literal, so that rolegate can judge it; a migrator client may compute it."
+                )),
+                kind: format!("computed SQL text for {function}"),
+                leaves_owner_role: false,
+            });
+        }
+    }
+    for embedded in &s.embedded {
+        // The text cannot be rewritten inside a literal: only a role statement that
+        // leaves the session where it is may pass.
+        if let Some(role_statement) = &embedded.role_statement {
+            if !matches!(keep_role(role_statement, role, 1, embedded)?, Keep::Forward) {
+                return Err(role_refusal(embedded));
+            }
+        }
+        if embedded.reserved_name {
+            return Err(reserved_name_refusal(embedded));
+        }
+        judge_statement(class, allow, embedded)?;
+        judge_sql_text(class, allow, role, embedded)?;
+    }
+    Ok(())
+}
+
+fn role_refusal(s: &StatementInfo) -> Refusal {
+    Refusal {
+        code: "42501",
+        message: format!(
+            "rolegate: changing the session role is not allowed ({})",
+            s.label
+        ),
+        hint: Some("rolegate keeps every session in the owner role, so that everything created belongs to it.".into()),
+        kind: s.label.to_string(),
+        leaves_owner_role: true,
+    }
 }
 
 enum Keep {
@@ -138,16 +221,7 @@ fn keep_role(
             kind: "DISCARD ALL".into(),
             leaves_owner_role: true,
         }),
-        _ => Err(Refusal {
-            code: "42501",
-            message: format!(
-                "rolegate: changing the session role is not allowed ({})",
-                s.label
-            ),
-            hint: Some("rolegate keeps every session in the owner role, so that everything created belongs to it.".into()),
-            kind: s.label.to_string(),
-            leaves_owner_role: true,
-        }),
+        _ => Err(role_refusal(s)),
     }
 }
 
@@ -350,6 +424,70 @@ mod tests {
             "set default_transaction_read_only = off"
         )
         .is_err());
+    }
+
+    #[test]
+    fn sql_text_is_judged_as_the_clients_own() {
+        let role =
+            "SELECT query_to_xml('SELECT set_config(''role'', ''none'', false)', true, false, '')";
+        let plain_role = "SELECT set_config('role', 'none', false)";
+        for class in [
+            ClientClass::App,
+            ClientClass::Readonly,
+            ClientClass::Migrator,
+        ] {
+            let refusal = verdict(class, role).unwrap_err();
+            assert_eq!(refusal.code, "42501");
+            assert!(refusal.leaves_owner_role);
+            assert_eq!(
+                refusal.message,
+                "rolegate: changing the session role is not allowed (set_config('role') in query_to_xml's SQL text)"
+            );
+            assert_eq!(verdict(class, plain_role).unwrap_err().code, refusal.code);
+            assert!(verdict(class, "SELECT query_to_xml('SELECT 1', true, false, '')").is_ok());
+        }
+        let lock = verdict(
+            ClientClass::App,
+            "SELECT query_to_xml('SELECT pg_advisory_lock(1)', true, false, '')",
+        )
+        .unwrap();
+        assert_eq!(
+            lock.session_effects,
+            verdict(ClientClass::App, "SELECT pg_advisory_lock(1)")
+                .unwrap()
+                .session_effects
+        );
+        assert!(verdict(
+            ClientClass::Readonly,
+            "SELECT query_to_xml('SELECT set_config(''default_transaction_read_only'', ''off'', false)', true, false, '')"
+        )
+        .is_err());
+        assert!(verdict(
+            ClientClass::Readonly,
+            "SELECT query_to_xml('WITH d AS (DELETE FROM t RETURNING 1) SELECT * FROM d', true, false, '')"
+        )
+        .is_err());
+        assert!(verdict(ClientClass::App, "SELECT ts_stat('DROP TABLE t')").is_err());
+        assert!(verdict(ClientClass::Migrator, "SELECT ts_stat('DROP TABLE t')").is_ok());
+    }
+
+    #[test]
+    fn computed_sql_text_is_for_migrators_only() {
+        let sql = "SELECT query_to_xml(q, true, false, '') FROM queries";
+        for class in [ClientClass::App, ClientClass::Readonly] {
+            let refusal = verdict(class, sql).unwrap_err();
+            assert_eq!(refusal.code, "42501");
+            assert!(
+                refusal
+                    .message
+                    .contains("query_to_xml is given SQL text computed when the statement runs"),
+                "{}",
+                refusal.message
+            );
+            assert!(refusal.hint.unwrap().contains("string literal"));
+        }
+        let migrator = verdict(ClientClass::Migrator, sql).unwrap();
+        assert!(migrator.session_effects.unseen);
     }
 
     #[test]
