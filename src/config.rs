@@ -689,13 +689,11 @@ impl Config {
                 + usize::from(login.password_file.is_some());
             let static_fields = login.user.is_some() || sources > 0;
             match self.rotation.mode {
-                RotationMode::Static => {
-                    if login.user.is_none() || sources != 1 {
-                        return invalid(format!(
-                            "[backend.logins.{class}] needs user and exactly one of password_env \
-                             and password_file (static rotation)"
-                        ));
-                    }
+                RotationMode::Static if login.user.is_none() || sources != 1 => {
+                    return invalid(format!(
+                        "[backend.logins.{class}] needs user and exactly one of password_env \
+                         and password_file (static rotation)"
+                    ));
                 }
                 RotationMode::Managed if static_fields || login.file.is_some() => {
                     return invalid(format!(

@@ -524,3 +524,322 @@ async fn managed_rotation_needs_no_static_login() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// `[backend.logins]` for a layout: a static login per class, passwords in files setup
+/// writes.
+fn class_logins_toml(database: &str) -> String {
+    let mut text = String::from("[backend.logins]\n");
+    for class in ["app", "readonly", "migrator"] {
+        text.push_str(&format!(
+            "{class} = {{ user = \"{database}_{class}_login\", password_file = \"{class}-login.secret\" }}\n"
+        ));
+    }
+    text
+}
+
+/// A class layout: the one-login config turned into a login per class.
+fn class_layout(base: &str) -> Layout {
+    let mut layout = layout(base, &format!("{base}_owner"), "");
+    let database = layout.database.clone();
+    layout.config = layout
+        .config
+        .replace(
+            &format!(
+                "login_user = {:?}\nlogin_password_file = \"login.secret\"\n",
+                layout.login
+            ),
+            "",
+        )
+        .replacen(
+            "\n\n[[clients]]",
+            &format!("\n{}\n[[clients]]", class_logins_toml(&database)),
+            1,
+        );
+    std::fs::write(&layout.config_path, &layout.config).unwrap();
+    layout
+}
+
+/// Straight to PostgreSQL as a class's login, the way rolegate connects (its startup
+/// setting `role`, no parser in the way).
+async fn as_login(layout: &Layout, class: &str) -> tokio_postgres::Client {
+    let password =
+        std::fs::read_to_string(layout.dir.path().join(format!("{class}-login.secret"))).unwrap();
+    let role = match class {
+        "app" => format!("{}_app", layout.database),
+        "readonly" => format!("{}_readonly", layout.database),
+        _ => layout.owner.clone(),
+    };
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host("127.0.0.1")
+        .port(cluster().port)
+        .user(format!("{}_{class}_login", layout.database))
+        .password(password.trim())
+        .dbname(&layout.database)
+        .options(format!("-c role={role}"));
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+async fn refused(client: &tokio_postgres::Client, sql: &str) -> String {
+    let err = client
+        .batch_execute(sql)
+        .await
+        .expect_err(&format!("{sql} was not refused"));
+    sqlstate(&err).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_per_class_makes_postgres_refuse_what_the_class_may_not() {
+    let layout = class_layout("perclass");
+    let (ok, out, err) = setup(&layout, &[]).await;
+    assert!(ok, "setup failed:\n{out}\n{err}");
+    let (ok, out, err) = setup(&layout, &[]).await;
+    assert!(ok, "second setup failed:\n{out}\n{err}");
+    let (ok, out, _) = check(&layout).await;
+    assert!(ok, "check after setup found problems:\n{out}");
+
+    let migrator = as_login(&layout, "migrator").await;
+    migrator
+        .batch_execute(
+            "CREATE TABLE orders (id serial PRIMARY KEY, total int); INSERT INTO orders (total) VALUES (1)",
+        )
+        .await
+        .unwrap();
+    let app = as_login(&layout, "app").await;
+    let readonly = as_login(&layout, "readonly").await;
+    // The database alone refuses DDL for app, every write for readonly; rows work.
+    app.batch_execute("INSERT INTO orders (total) VALUES (2); UPDATE orders SET total = 3 WHERE id = 2; SELECT nextval('orders_id_seq')")
+        .await
+        .unwrap();
+    for sql in [
+        "CREATE TABLE nope (id int)",
+        "ALTER TABLE orders ADD COLUMN x int",
+        "DROP TABLE orders",
+        "TRUNCATE orders",
+        "CREATE TEMP TABLE t (id int)",
+        "CREATE SCHEMA s",
+    ] {
+        assert_eq!(refused(&app, sql).await, "42501", "app: {sql}");
+    }
+    readonly
+        .batch_execute("SELECT * FROM orders")
+        .await
+        .unwrap();
+    for sql in [
+        "SET default_transaction_read_only = off; INSERT INTO orders (total) VALUES (9)",
+        "SET default_transaction_read_only = off; UPDATE orders SET total = 0",
+        "SET default_transaction_read_only = off; DELETE FROM orders",
+        "SET default_transaction_read_only = off; SELECT setval('orders_id_seq', 100)",
+        "SET default_transaction_read_only = off; SELECT nextval('orders_id_seq')",
+        "SET default_transaction_read_only = off; CREATE TABLE nope (id int)",
+    ] {
+        assert_eq!(refused(&readonly, sql).await, "42501", "readonly: {sql}");
+    }
+    // A role reset, where no parser sees it, leaves a session with nothing.
+    for (class, client) in [
+        ("app", &app),
+        ("readonly", &readonly),
+        ("migrator", &migrator),
+    ] {
+        client
+            .batch_execute("SET default_transaction_read_only = off")
+            .await
+            .unwrap();
+        client
+            .query_one(
+                "SELECT query_to_xml('SELECT set_config(''role'', ''none'', false)', true, false, '')",
+                &[],
+            )
+            .await
+            .unwrap();
+        let user: String = client
+            .query_one("SELECT current_user::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(user, format!("{}_{class}_login", layout.database));
+        assert_eq!(
+            refused(client, "SELECT * FROM orders").await,
+            "42501",
+            "{class}"
+        );
+        assert_eq!(
+            refused(client, "CREATE TABLE escaped (id int)").await,
+            "42501",
+            "{class}"
+        );
+        assert_eq!(
+            refused(client, "CREATE TEMP TABLE escaped (id int)").await,
+            "42501",
+            "{class}"
+        );
+    }
+    // And an app or readonly login cannot take the owner role.
+    for client in [&app, &readonly] {
+        let sql = format!("SELECT set_config('role', '{}', false)", layout.owner);
+        assert_eq!(refused(client, &sql).await, "42501", "{sql}");
+    }
+    let other = format!("{}_readonly", layout.database);
+    let sql = format!("SELECT set_config('role', '{other}', false)");
+    assert_eq!(refused(&app, &sql).await, "42501", "{sql}");
+
+    // Through rolegate, session mode: each class in its class role and login, and the
+    // escape (refused by rolegate, or run and gaining nothing).
+    let database = layout.database.clone();
+    let owner = layout.owner.clone();
+    let rg = serve(layout).await;
+    assert_escape_gains_nothing(&rg, &database, &owner).await;
+}
+
+/// Through rolegate: `current_user`/`session_user` per class, then the role reset hidden in
+/// query_to_xml: rolegate refuses it (42501) or, if it runs, the session gains nothing.
+async fn assert_escape_gains_nothing(rg: &Rolegate, database: &str, owner: &str) {
+    for (user, role, class) in [
+        ("web", format!("{database}_app"), "app"),
+        ("analyst", format!("{database}_readonly"), "readonly"),
+        ("migrate", owner.to_owned(), "migrator"),
+    ] {
+        let client = connect_url(&rg.url(user, password_of(user), database))
+            .await
+            .unwrap();
+        let row = client
+            .query_one("SELECT current_user::text, session_user::text", &[])
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, String>(0), role);
+        assert_eq!(row.get::<_, String>(1), format!("{database}_{class}_login"));
+        if class == "migrator" {
+            continue;
+        }
+        let escape = client
+            .query_one(
+                "SELECT query_to_xml('SELECT set_config(''role'', ''none'', false)', true, false, '')",
+                &[],
+            )
+            .await;
+        match escape {
+            Err(e) => assert_eq!(sqlstate(&e).as_deref(), Some("42501"), "{e}"),
+            Ok(_) => {
+                let user: String = client
+                    .query_one("SELECT current_user::text", &[])
+                    .await
+                    .unwrap()
+                    .get(0);
+                assert_ne!(user, owner, "{class} became the owner");
+                if user != role {
+                    let err = client
+                        .query_one("SELECT count(*) FROM orders", &[])
+                        .await
+                        .unwrap_err();
+                    assert_eq!(sqlstate(&err).as_deref(), Some("42501"));
+                }
+            }
+        }
+        let err = client
+            .batch_execute("CREATE TABLE escaped (id int)")
+            .await
+            .unwrap_err();
+        assert_eq!(sqlstate(&err).as_deref(), Some("42501"), "{class}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_converts_a_one_login_deployment_and_check_flags_each_misconfiguration() {
+    // Today's layout, with an app_role, and a table.
+    let mut layout = layout("convert", "convert_owner", "app_role = \"convert_app_x\"");
+    let app_role = "convert_app_x";
+    let (ok, out, err) = setup(&layout, &[]).await;
+    assert!(ok, "{out}\n{err}");
+    let old_login = layout.login.clone();
+    let admin_db = admin(&layout.database).await;
+    admin_db
+        .batch_execute(&format!(
+            "SET ROLE \"{owner}\"; CREATE TABLE books (id serial PRIMARY KEY, title text); RESET ROLE",
+            owner = layout.owner
+        ))
+        .await
+        .unwrap();
+
+    // The config turned into a login per class (the app role keeps its name).
+    let database = layout.database.clone();
+    layout.config = layout
+        .config
+        .replace(
+            &format!("login_user = {old_login:?}\nlogin_password_file = \"login.secret\"\n"),
+            "",
+        )
+        .replacen(
+            "\n\n[[clients]]",
+            &format!("\n{}\n[[clients]]", class_logins_toml(&database)),
+            1,
+        );
+    std::fs::write(&layout.config_path, &layout.config).unwrap();
+    let (ok, out, err) = setup(&layout, &[]).await;
+    assert!(ok, "converting setup failed:\n{out}\n{err}");
+    let (ok, out, err) = setup(&layout, &[]).await;
+    assert!(ok, "second converting setup failed:\n{out}\n{err}");
+    // What is left is the old login, with the SQL that removes it.
+    let (ok, out, _) = check(&layout).await;
+    assert!(!ok);
+    for line in out
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("problem: "))
+    {
+        assert!(
+            line.contains(&old_login),
+            "only the old login is left: {line}\n{out}"
+        );
+    }
+    for line in out.lines().filter_map(|l| l.trim().strip_prefix("fix: ")) {
+        admin_db
+            .batch_execute(line)
+            .await
+            .unwrap_or_else(|e| panic!("{line}: {e}"));
+    }
+    let (ok, out, _) = check(&layout).await;
+    assert!(ok, "check after the fixes:\n{out}");
+
+    // The app class role reaches the table made before the conversion.
+    let app = format!("{database}_app_login");
+    let readonly_role = format!("{database}_readonly");
+    let readonly_login = format!("{database}_readonly_login");
+    // Each misconfiguration, then check names it and its fix repairs it.
+    admin_db
+        .batch_execute(&format!(
+            "ALTER ROLE \"{app}\" INHERIT;
+             GRANT \"{app_role}\" TO \"{readonly_login}\";
+             GRANT CREATE ON SCHEMA public TO \"{app_role}\";
+             GRANT INSERT, DELETE ON books TO \"{readonly_role}\";
+             REVOKE UPDATE ON books FROM \"{app_role}\";
+             REVOKE SELECT ON SEQUENCE books_id_seq FROM \"{app_role}\";
+             GRANT SELECT ON books TO \"{readonly_role}\" WITH GRANT OPTION;"
+        ))
+        .await
+        .unwrap();
+    let (ok, out, _) = check(&layout).await;
+    assert!(!ok);
+    for expected in [
+        format!("login role {app} inherits"),
+        format!("login role {readonly_login} is a member of 2 class roles"),
+        format!("app class role {app_role} may CREATE in schema public"),
+        format!("readonly class role {readonly_role} may INSERT, DELETE on public.books"),
+        format!("app class role {app_role} lacks UPDATE on public.books"),
+        format!("app class role {app_role} lacks SELECT on public.books_id_seq"),
+        format!("readonly class role {readonly_role} holds GRANT OPTION on public.books"),
+    ] {
+        assert!(
+            out.contains(&expected),
+            "check does not say {expected:?}:\n{out}"
+        );
+    }
+    for line in out.lines().filter_map(|l| l.trim().strip_prefix("fix: ")) {
+        admin_db
+            .batch_execute(line)
+            .await
+            .unwrap_or_else(|e| panic!("{line}: {e}"));
+    }
+    let (ok, out, _) = check(&layout).await;
+    assert!(ok, "check after the fixes:\n{out}");
+}

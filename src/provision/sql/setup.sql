@@ -125,6 +125,13 @@ GRANT :"class_role" TO :"login";
 ALTER ROLE :"login" SET role = :'class_role';
 GRANT CONNECT ON DATABASE :"database" TO :"login";
 
+-- name: class_login_membership_pg16
+-- PostgreSQL 16 and newer record INHERIT per membership: the login's is made FALSE too.
+ALTER ROLE :"login" NOINHERIT;
+GRANT :"class_role" TO :"login" WITH INHERIT FALSE;
+ALTER ROLE :"login" SET role = :'class_role';
+GRANT CONNECT ON DATABASE :"database" TO :"login";
+
 -- name: revoke_membership
 -- A login is a member of exactly its class role.
 REVOKE :"other_role" FROM :"login";
