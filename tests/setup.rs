@@ -689,13 +689,34 @@ async fn a_login_per_class_makes_postgres_refuse_what_the_class_may_not() {
     // escape (refused by rolegate, or run and gaining nothing).
     let database = layout.database.clone();
     let owner = layout.owner.clone();
+    // The same in transaction mode, from a copy of the config and its password files.
+    let pooled_dir = tempfile::tempdir().unwrap();
+    for class in ["app", "readonly", "migrator"] {
+        let file = format!("{class}-login.secret");
+        std::fs::copy(layout.dir.path().join(&file), pooled_dir.path().join(&file)).unwrap();
+    }
+    let pooled_port = free_port();
+    let pooled_config = layout
+        .config
+        .replace(&format!(":{}\"", layout.port), &format!(":{pooled_port}\""))
+        + "[pool]\nmode = \"transaction\"\nsize = 2\n";
     let rg = serve(layout).await;
-    assert_escape_gains_nothing(&rg, &database, &owner).await;
+    assert!(
+        !rg.log_text().contains("one login role serves every class"),
+        "a login per class must not warn"
+    );
+    assert_escape_gains_nothing(&rg, &database, &owner, true).await;
+    let pooled = Rolegate::launch(pooled_dir, pooled_port, &pooled_config).await;
+    assert_escape_gains_nothing(&pooled, &database, &owner, true).await;
+    // The next clients on the same backend connections gain nothing either.
+    assert_escape_gains_nothing(&pooled, &database, &owner, false).await;
 }
 
 /// Through rolegate: `current_user`/`session_user` per class, then the role reset hidden in
 /// query_to_xml: rolegate refuses it (42501) or, if it runs, the session gains nothing.
-async fn assert_escape_gains_nothing(rg: &Rolegate, database: &str, owner: &str) {
+/// With `strict`, every session starts in its class role; without, a session may also start
+/// as its bare class login (transaction mode after an escape on the same backend connection).
+async fn assert_escape_gains_nothing(rg: &Rolegate, database: &str, owner: &str, strict: bool) {
     for (user, role, class) in [
         ("web", format!("{database}_app"), "app"),
         ("analyst", format!("{database}_readonly"), "readonly"),
@@ -708,8 +729,21 @@ async fn assert_escape_gains_nothing(rg: &Rolegate, database: &str, owner: &str)
             .query_one("SELECT current_user::text, session_user::text", &[])
             .await
             .unwrap();
-        assert_eq!(row.get::<_, String>(0), role);
-        assert_eq!(row.get::<_, String>(1), format!("{database}_{class}_login"));
+        let login = format!("{database}_{class}_login");
+        assert_eq!(row.get::<_, String>(1), login);
+        let user = row.get::<_, String>(0);
+        if strict || user != login {
+            assert_eq!(user, role);
+        } else {
+            // Transaction mode, a backend connection an earlier client reset the role of
+            // where rolegate could not see it: the session is the bare login, which holds
+            // nothing.
+            let err = client
+                .query_one("SELECT count(*) FROM orders", &[])
+                .await
+                .unwrap_err();
+            assert_eq!(sqlstate(&err).as_deref(), Some("42501"));
+        }
         if class == "migrator" {
             continue;
         }
