@@ -907,6 +907,67 @@ class = "app"
         assert!(Config::parse(&managed).is_ok());
     }
 
+    fn class_logins_sample(logins: &str, rotation: &str) -> String {
+        sample()
+            .replace("login_user = \"bookstore_login_0001\"\n", "")
+            .replace("login_password_env = \"ROLEGATE_LOGIN_PASSWORD\"\n", "")
+            .replace("[[clients]]", &format!("{logins}\n{rotation}\n[[clients]]"))
+    }
+
+    #[test]
+    fn a_login_per_class_names_each_class_for_its_rotation_mode() {
+        let static_logins = "[backend.logins]\n\
+            app = { user = \"a\", password_env = \"A\" }\n\
+            readonly = { user = \"r\", password_file = \"r.secret\" }\n\
+            migrator = { user = \"m\", password_env = \"M\" }\n";
+        let config = Config::parse(&class_logins_sample(static_logins, "")).unwrap();
+        assert!(config.class_logins());
+        assert!(config.one_login_warning().is_none());
+        assert_eq!(config.class_role(ClientClass::App), "bookstore_app");
+        assert_eq!(
+            config.class_role(ClientClass::Readonly),
+            "bookstore_readonly"
+        );
+        assert_eq!(config.class_role(ClientClass::Migrator), "bookstore_owner");
+
+        // Static: a class without its login is refused, and so is login_user beside it.
+        let missing =
+            static_logins.replace("migrator = { user = \"m\", password_env = \"M\" }\n", "");
+        let err = Config::parse(&class_logins_sample(&missing, ""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("[backend.logins.migrator]"), "{err}");
+        let both = sample().replace("[[clients]]", &format!("{static_logins}\n[[clients]]"));
+        let err = Config::parse(&both).unwrap_err().to_string();
+        assert!(err.contains("one-login layout"), "{err}");
+
+        // Managed: an empty table; a static field is refused.
+        let managed = "[rotation]\nmode = \"managed\"\n";
+        let config = Config::parse(&class_logins_sample("[backend.logins]\n", managed)).unwrap();
+        assert_eq!(
+            config.own_class_login_prefix(ClientClass::Readonly),
+            "bookstore_readonly_login_"
+        );
+        assert!(Config::parse(&class_logins_sample(static_logins, managed)).is_err());
+
+        // File: a file per class.
+        let file = "[rotation]\nmode = \"file\"\n";
+        assert!(Config::parse(&class_logins_sample("[backend.logins]\n", file)).is_err());
+        let files = "[backend.logins]\napp = { file = \"a.json\" }\n\
+            readonly = { file = \"r.json\" }\nmigrator = { file = \"m.json\" }\n";
+        assert!(Config::parse(&class_logins_sample(files, file)).is_ok());
+    }
+
+    #[test]
+    fn the_one_login_layout_keeps_working_and_says_how_to_convert() {
+        let config = Config::parse(&sample()).unwrap();
+        assert!(!config.class_logins());
+        assert_eq!(config.class_role(ClientClass::App), "bookstore_owner");
+        assert_eq!(config.class_role(ClientClass::Readonly), "bookstore_owner");
+        let warning = config.one_login_warning().unwrap();
+        assert!(warning.contains("[backend.logins]"), "{warning}");
+    }
+
     #[test]
     fn tls_prefer_needs_a_certificate() {
         let text = sample().replace("mode = \"disable\"", "mode = \"prefer\"");
