@@ -840,9 +840,20 @@ async fn setup_converts_a_one_login_deployment_and_check_flags_each_misconfigura
     let readonly_role = format!("{database}_readonly");
     let readonly_login = format!("{database}_readonly_login");
     // Each misconfiguration, then check names it and its fix repairs it.
+    let version: i32 = admin_db
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // PostgreSQL 16+ records INHERIT per membership, older versions per role.
+    let inherit = if version >= 160_000 {
+        format!("GRANT \"{app_role}\" TO \"{app}\" WITH INHERIT TRUE;")
+    } else {
+        format!("ALTER ROLE \"{app}\" INHERIT;")
+    };
     admin_db
         .batch_execute(&format!(
-            "ALTER ROLE \"{app}\" INHERIT;
+            "{inherit}
              GRANT \"{app_role}\" TO \"{readonly_login}\";
              GRANT CREATE ON SCHEMA public TO \"{app_role}\";
              GRANT INSERT, DELETE ON books TO \"{readonly_role}\";
