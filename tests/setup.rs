@@ -381,6 +381,21 @@ async fn demo_serves_and_cleans_up() {
     );
     let (ok, _, err) = psql(&url("app"), "app", &["-c", "INSERT INTO t VALUES (1)"]).await;
     assert!(ok, "{err}");
+    // A login per class: each class in its own role.
+    for (user, expected) in [
+        ("app", "demo_app demo_app_login"),
+        ("readonly", "demo_readonly demo_readonly_login"),
+        ("migrator", "demo_owner demo_migrator_login"),
+    ] {
+        let (ok, out, err) = psql(
+            &url(user),
+            user,
+            &["-tAc", "SELECT current_user || ' ' || session_user"],
+        )
+        .await;
+        assert!(ok, "{err}");
+        assert_eq!(out.trim(), expected);
+    }
 
     // Ctrl-C stops it and removes the cluster.
     let pid = child.id().unwrap() as i32;
@@ -887,4 +902,82 @@ async fn setup_converts_a_one_login_deployment_and_check_flags_each_misconfigura
     }
     let (ok, out, _) = check(&layout).await;
     assert!(ok, "check after the fixes:\n{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_mode_reads_one_credential_per_class() {
+    // setup makes the class logins (static config), then the same logins come from files.
+    let layout = class_layout("perfile");
+    let (ok, out, err) = setup(&layout, &[]).await;
+    assert!(ok, "setup failed:\n{out}\n{err}");
+    let database = layout.database.clone();
+    let write = |class: &str, user: &str, password: &str| {
+        std::fs::write(
+            layout.dir.path().join(format!("{class}.json")),
+            serde_json::json!({"username": user, "password": password}).to_string(),
+        )
+        .unwrap();
+    };
+    let mut files = String::from("[backend.logins]\n");
+    for class in ["app", "readonly", "migrator"] {
+        let password =
+            std::fs::read_to_string(layout.dir.path().join(format!("{class}-login.secret")))
+                .unwrap();
+        write(class, &format!("{database}_{class}_login"), password.trim());
+        files.push_str(&format!("{class} = {{ file = \"{class}.json\" }}\n"));
+    }
+    let config = layout.config.replace(&class_logins_toml(&database), &files)
+        + "[rotation]\nmode = \"file\"\npoll_interval = \"200ms\"\n";
+    assert!(config.contains("file = \"app.json\""), "{config}");
+    let dir = layout.dir.path().to_owned();
+    let port = layout.port;
+    let keep = layout.dir;
+    let rg = Rolegate::launch(keep, port, &config).await;
+    let session_user = |user: &'static str| {
+        let url = rg.url(user, password_of(user), &database);
+        async move {
+            connect_url(&url)
+                .await
+                .unwrap()
+                .query_one("SELECT session_user::text, current_user::text", &[])
+                .await
+                .unwrap()
+                .get::<_, String>(0)
+        }
+    };
+    assert_eq!(session_user("web").await, format!("{database}_app_login"));
+    assert_eq!(
+        session_user("analyst").await,
+        format!("{database}_readonly_login")
+    );
+    // A new app login, made as setup makes them, written to the app file only.
+    let new_login = format!("{database}_app_login_2");
+    admin("postgres")
+        .await
+        .batch_execute(&format!(
+            "CREATE ROLE \"{new_login}\" LOGIN NOINHERIT PASSWORD 'second-pw' IN ROLE \"{database}_app\";
+             ALTER ROLE \"{new_login}\" SET role = '{database}_app';
+             GRANT CONNECT ON DATABASE \"{database}\" TO \"{new_login}\";"
+        ))
+        .await
+        .unwrap();
+    std::fs::write(
+        dir.join("app.json"),
+        serde_json::json!({"username": new_login, "password": "second-pw"}).to_string(),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while session_user("web").await != new_login {
+        assert!(Instant::now() < deadline, "{}", rg.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The other classes keep their own logins.
+    assert_eq!(
+        session_user("analyst").await,
+        format!("{database}_readonly_login")
+    );
+    assert_eq!(
+        session_user("migrate").await,
+        format!("{database}_migrator_login")
+    );
 }
