@@ -695,6 +695,11 @@ async fn rotating_every_class_login_under_load_loses_no_query() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+    // check lists prefixed logins without sessions as stale: the current ones have some.
+    let mut open_sessions = Vec::new();
+    for user in ["web", "analyst", "migrate"] {
+        open_sessions.push(connect_url(&url(user)).await.unwrap());
+    }
     let (ok, out, err) = rolegate_command(
         &["check", "--config", &config_arg],
         &[("ROLEGATE_ADMIN_URL", &admin_url)],

@@ -265,12 +265,12 @@ WHERE NOT (CASE k.objtype WHEN 'r' THEN c.tables ELSE c.sequences END) <@ ARRAY(
 ORDER BY 1;
 
 -- name: class_stale_logins
--- Rotated class logins (managed mode) that have no session.
+-- Logins with a class's rotation prefix (managed mode) that have no session: left behind by
+-- an interrupted rotation or a replaced instance (compare with GET /status first).
 WITH known(class, prefix) AS (
   VALUES ('app', :'app_prefix'), ('readonly', :'readonly_prefix'), ('migrator', :'migrator_prefix'))
 SELECT format('stale %s login role %s (rotation prefix, no sessions)', k.class, r.rolname),
        format('REVOKE CONNECT ON DATABASE %I FROM %I; DROP ROLE %I;', current_database(), r.rolname, r.rolname)
 FROM known k JOIN pg_roles r ON k.prefix <> '' AND starts_with(r.rolname, k.prefix)
-WHERE NOT r.rolcanlogin
-  AND NOT EXISTS (SELECT FROM pg_stat_activity a WHERE a.usename = r.rolname)
+WHERE NOT EXISTS (SELECT FROM pg_stat_activity a WHERE a.usename = r.rolname)
 ORDER BY 1;
