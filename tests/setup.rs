@@ -981,3 +981,35 @@ async fn file_mode_reads_one_credential_per_class() {
         format!("{database}_migrator_login")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn print_sql_of_a_login_per_class_runs_nothing_and_shows_no_secret() {
+    let layout = class_layout("printedclass");
+    let (ok, out, err) = setup(&layout, &["--print-sql"]).await;
+    assert!(ok, "{err}");
+    let db = &layout.database;
+    for expected in [
+        format!("CREATE ROLE \"{db}_app\" NOLOGIN"),
+        format!("CREATE ROLE \"{db}_readonly\" NOLOGIN"),
+        format!("CREATE ROLE \"{db}_app_login\" LOGIN NOINHERIT PASSWORD '<redacted>'"),
+        format!("ALTER ROLE \"{db}_readonly_login\" SET role = E'{db}_readonly'"),
+        format!("GRANT SELECT ON ALL TABLES IN SCHEMA public TO \"{db}_readonly\""),
+        "ALTER DEFAULT PRIVILEGES FOR ROLE".to_owned(),
+    ] {
+        assert!(out.contains(&expected), "{expected}:\n{out}");
+    }
+    assert!(
+        !out.contains("SCRAM-SHA-256$"),
+        "a verifier was printed: {out}"
+    );
+    assert!(!layout.dir.path().join("app-login.secret").exists());
+    let exists = admin("postgres")
+        .await
+        .query_opt(
+            "SELECT 1 FROM pg_roles WHERE rolname = $1",
+            &[&format!("{db}_app")],
+        )
+        .await
+        .unwrap();
+    assert!(exists.is_none(), "--print-sql created the app role");
+}
