@@ -200,6 +200,14 @@ async fn setup_twice_changes_nothing_and_fails_on_nothing() {
     connect_url(&rg.url("web", "web-pw", &database))
         .await
         .unwrap();
+    // The one-login layout works as before, and says once what it lacks.
+    let log = rg.log_text();
+    assert_eq!(
+        log.matches("one login role serves every class").count(),
+        1,
+        "{log}"
+    );
+    assert!(log.contains("[backend.logins]"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
