@@ -723,6 +723,7 @@ async fn a_login_per_class_makes_postgres_refuse_what_the_class_may_not() {
         .config
         .replace(&format!(":{}\"", layout.port), &format!(":{pooled_port}\""))
         + "[pool]\nmode = \"transaction\"\nsize = 2\n";
+    let config_path = layout.config_path.clone();
     let rg = serve(layout).await;
     assert!(
         !rg.log_text().contains("one login role serves every class"),
@@ -733,6 +734,13 @@ async fn a_login_per_class_makes_postgres_refuse_what_the_class_may_not() {
     assert_escape_gains_nothing(&pooled, &database, &owner, true).await;
     // The next clients on the same backend connections gain nothing either.
     assert_escape_gains_nothing(&pooled, &database, &owner, false).await;
+    // Nothing any of it did left an object owned by anything but the owner.
+    let (ok, out, _) = rolegate_command(
+        &["check", "--config", config_path.to_str().unwrap()],
+        &[("ROLEGATE_ADMIN_URL", &admin_url())],
+    )
+    .await;
+    assert!(ok, "check after the escapes:\n{out}");
 }
 
 /// Through rolegate: `current_user`/`session_user` per class, then the role reset hidden in
@@ -768,7 +776,40 @@ async fn assert_escape_gains_nothing(rg: &Rolegate, database: &str, owner: &str,
             assert_eq!(sqlstate(&err).as_deref(), Some("42501"));
         }
         if class == "migrator" {
+            // A DO block resets the role: what the migrator creates next cannot belong to
+            // a login that rotation will drop, because the bare login creates nothing.
+            let reset = client
+                .batch_execute("DO $$ BEGIN PERFORM set_config('role', 'none', false); END $$")
+                .await;
+            if reset.is_ok() {
+                let err = client
+                    .batch_execute("CREATE TABLE made_by_a_login (id int)")
+                    .await
+                    .unwrap_err();
+                assert_eq!(sqlstate(&err).as_deref(), Some("42501"), "{err}");
+            }
             continue;
+        }
+        if class == "readonly" {
+            // Read-only mode turned off where rolegate cannot see it: the readonly class
+            // role still cannot write a sequence (or a table).
+            let off = client
+                .query_one(
+                    "SELECT query_to_xml('SELECT set_config(''default_transaction_read_only'', ''off'', false)', true, false, '')",
+                    &[],
+                )
+                .await;
+            if off.is_ok() {
+                for sql in [
+                    "SELECT setval('orders_id_seq', 100)",
+                    "SELECT nextval('orders_id_seq')",
+                    "INSERT INTO orders (total) VALUES (7)",
+                ] {
+                    let err = client.batch_execute(sql).await.unwrap_err();
+                    let code = sqlstate(&err).unwrap_or_default();
+                    assert!(code == "42501" || code == "25006", "{sql}: {err}");
+                }
+            }
         }
         let escape = client
             .query_one(
