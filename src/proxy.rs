@@ -204,6 +204,18 @@ impl Proxy {
         {
             tracing::warn!("[backend] and listen changes take effect only after a restart");
         }
+        // Which login each class uses and the role its sessions run in belong to the
+        // credential stores, pools and rotators built at start: they change with a restart.
+        let layout_changed = config.class_logins() != current.class_logins()
+            || crate::config::CLASSES
+                .iter()
+                .any(|&class| config.class_role(class) != current.class_role(class));
+        if layout_changed {
+            anyhow::bail!(
+                "[backend.logins] and the class roles (owner_role, app_role, readonly_role) \
+                 change only with a restart"
+            );
+        }
         let live = Arc::new(Live::build(config)?);
         if let Some(bound) = self.admin_bound.get() {
             if !crate::config::is_loopback_listen(bound) && live.admin_token.is_none() {
