@@ -38,6 +38,7 @@ pub enum CredentialError {
     },
     #[error("no backend login is configured")]
     NoLogin,
+    /// File mode: the credential file could not be used (the message never quotes it).
     #[error("{0}")]
     FileCredential(String),
 }
@@ -268,6 +269,53 @@ mod tests {
         };
         let text = format!("{c:?}");
         assert!(text.contains("login_1") && !text.contains("hunter2"));
+    }
+
+    fn config(extra_backend: &str) -> Config {
+        let verifier = crate::scram::make_verifier("x");
+        Config::parse(&format!(
+            "[tls]\nmode = \"disable\"\n[backend]\ndatabase = \"shop\"\nowner_role = \"shop_owner\"\n\
+             {extra_backend}\n[[clients]]\nuser = \"w\"\npassword = \"{verifier}\"\nclass = \"app\"\n\
+             [rotation]\nmode = \"managed\"\n"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn one_login_serves_every_class_or_each_class_has_its_own() {
+        let credential = |user: &str| LoginCredential {
+            user: user.into(),
+            password: String::new(),
+        };
+        let shared = config("app_role = \"shop_dml\"\n");
+        let slots = login_slots(&shared);
+        assert_eq!(slots.len(), 1);
+        assert_eq!(slots[0].member_of, ["shop_owner", "shop_dml"]);
+        assert!(!slots[0].class_login);
+        let stores = ClassCredentials::new(&[(slots[0].clone(), credential("l"))]);
+        assert!(Arc::ptr_eq(
+            stores.get(ClientClass::App),
+            stores.get(ClientClass::Readonly)
+        ));
+
+        let per_class = config("[backend.logins]\n");
+        let slots = login_slots(&per_class);
+        let roles: Vec<_> = slots.iter().map(|s| s.role.as_str()).collect();
+        assert_eq!(roles, ["shop_app", "shop_readonly", "shop_owner"]);
+        assert!(slots
+            .iter()
+            .all(|s| s.class_login && s.member_of == [s.role.clone()]));
+        assert_eq!(slots[1].own_prefix, "shop_readonly_login_");
+        let stores = ClassCredentials::new(
+            &slots
+                .iter()
+                .map(|s| (s.clone(), credential(s.label)))
+                .collect::<Vec<_>>(),
+        );
+        assert_eq!(stores.get(ClientClass::Readonly).current().user, "readonly");
+        assert_eq!(stores.get(ClientClass::Migrator).current().user, "migrator");
+        stores.get(ClientClass::App).swap(credential("app2"));
+        assert_eq!(stores.get(ClientClass::Readonly).current().user, "readonly");
     }
 
     #[test]
