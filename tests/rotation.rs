@@ -524,6 +524,16 @@ async fn rotations_in_transaction_mode_keep_long_lived_clients() {
 /// working; afterwards only the newest login of each class is left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotating_every_class_login_under_load_loses_no_query() {
+    rotate_every_class_login_under_load("").await;
+}
+
+/// The same with transaction pooling: a pool per class role, opened with its class's login.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_every_class_login_in_transaction_mode_loses_no_query() {
+    rotate_every_class_login_under_load("[pool]\nmode = \"transaction\"\nsize = 4\n").await;
+}
+
+async fn rotate_every_class_login_under_load(pool: &str) {
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let database = format!(
         "classrot{}_{}",
@@ -539,7 +549,7 @@ async fn rotating_every_class_login_under_load_loses_no_query() {
         "listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n\
          [tls]\nmode = \"disable\"\n[backend]\nhost = \"127.0.0.1\"\nport = {pg}\n\
          database = {database:?}\nowner_role = {owner:?}\n[backend.logins]\n\n\
-         [rotation]\nmode = \"managed\"\nrotator_url_file = {url:?}\ndrain = \"2s\"\n\n{clients}",
+         [rotation]\nmode = \"managed\"\nrotator_url_file = {url:?}\ndrain = \"2s\"\n\n{pool}\n{clients}",
         pg = cluster().port,
         url = url_file.display().to_string(),
         clients = clients_toml(),
@@ -678,6 +688,24 @@ async fn rotating_every_class_login_under_load_loses_no_query() {
             body.contains(&seen[2][i].0),
             "{class} login not in /status: {body}"
         );
+    }
+    if !pool.is_empty() {
+        // Each class's pool opens its connections with that class's login.
+        let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let pools = status["pools"].as_array().expect("pools in /status");
+        for (i, label) in [
+            format!("{database}_app"),
+            format!("{database}_readonly/readonly"),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let pool = pools
+                .iter()
+                .find(|p| p["pool"] == label.as_str())
+                .unwrap_or_else(|| panic!("no pool {label}: {body}"));
+            assert_eq!(pool["login"], seen[2][i].0.as_str(), "{body}");
+        }
     }
     // Once drained, only the newest login of each class is left.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);

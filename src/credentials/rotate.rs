@@ -237,16 +237,14 @@ impl Rotator {
             // A NOINHERIT login does not get CONNECT from its class role: it needs its own,
             // granted through the grantor role setup made (the rotator itself may not
             // connect to the database).
-            let grantor = quote_ident(&connect_grantor(&config));
-            let granted = rotator
-                .batch_execute(&format!(
-                    "SET ROLE {grantor}; GRANT CONNECT ON DATABASE {} TO {}",
-                    quote_ident(&config.backend.database),
-                    quote_ident(&new.user)
-                ))
-                .await;
-            rotator.batch_execute("RESET ROLE").await?;
-            granted.context("granting the new login CONNECT on the database")?;
+            let grant = format!(
+                "GRANT CONNECT ON DATABASE {} TO {}",
+                quote_ident(&config.backend.database),
+                quote_ident(&new.user)
+            );
+            change_database_acl(rotator, &config, &grant)
+                .await
+                .context("granting the new login CONNECT on the database")?;
         }
         backend::prove_login(&self.target, new, &slot.role)
             .await
@@ -448,15 +446,35 @@ pub fn connect_grantor(config: &Config) -> String {
 }
 
 async fn revoke_connect(client: &Client, config: &Config, login: &str) -> anyhow::Result<()> {
+    let revoke = format!(
+        "REVOKE CONNECT ON DATABASE {} FROM {}",
+        quote_ident(&config.backend.database),
+        quote_ident(login)
+    );
+    change_database_acl(client, config, &revoke).await
+}
+
+/// Runs a GRANT or REVOKE on the database as the grantor role. Every such statement
+/// rewrites the database's one catalog row, so two at once (a new login's grant while an
+/// old one's drain revokes, or another instance rotating) fail with "tuple concurrently
+/// updated": this process runs one at a time and retries what another process raced.
+async fn change_database_acl(client: &Client, config: &Config, sql: &str) -> anyhow::Result<()> {
+    static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _one = ONE_AT_A_TIME.lock().await;
     let grantor = quote_ident(&connect_grantor(config));
-    let result = client
-        .batch_execute(&format!(
-            "SET ROLE {grantor}; REVOKE CONNECT ON DATABASE {} FROM {}",
-            quote_ident(&config.backend.database),
-            quote_ident(login)
-        ))
-        .await;
-    client.batch_execute("RESET ROLE").await?;
-    result?;
-    Ok(())
+    let mut attempt = 0;
+    loop {
+        let result = client
+            .batch_execute(&format!("SET ROLE {grantor}; {sql}"))
+            .await;
+        client.batch_execute("RESET ROLE").await?;
+        match result {
+            Ok(()) => return Ok(()),
+            Err(e) if attempt < 5 && e.to_string().contains("tuple concurrently updated") => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
