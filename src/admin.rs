@@ -46,11 +46,15 @@ impl Readiness {
             }
         }
         proxy.metrics.readiness_checks.inc();
-        let login = proxy.credentials.current();
-        let owner_role = &proxy.config().backend.owner_role;
-        let result = backend::prove_login(&proxy.backend, &login, owner_role)
-            .await
-            .map_err(|e| e.to_string());
+        // Every login in use must work: each class's, or the one of the one-login layout.
+        let mut result = Ok(());
+        for slot in crate::credentials::login_slots(&proxy.config()) {
+            let login = proxy.credentials.get(slot.classes[0]).current();
+            if let Err(e) = backend::prove_login(&proxy.backend, &login, &slot.role).await {
+                result = Err(e.to_string());
+                break;
+            }
+        }
         *last = Some((Instant::now(), result.clone()));
         (result, Duration::ZERO)
     }
@@ -166,10 +170,13 @@ async fn readyz(State(state): State<AdminState>) -> Response {
 
 async fn metrics(State(state): State<AdminState>) -> Response {
     let proxy = &state.proxy;
-    proxy
-        .metrics
-        .login_age_seconds
-        .set(proxy.credentials.age_seconds() as i64);
+    proxy.metrics.login_age_seconds.set(
+        crate::config::CLASSES
+            .iter()
+            .map(|c| proxy.credentials.get(*c).age_seconds())
+            .max()
+            .unwrap_or_default() as i64,
+    );
     for pool in proxy.pools.all() {
         pool.stats
             .longest_wait_seconds
@@ -187,44 +194,78 @@ async fn metrics(State(state): State<AdminState>) -> Response {
 
 async fn status(State(state): State<AdminState>) -> Json<serde_json::Value> {
     let proxy = &state.proxy;
-    let login = proxy.credentials.current();
     let config = proxy.config();
+    let mut logins = serde_json::Map::new();
+    for class in crate::config::CLASSES {
+        let store = proxy.credentials.get(class);
+        logins.insert(
+            class.as_str().into(),
+            serde_json::json!({
+                "login_role": store.current().user,
+                "since_unix": store.since(),
+                "role": config.class_role(class),
+            }),
+        );
+    }
     let mut status = serde_json::json!({
-        "login_role": login.user,
-        "login_since_unix": proxy.credentials.since(),
+        "logins": logins,
         "database": config.backend.database,
         "owner_role": config.backend.owner_role,
         "instance_id": config.rotation.instance_id,
+        "layout": if config.class_logins() { "login per class" } else { "one login" },
     });
+    if !config.class_logins() {
+        let store = proxy.credentials.get(crate::config::ClientClass::Migrator);
+        status["login_role"] = store.current().user.clone().into();
+        status["login_since_unix"] = store.since().into();
+    }
     if config.pool.mode == crate::config::PoolMode::Transaction {
         let pools: Vec<_> = proxy.pools.all().iter().map(|p| p.status()).collect();
         status["pool_mode"] = "transaction".into();
         status["pools"] = pools.into();
     }
-    if let Some(rotator) = &proxy.rotator {
-        let stats = &rotator.stats;
-        status["rotations"] = stats.rotations.load(Ordering::Relaxed).into();
-        status["rotation_failures"] = stats.failures.load(Ordering::Relaxed).into();
+    if !proxy.rotators.is_empty() {
+        let count = |f: fn(&crate::credentials::rotate::RotationStats) -> u64| {
+            proxy.rotators.iter().map(|r| f(&r.stats)).sum::<u64>()
+        };
+        status["rotations"] = count(|s| s.rotations.load(Ordering::Relaxed)).into();
+        status["rotation_failures"] = count(|s| s.failures.load(Ordering::Relaxed)).into();
     }
     Json(status)
 }
 
+/// Rotates every login rolegate manages: the one login, or each class's in turn. The
+/// answer is the outcome (one login) or `{"rotations": [...]}` (a login per class).
 async fn rotate(State(state): State<AdminState>) -> Response {
-    let Some(rotator) = &state.proxy.rotator else {
+    let rotators = &state.proxy.rotators;
+    if rotators.is_empty() {
         return (
             StatusCode::CONFLICT,
             Json(serde_json::json!({"error": "rotation is not managed by rolegate ([rotation] mode)"})),
         )
             .into_response();
-    };
-    match rotator.rotate().await {
-        Ok(outcome) => (StatusCode::OK, Json(serde_json::json!(outcome))).into_response(),
-        Err(e) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            Json(serde_json::json!({"error": format!("{e:#}")})),
-        )
-            .into_response(),
     }
+    let mut outcomes = Vec::new();
+    for rotator in rotators {
+        match rotator.rotate().await {
+            Ok(outcome) => outcomes.push(outcome),
+            Err(e) => {
+                return (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    Json(serde_json::json!({
+                        "error": format!("{} login: {e:#}", rotator.label()),
+                        "rotations": outcomes,
+                    })),
+                )
+                    .into_response()
+            }
+        }
+    }
+    let body = match outcomes.as_slice() {
+        [one] if one.class == "all" => serde_json::json!(one),
+        _ => serde_json::json!({ "rotations": outcomes }),
+    };
+    (StatusCode::OK, Json(body)).into_response()
 }
 
 /// `rolegate rotate`: asks the running instance and waits for the outcome.

@@ -240,10 +240,63 @@ pub struct BackendConfig {
     pub connect_timeout: Duration,
     /// The role `rolegate setup` makes for rotation (default `<database>_rotator`).
     pub rotator_role: Option<String>,
-    /// Optional DML-only role: app clients run `SET ROLE <app_role>` instead of the owner,
-    /// so that PostgreSQL itself enforces the app class as well.
+    /// The app class role (NOLOGIN; SELECT, INSERT, UPDATE, DELETE): app clients' sessions
+    /// run in it. Default `<database>_app` with `[backend.logins]`; in the one-login layout
+    /// optional (without it app clients run as the owner, as before).
     pub app_role: Option<String>,
+    /// The readonly class role (NOLOGIN; SELECT only), default `<database>_readonly`;
+    /// used with `[backend.logins]`.
+    pub readonly_role: Option<String>,
+    /// One login role per class (`[backend.logins.app]`, `.readonly`, `.migrator`): the
+    /// layout in which PostgreSQL enforces every class. Without it, the one-login layout
+    /// (`login_user` for every class).
+    pub logins: Option<ClassLogins>,
 }
+
+/// `[backend.logins]`: the login role of each class.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassLogins {
+    #[serde(default)]
+    pub app: ClassLogin,
+    #[serde(default)]
+    pub readonly: ClassLogin,
+    #[serde(default)]
+    pub migrator: ClassLogin,
+}
+
+impl ClassLogins {
+    pub fn get(&self, class: ClientClass) -> &ClassLogin {
+        match class {
+            ClientClass::App => &self.app,
+            ClientClass::Readonly => &self.readonly,
+            ClientClass::Migrator => &self.migrator,
+        }
+    }
+}
+
+/// One class's login: what each rotation mode needs of it.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassLogin {
+    /// Static mode: the login role.
+    pub user: Option<String>,
+    /// Static mode: the environment variable that holds its password…
+    pub password_env: Option<String>,
+    /// …or a file holding it (first line; `rolegate setup` writes it, mode 0600).
+    pub password_file: Option<PathBuf>,
+    /// Managed mode: login role names start with this (default `<database>_<class>_login_`).
+    pub prefix: Option<String>,
+    /// File mode: the JSON file `{"username": …, "password": …}` to watch.
+    pub file: Option<PathBuf>,
+}
+
+/// The classes, in the order logins are listed and made.
+pub const CLASSES: [ClientClass; 3] = [
+    ClientClass::App,
+    ClientClass::Readonly,
+    ClientClass::Migrator,
+];
 
 fn default_backend_host() -> String {
     "127.0.0.1".to_owned()
@@ -485,6 +538,12 @@ impl Config {
         rebase(&mut config.tls.key);
         rebase(&mut config.backend.ca_file);
         rebase(&mut config.backend.login_password_file);
+        if let Some(logins) = &mut config.backend.logins {
+            for login in [&mut logins.app, &mut logins.readonly, &mut logins.migrator] {
+                rebase(&mut login.password_file);
+                rebase(&mut login.file);
+            }
+        }
         rebase(&mut config.rotation.rotator_url_file);
         rebase(&mut config.rotation.file);
         rebase(&mut config.admin.token_file);
@@ -540,9 +599,14 @@ impl Config {
         }
         let password_sources = usize::from(self.backend.login_password_env.is_some())
             + usize::from(self.backend.login_password_file.is_some());
+        if let Some(logins) = &self.backend.logins {
+            self.validate_class_logins(logins, password_sources)?;
+        }
         // Managed rotation makes its own logins and file rotation reads the login from its
         // file: only a static login must be named here.
-        if self.rotation.mode == RotationMode::Static {
+        if self.backend.logins.is_some() {
+            // Checked above, per class.
+        } else if self.rotation.mode == RotationMode::Static {
             if self.backend.login_user.is_none() {
                 return invalid(
                     "[backend] login_user is required (or let rolegate make its logins: \
@@ -603,17 +667,142 @@ impl Config {
         Ok(())
     }
 
+    /// `[backend.logins]`: each class names what its rotation mode needs, nothing of the
+    /// one-login layout is left beside it.
+    fn validate_class_logins(
+        &self,
+        logins: &ClassLogins,
+        legacy_password_sources: usize,
+    ) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.backend.login_user.is_some() || legacy_password_sources > 0 {
+            return invalid(
+                "[backend] login_user and login_password_* are the one-login layout: with \
+                 [backend.logins] each class names its own login"
+                    .into(),
+            );
+        }
+        if self.rotation.mode == RotationMode::File && self.rotation.file.is_some() {
+            return invalid(
+                "[rotation] file is the one-login layout: with [backend.logins] set file per class"
+                    .into(),
+            );
+        }
+        for class in CLASSES {
+            let login = logins.get(class);
+            let sources = usize::from(login.password_env.is_some())
+                + usize::from(login.password_file.is_some());
+            let static_fields = login.user.is_some() || sources > 0;
+            match self.rotation.mode {
+                RotationMode::Static if login.user.is_none() || sources != 1 => {
+                    return invalid(format!(
+                        "[backend.logins.{class}] needs user and exactly one of password_env \
+                         and password_file (static rotation)"
+                    ));
+                }
+                RotationMode::Managed if static_fields || login.file.is_some() => {
+                    return invalid(format!(
+                        "[backend.logins.{class}]: managed rotation makes its own logins (only \
+                         prefix may be set)"
+                    ));
+                }
+                RotationMode::File if login.file.is_none() => {
+                    return invalid(format!(
+                        "[backend.logins.{class}] needs file (file rotation)"
+                    ));
+                }
+                RotationMode::File if static_fields => {
+                    return invalid(format!(
+                        "[backend.logins.{class}]: file rotation reads the login from file"
+                    ));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     /// Rotated login names are the own prefix and a 17-digit UTC timestamp; PostgreSQL
     /// would silently cut a name longer than 63 bytes, and with it the timestamp.
     fn check_login_name_length(&self) -> Result<(), ConfigError> {
-        let prefix = self.own_login_prefix();
-        if prefix.len() + 17 > 63 {
-            return Err(ConfigError::Invalid(format!(
-                "login role names would start with {prefix:?} and be longer than PostgreSQL's \
-                 63 bytes: shorten [rotation] login_prefix or instance_id"
-            )));
+        let mut prefixes = vec![self.own_login_prefix()];
+        if self.class_logins() {
+            prefixes = CLASSES
+                .iter()
+                .map(|c| self.own_class_login_prefix(*c))
+                .collect();
+        }
+        for prefix in prefixes {
+            if prefix.len() + 17 > 63 {
+                return Err(ConfigError::Invalid(format!(
+                    "login role names would start with {prefix:?} and be longer than \
+                     PostgreSQL's 63 bytes: shorten the login prefix or instance_id"
+                )));
+            }
         }
         Ok(())
+    }
+
+    /// Whether each class has a login role of its own (`[backend.logins]`).
+    pub fn class_logins(&self) -> bool {
+        self.backend.logins.is_some()
+    }
+
+    /// The role sessions of `class` are kept in. With `[backend.logins]`: the app and
+    /// readonly class roles (default `<database>_app`, `<database>_readonly`) and the owner
+    /// for migrators; in the one-login layout the owner, or `app_role` for app clients.
+    pub fn class_role(&self, class: ClientClass) -> String {
+        let backend = &self.backend;
+        let default = |suffix: &str| format!("{}_{suffix}", backend.database);
+        match (class, self.class_logins()) {
+            (ClientClass::Migrator, _) => backend.owner_role.clone(),
+            (ClientClass::App, true) => backend.app_role.clone().unwrap_or_else(|| default("app")),
+            (ClientClass::Readonly, true) => backend
+                .readonly_role
+                .clone()
+                .unwrap_or_else(|| default("readonly")),
+            (ClientClass::App, false) => backend
+                .app_role
+                .clone()
+                .unwrap_or_else(|| backend.owner_role.clone()),
+            (ClientClass::Readonly, false) => backend.owner_role.clone(),
+        }
+    }
+
+    /// The managed-rotation prefix of `class`'s logins, shared by every instance
+    /// (default `<database>_<class>_login_`).
+    pub fn class_login_prefix(&self, class: ClientClass) -> String {
+        self.backend
+            .logins
+            .as_ref()
+            .and_then(|l| l.get(class).prefix.clone())
+            .unwrap_or_else(|| format!("{}_{class}_login_", self.backend.database))
+    }
+
+    /// The prefix of `class`'s login roles this instance creates and may drop.
+    pub fn own_class_login_prefix(&self, class: ClientClass) -> String {
+        let prefix = self.class_login_prefix(class);
+        match &self.rotation.instance_id {
+            Some(id) => format!("{prefix}{id}_"),
+            None => prefix,
+        }
+    }
+
+    /// What the one-login layout lacks, for the warning at start (`None` when each class
+    /// has its own login).
+    pub fn one_login_warning(&self) -> Option<String> {
+        if self.class_logins() {
+            return None;
+        }
+        Some(format!(
+            "one login role serves every class ([backend] login_user or one managed login), so \
+             PostgreSQL does not enforce the classes: SQL that rolegate cannot see (function \
+             bodies, text handed to query_to_xml, DO) can reset the role and act with the \
+             owner's privileges. To convert: add [backend.logins] (a login per class; \
+             app_role/readonly_role default to {db}_app/{db}_readonly), run `rolegate setup`, \
+             restart, then `rolegate check` (README: \"Upgrade from one login\")",
+            db = self.backend.database
+        ))
     }
 
     /// The prefix of the login roles this instance creates and may drop.
@@ -721,6 +910,67 @@ class = "app"
         assert!(err.contains("login_user is required"), "{err}");
         let managed = format!("{text}[rotation]\nmode = \"managed\"\n");
         assert!(Config::parse(&managed).is_ok());
+    }
+
+    fn class_logins_sample(logins: &str, rotation: &str) -> String {
+        sample()
+            .replace("login_user = \"bookstore_login_0001\"\n", "")
+            .replace("login_password_env = \"ROLEGATE_LOGIN_PASSWORD\"\n", "")
+            .replace("[[clients]]", &format!("{logins}\n{rotation}\n[[clients]]"))
+    }
+
+    #[test]
+    fn a_login_per_class_names_each_class_for_its_rotation_mode() {
+        let static_logins = "[backend.logins]\n\
+            app = { user = \"a\", password_env = \"A\" }\n\
+            readonly = { user = \"r\", password_file = \"r.secret\" }\n\
+            migrator = { user = \"m\", password_env = \"M\" }\n";
+        let config = Config::parse(&class_logins_sample(static_logins, "")).unwrap();
+        assert!(config.class_logins());
+        assert!(config.one_login_warning().is_none());
+        assert_eq!(config.class_role(ClientClass::App), "bookstore_app");
+        assert_eq!(
+            config.class_role(ClientClass::Readonly),
+            "bookstore_readonly"
+        );
+        assert_eq!(config.class_role(ClientClass::Migrator), "bookstore_owner");
+
+        // Static: a class without its login is refused, and so is login_user beside it.
+        let missing =
+            static_logins.replace("migrator = { user = \"m\", password_env = \"M\" }\n", "");
+        let err = Config::parse(&class_logins_sample(&missing, ""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("[backend.logins.migrator]"), "{err}");
+        let both = sample().replace("[[clients]]", &format!("{static_logins}\n[[clients]]"));
+        let err = Config::parse(&both).unwrap_err().to_string();
+        assert!(err.contains("one-login layout"), "{err}");
+
+        // Managed: an empty table; a static field is refused.
+        let managed = "[rotation]\nmode = \"managed\"\n";
+        let config = Config::parse(&class_logins_sample("[backend.logins]\n", managed)).unwrap();
+        assert_eq!(
+            config.own_class_login_prefix(ClientClass::Readonly),
+            "bookstore_readonly_login_"
+        );
+        assert!(Config::parse(&class_logins_sample(static_logins, managed)).is_err());
+
+        // File: a file per class.
+        let file = "[rotation]\nmode = \"file\"\n";
+        assert!(Config::parse(&class_logins_sample("[backend.logins]\n", file)).is_err());
+        let files = "[backend.logins]\napp = { file = \"a.json\" }\n\
+            readonly = { file = \"r.json\" }\nmigrator = { file = \"m.json\" }\n";
+        assert!(Config::parse(&class_logins_sample(files, file)).is_ok());
+    }
+
+    #[test]
+    fn the_one_login_layout_keeps_working_and_says_how_to_convert() {
+        let config = Config::parse(&sample()).unwrap();
+        assert!(!config.class_logins());
+        assert_eq!(config.class_role(ClientClass::App), "bookstore_owner");
+        assert_eq!(config.class_role(ClientClass::Readonly), "bookstore_owner");
+        let warning = config.one_login_warning().unwrap();
+        assert!(warning.contains("[backend.logins]"), "{warning}");
     }
 
     #[test]

@@ -173,8 +173,12 @@ pub async fn run_demo(listen: &str, pool_mode: crate::config::PoolMode) -> anyho
     }
     let config_text = format!(
         "listen = \"{listen}\"\n\n[tls]\nmode = \"disable\"\n\n[backend]\nhost = \"127.0.0.1\"\nport = {port}\n\
-         database = \"demo\"\nowner_role = \"demo_owner\"\nlogin_user = \"demo_login_0001\"\n\
-         login_password_file = \"login.secret\"\n\n{clients}{pool}",
+         database = \"demo\"\nowner_role = \"demo_owner\"\n\n\
+         [backend.logins]\n\
+         app = {{ user = \"demo_app_login\", password_file = \"app-login.secret\" }}\n\
+         readonly = {{ user = \"demo_readonly_login\", password_file = \"readonly-login.secret\" }}\n\
+         migrator = {{ user = \"demo_migrator_login\", password_file = \"migrator-login.secret\" }}\n\n\
+         {clients}{pool}",
         pool = match pool_mode {
             crate::config::PoolMode::Session => "",
             crate::config::PoolMode::Transaction => "[pool]\nmode = \"transaction\"\n",
@@ -206,7 +210,7 @@ pub async fn run_demo(listen: &str, pool_mode: crate::config::PoolMode) -> anyho
          \x20 psql \"postgresql://app:app@{host}:{listen_port}/demo\" -c \"CREATE TABLE t (id int)\"                                    # refused: DDL\n\
          \x20 psql \"postgresql://app:app@{host}:{listen_port}/demo\" -c \"SET ROLE postgres\"                                          # refused: role\n\
          \x20 psql \"postgresql://readonly:readonly@{host}:{listen_port}/demo\" -c \"DELETE FROM books\"                               # refused: write\n\
-         \x20 psql \"postgresql://app:app@{host}:{listen_port}/demo\" -c \"SELECT current_user, session_user\"\n"
+         \x20 psql \"postgresql://app:app@{host}:{listen_port}/demo\" -c \"SELECT current_user, session_user\"   # demo_app, demo_app_login\n"
     );
     tokio::select! {
         result = crate::listener::serve(proxy) => result?,

@@ -48,29 +48,24 @@ impl PoolKey {
 pub struct Pools {
     pools: DashMap<PoolKey, Arc<Pool>>,
     target: Arc<BackendTarget>,
-    credentials: Arc<CredentialStore>,
     config: PoolConfig,
     metrics: Arc<Metrics>,
 }
 
 impl Pools {
-    pub fn new(
-        config: PoolConfig,
-        target: Arc<BackendTarget>,
-        credentials: Arc<CredentialStore>,
-        metrics: Arc<Metrics>,
-    ) -> Pools {
+    pub fn new(config: PoolConfig, target: Arc<BackendTarget>, metrics: Arc<Metrics>) -> Pools {
         Pools {
             pools: DashMap::new(),
             target,
-            credentials,
             config,
             metrics,
         }
     }
 
-    /// The pool for backend sessions kept in `role`.
-    pub fn get(&self, role: SessionRole<'_>) -> Arc<Pool> {
+    /// The pool for backend sessions kept in `role`, opened with the logins of
+    /// `credentials` (the class's store: a role is one class's, or in the one-login layout
+    /// every store is the same).
+    pub fn get(&self, role: SessionRole<'_>, credentials: &Arc<CredentialStore>) -> Arc<Pool> {
         let key = PoolKey {
             role: role.role.to_owned(),
             read_only: role.read_only,
@@ -85,7 +80,7 @@ impl Pools {
                     key,
                     &self.config,
                     self.target.clone(),
-                    self.credentials.clone(),
+                    credentials.clone(),
                     &self.metrics,
                 ))
             })
@@ -400,6 +395,7 @@ impl Pool {
     pub fn status(&self) -> serde_json::Value {
         let mut status = self.stats.json();
         status["pool"] = self.key.label().into();
+        status["login"] = self.credentials.current().user.clone().into();
         status["size"] = self.size.into();
         status["longest_wait_seconds"] = self.longest_wait().as_secs_f64().into();
         status

@@ -9,7 +9,7 @@ use rand::Rng;
 use crate::backend::BackendTarget;
 use crate::config::{ClientTlsMode, Config, RotationMode};
 use crate::credentials::rotate::Rotator;
-use crate::credentials::{file, CredentialStore, LoginCredential};
+use crate::credentials::{file, initial_credential, login_slots, ClassCredentials};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::tls;
@@ -51,9 +51,10 @@ impl Live {
 pub struct Proxy {
     live: RwLock<Arc<Live>>,
     pub backend: Arc<BackendTarget>,
-    pub credentials: Arc<CredentialStore>,
-    /// Present in managed rotation mode.
-    pub rotator: Option<Arc<Rotator>>,
+    /// The login of each class.
+    pub credentials: Arc<ClassCredentials>,
+    /// Managed rotation: one rotator per login slot (one, or one per class).
+    pub rotators: Vec<Arc<Rotator>>,
     pub cancel_keys: Arc<CancelKeys>,
     /// Transaction pooling's backend sessions (`[pool] mode = "transaction"`).
     pub pools: Arc<crate::pool::Pools>,
@@ -77,32 +78,43 @@ impl Proxy {
     /// watched file, or (managed) a freshly rotated login, with the schedule running.
     pub async fn start(config: Config) -> anyhow::Result<Arc<Proxy>> {
         config.require_instance_id()?;
+        if let Some(warning) = config.one_login_warning() {
+            tracing::warn!("{warning}");
+        }
         let mode = config.rotation.mode;
         let mut proxy = Proxy::new(config)?;
-        match mode {
-            RotationMode::Static => {}
-            RotationMode::File => {
-                let config = proxy.config();
-                if let Some(path) = config.rotation.file.clone() {
-                    tokio::spawn(file::watch(
-                        path,
-                        config.rotation.poll_interval,
-                        proxy.credentials.clone(),
-                        proxy.backend.clone(),
-                        config.backend.owner_role.clone(),
-                    ));
+        let config = proxy.config();
+        for slot in crate::credentials::login_slots(&config) {
+            let store = proxy.credentials.get(slot.classes[0]).clone();
+            match mode {
+                RotationMode::Static => {}
+                RotationMode::File => {
+                    let path = match &config.backend.logins {
+                        Some(logins) => logins.get(slot.classes[0]).file.clone(),
+                        None => config.rotation.file.clone(),
+                    };
+                    if let Some(path) = path {
+                        tokio::spawn(file::watch(
+                            path,
+                            config.rotation.poll_interval,
+                            store,
+                            proxy.backend.clone(),
+                            slot.role.clone(),
+                        ));
+                    }
                 }
-            }
-            RotationMode::Managed => {
-                let rotator = Arc::new(Rotator::new(
-                    proxy.config(),
-                    proxy.credentials.clone(),
-                    proxy.backend.clone(),
-                    proxy.metrics.clone(),
-                ));
-                rotator.start().await?;
-                tokio::spawn(rotator.clone().run_schedule());
-                proxy.rotator = Some(rotator);
+                RotationMode::Managed => {
+                    let rotator = Arc::new(Rotator::new(
+                        config.clone(),
+                        slot.label,
+                        store,
+                        proxy.backend.clone(),
+                        proxy.metrics.clone(),
+                    ));
+                    rotator.start().await?;
+                    tokio::spawn(rotator.clone().run_schedule());
+                    proxy.rotators.push(rotator);
+                }
             }
         }
         if proxy.config().pool.mode == crate::config::PoolMode::Transaction {
@@ -115,30 +127,29 @@ impl Proxy {
         use anyhow::Context;
         let backend =
             BackendTarget::from_config(&config.backend).context("setting up backend TLS")?;
-        let login = match config.rotation.mode {
-            RotationMode::Static => LoginCredential::from_config(&config.backend)?,
-            RotationMode::File => match &config.rotation.file {
-                Some(path) => file::read(path)?,
-                None => anyhow::bail!("[rotation] mode = \"file\" needs file"),
-            },
-            // Replaced by the start-up rotation before any client is served.
-            RotationMode::Managed => LoginCredential {
-                user: String::new(),
-                password: String::new(),
-            },
-        };
+        if config.rotation.mode == RotationMode::File
+            && !config.class_logins()
+            && config.rotation.file.is_none()
+        {
+            anyhow::bail!("[rotation] mode = \"file\" needs file");
+        }
+        let mut slots = Vec::new();
+        for slot in login_slots(&config) {
+            let credential = initial_credential(&config, &slot)
+                .with_context(|| format!("the {} login", slot.label))?;
+            slots.push((slot, credential));
+        }
         let backend = Arc::new(backend);
-        let credentials = Arc::new(CredentialStore::new(login));
+        let credentials = Arc::new(ClassCredentials::new(&slots));
         let metrics = Arc::new(Metrics::default());
         Ok(Proxy {
             pools: Arc::new(crate::pool::Pools::new(
                 config.pool.clone(),
                 backend.clone(),
-                credentials.clone(),
                 metrics.clone(),
             )),
             backend,
-            rotator: None,
+            rotators: Vec::new(),
             credentials,
             cancel_keys: Arc::new(CancelKeys::default()),
             large_objects: std::sync::OnceLock::new(),
@@ -193,6 +204,18 @@ impl Proxy {
         {
             tracing::warn!("[backend] and listen changes take effect only after a restart");
         }
+        // Which login each class uses and the role its sessions run in belong to the
+        // credential stores, pools and rotators built at start: they change with a restart.
+        let layout_changed = config.class_logins() != current.class_logins()
+            || crate::config::CLASSES
+                .iter()
+                .any(|&class| config.class_role(class) != current.class_role(class));
+        if layout_changed {
+            anyhow::bail!(
+                "[backend.logins] and the class roles (owner_role, app_role, readonly_role) \
+                 change only with a restart"
+            );
+        }
         let live = Arc::new(Live::build(config)?);
         if let Some(bound) = self.admin_bound.get() {
             if !crate::config::is_loopback_listen(bound) && live.admin_token.is_none() {
@@ -202,7 +225,7 @@ impl Proxy {
                 );
             }
         }
-        if let Some(rotator) = &self.rotator {
+        for rotator in &self.rotators {
             rotator.update_config(live.config.clone());
         }
         match self.live.write() {

@@ -10,7 +10,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::backend::{self, BackendError, BackendSession, SessionRole};
-use crate::config::{BackendConfig, ClientClass, PoolMode};
+use crate::config::{ClientClass, PoolMode};
 use crate::metrics::ClassLabel;
 use crate::policy::fastpath::{self, LargeObjectFunctions};
 use crate::policy::Requester;
@@ -136,18 +136,12 @@ impl Drop for OpenConnection<'_> {
     }
 }
 
-/// Where a backend session for a client of `class` must stay: the owner role (or, for
-/// app clients, the DML-only `app_role` when one is configured), read-only for readonly
+/// Where a backend session for a client of `class` must stay: its class role (with
+/// `[backend.logins]`: the app or readonly class role, the owner for migrators; in the
+/// one-login layout the owner, or `app_role` for app clients), read-only for readonly
 /// clients.
-pub fn session_role(backend: &BackendConfig, class: ClientClass) -> SessionRole<'_> {
-    let role = match (&backend.app_role, class) {
-        (Some(app_role), ClientClass::App) => app_role,
-        _ => &backend.owner_role,
-    };
-    SessionRole {
-        role,
-        read_only: class == ClientClass::Readonly,
-    }
+pub fn session_role(config: &crate::config::Config, class: ClientClass) -> (String, bool) {
+    (config.class_role(class), class == ClientClass::Readonly)
 }
 
 async fn serve(
@@ -175,13 +169,18 @@ async fn serve(
         ))
         .await;
     }
-    let mut login = proxy.credentials.current();
-    let role = session_role(&config.backend, identity.class);
+    let credentials = proxy.credentials.get(identity.class);
+    let mut login = credentials.current();
+    let (role_name, read_only) = session_role(&config, identity.class);
+    let role = SessionRole {
+        role: &role_name,
+        read_only,
+    };
     let mut attempt = backend::connect(&proxy.backend, &login, &params, role).await;
     if attempt.is_err() {
         // A rotation may have swapped (and disabled or dropped) the login while this
         // session was logging in with it: one more try with the new one.
-        let current = proxy.credentials.current();
+        let current = credentials.current();
         if current.user != login.user {
             login = current;
             attempt = backend::connect(&proxy.backend, &login, &params, role).await;
@@ -324,8 +323,12 @@ async fn serve_pooled(
 ) {
     let started = Instant::now();
     let config = proxy.config();
-    let role = session_role(&config.backend, identity.class);
-    let pool = proxy.pools.get(role);
+    let (role_name, read_only) = session_role(&config, identity.class);
+    let role = SessionRole {
+        role: &role_name,
+        read_only,
+    };
+    let pool = proxy.pools.get(role, proxy.credentials.get(identity.class));
     let settings = startup_settings(&params);
     // A backend session with the client's settings says what the server makes of them
     // (and refuses the ones it does not know) for the greeting.

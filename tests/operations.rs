@@ -278,6 +278,13 @@ fn the_kubernetes_example_config_is_valid() {
     let config = rolegate::config::Config::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
     assert_eq!(config.clients.len(), 2);
     assert_eq!(config.rotation.instance_id_env.as_deref(), Some("POD_NAME"));
+    assert!(config.class_logins(), "the example runs a login per class");
+    // A Deployment pod's name as the instance id still leaves login names within 63 bytes.
+    let pod = text.replace(
+        "instance_id_env = \"POD_NAME\"",
+        "instance_id = \"rolegate-7d9f8b6c5d-x2k4q\"",
+    );
+    rolegate::config::Config::parse(&pod).unwrap_or_else(|e| panic!("{e}"));
     // Without its token setting the open admin port is refused.
     let open = text.replace("token_env = \"ROLEGATE_ADMIN_TOKEN\"\n", "");
     assert!(rolegate::config::Config::parse(&open).is_err());

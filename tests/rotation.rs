@@ -518,3 +518,221 @@ async fn rotations_in_transaction_mode_keep_long_lived_clients() {
         assert_eq!(user, current);
     }
 }
+
+/// A login per class, managed: `rolegate setup` makes the class roles and the rotator, and
+/// each rotation replaces all three class logins while app and readonly clients keep
+/// working; afterwards only the newest login of each class is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_every_class_login_under_load_loses_no_query() {
+    rotate_every_class_login_under_load("").await;
+}
+
+/// The same with transaction pooling: a pool per class role, opened with its class's login.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_every_class_login_in_transaction_mode_loses_no_query() {
+    rotate_every_class_login_under_load("[pool]\nmode = \"transaction\"\nsize = 4\n").await;
+}
+
+async fn rotate_every_class_login_under_load(pool: &str) {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let database = format!(
+        "classrot{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    );
+    let owner = format!("{database}_owner");
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let admin_port = free_port();
+    let url_file = dir.path().join("rotator.url");
+    let config = format!(
+        "listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n\
+         [tls]\nmode = \"disable\"\n[backend]\nhost = \"127.0.0.1\"\nport = {pg}\n\
+         database = {database:?}\nowner_role = {owner:?}\n[backend.logins]\n\n\
+         [rotation]\nmode = \"managed\"\nrotator_url_file = {url:?}\ndrain = \"2s\"\n\n{pool}\n{clients}",
+        pg = cluster().port,
+        url = url_file.display().to_string(),
+        clients = clients_toml(),
+    );
+    let config_path = dir.path().join("rolegate.toml");
+    std::fs::write(&config_path, &config).unwrap();
+    let config_arg = config_path.to_str().unwrap().to_owned();
+    let admin_url = cluster().admin_url("postgres");
+    let (ok, out, err) = rolegate_command(
+        &["setup", "--config", &config_arg],
+        &[("ROLEGATE_ADMIN_URL", &admin_url)],
+    )
+    .await;
+    assert!(ok, "setup failed:\n{out}\n{err}");
+    let rotator_password = out
+        .lines()
+        .find_map(|l| l.split("(shown only this once): ").nth(1))
+        .expect("setup prints the rotator password")
+        .trim()
+        .to_owned();
+    std::fs::write(
+        &url_file,
+        format!(
+            "host=127.0.0.1 port={} user={database}_rotator password={rotator_password} dbname=postgres",
+            cluster().port
+        ),
+    )
+    .unwrap();
+    let rg = Rolegate::launch(dir, port, &config).await;
+    let url = |user: &str| rg.url(user, password_of(user), &database);
+    connect_url(&url("migrate"))
+        .await
+        .unwrap()
+        .batch_execute("CREATE TABLE ledger (id bigserial PRIMARY KEY, worker int)")
+        .await
+        .unwrap();
+    let logins = || async {
+        let mut out = Vec::new();
+        for user in ["web", "analyst", "migrate"] {
+            let row = connect_url(&url(user))
+                .await
+                .unwrap()
+                .query_one("SELECT session_user::text, current_user::text", &[])
+                .await
+                .unwrap();
+            out.push((row.get::<_, String>(0), row.get::<_, String>(1)));
+        }
+        out
+    };
+    let first = logins().await;
+    for ((login, role), (class, class_role)) in first.iter().zip([
+        ("app", format!("{database}_app")),
+        ("readonly", format!("{database}_readonly")),
+        ("migrator", owner.clone()),
+    ]) {
+        assert!(
+            login.starts_with(&format!("{database}_{class}_login_")),
+            "{login}"
+        );
+        assert_eq!(*role, class_role);
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let mut workers = Vec::new();
+    for worker in 0..8i32 {
+        let (user, sql) = if worker % 2 == 0 {
+            (
+                "web",
+                format!("INSERT INTO ledger (worker) VALUES ({worker})"),
+            )
+        } else {
+            ("analyst", "SELECT count(*) FROM ledger".to_owned())
+        };
+        let url = url(user);
+        let (stop, done) = (stop.clone(), done.clone());
+        workers.push(tokio::spawn(async move {
+            let mut failures = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let client = match connect_url(&url).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        failures.push(format!("connect: {e:?}"));
+                        continue;
+                    }
+                };
+                for _ in 0..3 {
+                    match client.batch_execute(&sql).await {
+                        Ok(()) => {
+                            done.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => failures.push(format!("query: {e:?}")),
+                    }
+                }
+            }
+            failures
+        }));
+    }
+    let mut seen = vec![first];
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let (ok, out, err) = rolegate_command(&["rotate", "--config", &config_arg], &[]).await;
+        assert!(ok, "rotation failed: {out}{err}\n{}", rg.log_text());
+        assert!(out.contains("\"rotations\""), "{out}");
+        seen.push(logins().await);
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut failures = Vec::new();
+    for w in workers {
+        failures.extend(w.await.unwrap());
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failed queries: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(
+        done.load(Ordering::Relaxed) > 50,
+        "too little work to prove anything"
+    );
+    for i in 0..3 {
+        let mut names: Vec<_> = seen.iter().map(|s| s[i].0.clone()).collect();
+        names.dedup();
+        assert_eq!(
+            names.len(),
+            3,
+            "each rotation switches every class login: {seen:?}"
+        );
+    }
+    // /status shows the login of each class.
+    let (_, body) = http_get(admin_port, "/status").await;
+    for (i, class) in ["app", "readonly", "migrator"].iter().enumerate() {
+        assert!(
+            body.contains(&seen[2][i].0),
+            "{class} login not in /status: {body}"
+        );
+    }
+    if !pool.is_empty() {
+        // Each class's pool opens its connections with that class's login.
+        let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let pools = status["pools"].as_array().expect("pools in /status");
+        for (i, label) in [
+            format!("{database}_app"),
+            format!("{database}_readonly/readonly"),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let pool = pools
+                .iter()
+                .find(|p| p["pool"] == label.as_str())
+                .unwrap_or_else(|| panic!("no pool {label}: {body}"));
+            assert_eq!(pool["login"], seen[2][i].0.as_str(), "{body}");
+        }
+    }
+    // Once drained, only the newest login of each class is left.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    for (i, class) in ["app", "readonly", "migrator"].iter().enumerate() {
+        let prefix = format!("{database}_{class}_login_");
+        loop {
+            let left = roles_with_prefix(&prefix).await;
+            if left == [seen[2][i].0.clone()] {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{class} logins left: {left:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    // check lists prefixed logins without sessions as stale: the current ones have some.
+    let mut open_sessions = Vec::new();
+    for user in ["web", "analyst", "migrate"] {
+        open_sessions.push(connect_url(&url(user)).await.unwrap());
+    }
+    let (ok, out, err) = rolegate_command(
+        &["check", "--config", &config_arg],
+        &[("ROLEGATE_ADMIN_URL", &admin_url)],
+    )
+    .await;
+    assert!(ok, "check after the rotations:\n{out}{err}");
+    assert!(!rg.log_text().contains(&rotator_password));
+}

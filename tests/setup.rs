@@ -200,6 +200,14 @@ async fn setup_twice_changes_nothing_and_fails_on_nothing() {
     connect_url(&rg.url("web", "web-pw", &database))
         .await
         .unwrap();
+    // The one-login layout works as before, and says once what it lacks.
+    let log = rg.log_text();
+    assert_eq!(
+        log.matches("one login role serves every class").count(),
+        1,
+        "{log}"
+    );
+    assert!(log.contains("[backend.logins]"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -381,6 +389,21 @@ async fn demo_serves_and_cleans_up() {
     );
     let (ok, _, err) = psql(&url("app"), "app", &["-c", "INSERT INTO t VALUES (1)"]).await;
     assert!(ok, "{err}");
+    // A login per class: each class in its own role.
+    for (user, expected) in [
+        ("app", "demo_app demo_app_login"),
+        ("readonly", "demo_readonly demo_readonly_login"),
+        ("migrator", "demo_owner demo_migrator_login"),
+    ] {
+        let (ok, out, err) = psql(
+            &url(user),
+            user,
+            &["-tAc", "SELECT current_user || ' ' || session_user"],
+        )
+        .await;
+        assert!(ok, "{err}");
+        assert_eq!(out.trim(), expected);
+    }
 
     // Ctrl-C stops it and removes the cluster.
     let pid = child.id().unwrap() as i32;
@@ -523,4 +546,519 @@ async fn managed_rotation_needs_no_static_login() {
         assert!(Instant::now() < deadline, "logins left: {left:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// `[backend.logins]` for a layout: a static login per class, passwords in files setup
+/// writes.
+fn class_logins_toml(database: &str) -> String {
+    let mut text = String::from("[backend.logins]\n");
+    for class in ["app", "readonly", "migrator"] {
+        text.push_str(&format!(
+            "{class} = {{ user = \"{database}_{class}_login\", password_file = \"{class}-login.secret\" }}\n"
+        ));
+    }
+    text
+}
+
+/// A class layout: the one-login config turned into a login per class.
+fn class_layout(base: &str) -> Layout {
+    let mut layout = layout(base, &format!("{base}_owner"), "");
+    let database = layout.database.clone();
+    layout.config = layout
+        .config
+        .replace(
+            &format!(
+                "login_user = {:?}\nlogin_password_file = \"login.secret\"\n",
+                layout.login
+            ),
+            "",
+        )
+        .replacen(
+            "\n\n[[clients]]",
+            &format!("\n{}\n[[clients]]", class_logins_toml(&database)),
+            1,
+        );
+    std::fs::write(&layout.config_path, &layout.config).unwrap();
+    layout
+}
+
+/// Straight to PostgreSQL as a class's login, the way rolegate connects (its startup
+/// setting `role`, no parser in the way).
+async fn as_login(layout: &Layout, class: &str) -> tokio_postgres::Client {
+    let password =
+        std::fs::read_to_string(layout.dir.path().join(format!("{class}-login.secret"))).unwrap();
+    let role = match class {
+        "app" => format!("{}_app", layout.database),
+        "readonly" => format!("{}_readonly", layout.database),
+        _ => layout.owner.clone(),
+    };
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host("127.0.0.1")
+        .port(cluster().port)
+        .user(format!("{}_{class}_login", layout.database))
+        .password(password.trim())
+        .dbname(&layout.database)
+        .options(format!("-c role={role}"));
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+async fn refused(client: &tokio_postgres::Client, sql: &str) -> String {
+    let err = client
+        .batch_execute(sql)
+        .await
+        .expect_err(&format!("{sql} was not refused"));
+    sqlstate(&err).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_per_class_makes_postgres_refuse_what_the_class_may_not() {
+    let layout = class_layout("perclass");
+    let (ok, out, err) = setup(&layout, &[]).await;
+    assert!(ok, "setup failed:\n{out}\n{err}");
+    let (ok, out, err) = setup(&layout, &[]).await;
+    assert!(ok, "second setup failed:\n{out}\n{err}");
+    let (ok, out, _) = check(&layout).await;
+    assert!(ok, "check after setup found problems:\n{out}");
+
+    let migrator = as_login(&layout, "migrator").await;
+    migrator
+        .batch_execute(
+            "CREATE TABLE orders (id serial PRIMARY KEY, total int); INSERT INTO orders (total) VALUES (1)",
+        )
+        .await
+        .unwrap();
+    let app = as_login(&layout, "app").await;
+    let readonly = as_login(&layout, "readonly").await;
+    // The database alone refuses DDL for app, every write for readonly; rows work.
+    app.batch_execute("INSERT INTO orders (total) VALUES (2); UPDATE orders SET total = 3 WHERE id = 2; SELECT nextval('orders_id_seq')")
+        .await
+        .unwrap();
+    for sql in [
+        "CREATE TABLE nope (id int)",
+        "ALTER TABLE orders ADD COLUMN x int",
+        "DROP TABLE orders",
+        "TRUNCATE orders",
+        "CREATE TEMP TABLE t (id int)",
+        "CREATE SCHEMA s",
+    ] {
+        assert_eq!(refused(&app, sql).await, "42501", "app: {sql}");
+    }
+    readonly
+        .batch_execute("SELECT * FROM orders")
+        .await
+        .unwrap();
+    for sql in [
+        "SET default_transaction_read_only = off; INSERT INTO orders (total) VALUES (9)",
+        "SET default_transaction_read_only = off; UPDATE orders SET total = 0",
+        "SET default_transaction_read_only = off; DELETE FROM orders",
+        "SET default_transaction_read_only = off; SELECT setval('orders_id_seq', 100)",
+        "SET default_transaction_read_only = off; SELECT nextval('orders_id_seq')",
+        "SET default_transaction_read_only = off; CREATE TABLE nope (id int)",
+    ] {
+        assert_eq!(refused(&readonly, sql).await, "42501", "readonly: {sql}");
+    }
+    // A role reset, where no parser sees it, leaves a session with nothing.
+    for (class, client) in [
+        ("app", &app),
+        ("readonly", &readonly),
+        ("migrator", &migrator),
+    ] {
+        client
+            .batch_execute("SET default_transaction_read_only = off")
+            .await
+            .unwrap();
+        client
+            .query_one(
+                "SELECT query_to_xml('SELECT set_config(''role'', ''none'', false)', true, false, '')",
+                &[],
+            )
+            .await
+            .unwrap();
+        let user: String = client
+            .query_one("SELECT current_user::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(user, format!("{}_{class}_login", layout.database));
+        assert_eq!(
+            refused(client, "SELECT * FROM orders").await,
+            "42501",
+            "{class}"
+        );
+        assert_eq!(
+            refused(client, "CREATE TABLE escaped (id int)").await,
+            "42501",
+            "{class}"
+        );
+        assert_eq!(
+            refused(client, "CREATE TEMP TABLE escaped (id int)").await,
+            "42501",
+            "{class}"
+        );
+    }
+    // And an app or readonly login cannot take the owner role.
+    for client in [&app, &readonly] {
+        let sql = format!("SELECT set_config('role', '{}', false)", layout.owner);
+        assert_eq!(refused(client, &sql).await, "42501", "{sql}");
+    }
+    let other = format!("{}_readonly", layout.database);
+    let sql = format!("SELECT set_config('role', '{other}', false)");
+    assert_eq!(refused(&app, &sql).await, "42501", "{sql}");
+
+    // Through rolegate, session mode: each class in its class role and login, and the
+    // escape (refused by rolegate, or run and gaining nothing).
+    let database = layout.database.clone();
+    let owner = layout.owner.clone();
+    // The same in transaction mode, from a copy of the config and its password files.
+    let pooled_dir = tempfile::tempdir().unwrap();
+    for class in ["app", "readonly", "migrator"] {
+        let file = format!("{class}-login.secret");
+        std::fs::copy(layout.dir.path().join(&file), pooled_dir.path().join(&file)).unwrap();
+    }
+    let pooled_port = free_port();
+    let pooled_config = layout
+        .config
+        .replace(&format!(":{}\"", layout.port), &format!(":{pooled_port}\""))
+        + "[pool]\nmode = \"transaction\"\nsize = 2\n";
+    let config_path = layout.config_path.clone();
+    let rg = serve(layout).await;
+    assert!(
+        !rg.log_text().contains("one login role serves every class"),
+        "a login per class must not warn"
+    );
+    assert_escape_gains_nothing(&rg, &database, &owner, true).await;
+    let pooled = Rolegate::launch(pooled_dir, pooled_port, &pooled_config).await;
+    assert_escape_gains_nothing(&pooled, &database, &owner, true).await;
+    // The next clients on the same backend connections gain nothing either.
+    assert_escape_gains_nothing(&pooled, &database, &owner, false).await;
+    // Nothing any of it did left an object owned by anything but the owner.
+    let (ok, out, _) = rolegate_command(
+        &["check", "--config", config_path.to_str().unwrap()],
+        &[("ROLEGATE_ADMIN_URL", &admin_url())],
+    )
+    .await;
+    assert!(ok, "check after the escapes:\n{out}");
+}
+
+/// Through rolegate: `current_user`/`session_user` per class, then the role reset hidden in
+/// query_to_xml: rolegate refuses it (42501) or, if it runs, the session gains nothing.
+/// With `strict`, every session starts in its class role; without, a session may also start
+/// as its bare class login (transaction mode after an escape on the same backend connection).
+async fn assert_escape_gains_nothing(rg: &Rolegate, database: &str, owner: &str, strict: bool) {
+    for (user, role, class) in [
+        ("web", format!("{database}_app"), "app"),
+        ("analyst", format!("{database}_readonly"), "readonly"),
+        ("migrate", owner.to_owned(), "migrator"),
+    ] {
+        let client = connect_url(&rg.url(user, password_of(user), database))
+            .await
+            .unwrap();
+        let row = client
+            .query_one("SELECT current_user::text, session_user::text", &[])
+            .await
+            .unwrap();
+        let login = format!("{database}_{class}_login");
+        assert_eq!(row.get::<_, String>(1), login);
+        let user = row.get::<_, String>(0);
+        if strict || user != login {
+            assert_eq!(user, role);
+        } else {
+            // Transaction mode, a backend connection an earlier client reset the role of
+            // where rolegate could not see it: the session is the bare login, which holds
+            // nothing.
+            let err = client
+                .query_one("SELECT count(*) FROM orders", &[])
+                .await
+                .unwrap_err();
+            assert_eq!(sqlstate(&err).as_deref(), Some("42501"));
+        }
+        if class == "migrator" {
+            // A DO block resets the role: what the migrator creates next cannot belong to
+            // a login that rotation will drop, because the bare login creates nothing.
+            let reset = client
+                .batch_execute("DO $$ BEGIN PERFORM set_config('role', 'none', false); END $$")
+                .await;
+            if reset.is_ok() {
+                let err = client
+                    .batch_execute("CREATE TABLE made_by_a_login (id int)")
+                    .await
+                    .unwrap_err();
+                assert_eq!(sqlstate(&err).as_deref(), Some("42501"), "{err}");
+            }
+            continue;
+        }
+        if class == "readonly" {
+            // Read-only mode turned off where rolegate cannot see it: the readonly class
+            // role still cannot write a sequence (or a table).
+            let off = client
+                .query_one(
+                    "SELECT query_to_xml('SELECT set_config(''default_transaction_read_only'', ''off'', false)', true, false, '')",
+                    &[],
+                )
+                .await;
+            if off.is_ok() {
+                for sql in [
+                    "SELECT setval('orders_id_seq', 100)",
+                    "SELECT nextval('orders_id_seq')",
+                    "INSERT INTO orders (total) VALUES (7)",
+                ] {
+                    let err = client.batch_execute(sql).await.unwrap_err();
+                    let code = sqlstate(&err).unwrap_or_default();
+                    assert!(code == "42501" || code == "25006", "{sql}: {err}");
+                }
+            }
+        }
+        let escape = client
+            .query_one(
+                "SELECT query_to_xml('SELECT set_config(''role'', ''none'', false)', true, false, '')",
+                &[],
+            )
+            .await;
+        match escape {
+            Err(e) => assert_eq!(sqlstate(&e).as_deref(), Some("42501"), "{e}"),
+            Ok(_) => {
+                let user: String = client
+                    .query_one("SELECT current_user::text", &[])
+                    .await
+                    .unwrap()
+                    .get(0);
+                assert_ne!(user, owner, "{class} became the owner");
+                if user != role {
+                    let err = client
+                        .query_one("SELECT count(*) FROM orders", &[])
+                        .await
+                        .unwrap_err();
+                    assert_eq!(sqlstate(&err).as_deref(), Some("42501"));
+                }
+            }
+        }
+        let err = client
+            .batch_execute("CREATE TABLE escaped (id int)")
+            .await
+            .unwrap_err();
+        assert_eq!(sqlstate(&err).as_deref(), Some("42501"), "{class}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_converts_a_one_login_deployment_and_check_flags_each_misconfiguration() {
+    // Today's layout, with an app_role, and a table.
+    let mut layout = layout("convert", "convert_owner", "app_role = \"convert_app_x\"");
+    let app_role = "convert_app_x";
+    let (ok, out, err) = setup(&layout, &[]).await;
+    assert!(ok, "{out}\n{err}");
+    let old_login = layout.login.clone();
+    let admin_db = admin(&layout.database).await;
+    admin_db
+        .batch_execute(&format!(
+            "SET ROLE \"{owner}\"; CREATE TABLE books (id serial PRIMARY KEY, title text); RESET ROLE",
+            owner = layout.owner
+        ))
+        .await
+        .unwrap();
+
+    // The config turned into a login per class (the app role keeps its name).
+    let database = layout.database.clone();
+    layout.config = layout
+        .config
+        .replace(
+            &format!("login_user = {old_login:?}\nlogin_password_file = \"login.secret\"\n"),
+            "",
+        )
+        .replacen(
+            "\n\n[[clients]]",
+            &format!("\n{}\n[[clients]]", class_logins_toml(&database)),
+            1,
+        );
+    std::fs::write(&layout.config_path, &layout.config).unwrap();
+    let (ok, out, err) = setup(&layout, &[]).await;
+    assert!(ok, "converting setup failed:\n{out}\n{err}");
+    let (ok, out, err) = setup(&layout, &[]).await;
+    assert!(ok, "second converting setup failed:\n{out}\n{err}");
+    // What is left is the old login, with the SQL that removes it.
+    let (ok, out, _) = check(&layout).await;
+    assert!(!ok);
+    for line in out
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("problem: "))
+    {
+        assert!(
+            line.contains(&old_login),
+            "only the old login is left: {line}\n{out}"
+        );
+    }
+    for line in out.lines().filter_map(|l| l.trim().strip_prefix("fix: ")) {
+        admin_db
+            .batch_execute(line)
+            .await
+            .unwrap_or_else(|e| panic!("{line}: {e}"));
+    }
+    let (ok, out, _) = check(&layout).await;
+    assert!(ok, "check after the fixes:\n{out}");
+
+    // The app class role reaches the table made before the conversion.
+    let app = format!("{database}_app_login");
+    let readonly_role = format!("{database}_readonly");
+    let readonly_login = format!("{database}_readonly_login");
+    // Each misconfiguration, then check names it and its fix repairs it.
+    let version: i32 = admin_db
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // PostgreSQL 16+ records INHERIT per membership, older versions per role.
+    let inherit = if version >= 160_000 {
+        format!("GRANT \"{app_role}\" TO \"{app}\" WITH INHERIT TRUE;")
+    } else {
+        format!("ALTER ROLE \"{app}\" INHERIT;")
+    };
+    admin_db
+        .batch_execute(&format!(
+            "{inherit}
+             GRANT \"{app_role}\" TO \"{readonly_login}\";
+             GRANT CREATE ON SCHEMA public TO \"{app_role}\";
+             GRANT INSERT, DELETE ON books TO \"{readonly_role}\";
+             REVOKE UPDATE ON books FROM \"{app_role}\";
+             REVOKE SELECT ON SEQUENCE books_id_seq FROM \"{app_role}\";
+             GRANT SELECT ON books TO \"{readonly_role}\" WITH GRANT OPTION;"
+        ))
+        .await
+        .unwrap();
+    let (ok, out, _) = check(&layout).await;
+    assert!(!ok);
+    for expected in [
+        format!("login role {app} inherits"),
+        format!("login role {readonly_login} is a member of 2 class roles"),
+        format!("app class role {app_role} may CREATE in schema public"),
+        format!("readonly class role {readonly_role} may INSERT, DELETE on public.books"),
+        format!("app class role {app_role} lacks UPDATE on public.books"),
+        format!("app class role {app_role} lacks SELECT on public.books_id_seq"),
+        format!("readonly class role {readonly_role} holds GRANT OPTION on public.books"),
+    ] {
+        assert!(
+            out.contains(&expected),
+            "check does not say {expected:?}:\n{out}"
+        );
+    }
+    for line in out.lines().filter_map(|l| l.trim().strip_prefix("fix: ")) {
+        admin_db
+            .batch_execute(line)
+            .await
+            .unwrap_or_else(|e| panic!("{line}: {e}"));
+    }
+    let (ok, out, _) = check(&layout).await;
+    assert!(ok, "check after the fixes:\n{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_mode_reads_one_credential_per_class() {
+    // setup makes the class logins (static config), then the same logins come from files.
+    let layout = class_layout("perfile");
+    let (ok, out, err) = setup(&layout, &[]).await;
+    assert!(ok, "setup failed:\n{out}\n{err}");
+    let database = layout.database.clone();
+    let write = |class: &str, user: &str, password: &str| {
+        std::fs::write(
+            layout.dir.path().join(format!("{class}.json")),
+            serde_json::json!({"username": user, "password": password}).to_string(),
+        )
+        .unwrap();
+    };
+    let mut files = String::from("[backend.logins]\n");
+    for class in ["app", "readonly", "migrator"] {
+        let password =
+            std::fs::read_to_string(layout.dir.path().join(format!("{class}-login.secret")))
+                .unwrap();
+        write(class, &format!("{database}_{class}_login"), password.trim());
+        files.push_str(&format!("{class} = {{ file = \"{class}.json\" }}\n"));
+    }
+    let config = layout.config.replace(&class_logins_toml(&database), &files)
+        + "[rotation]\nmode = \"file\"\npoll_interval = \"200ms\"\n";
+    assert!(config.contains("file = \"app.json\""), "{config}");
+    let dir = layout.dir.path().to_owned();
+    let port = layout.port;
+    let keep = layout.dir;
+    let rg = Rolegate::launch(keep, port, &config).await;
+    let session_user = |user: &'static str| {
+        let url = rg.url(user, password_of(user), &database);
+        async move {
+            connect_url(&url)
+                .await
+                .unwrap()
+                .query_one("SELECT session_user::text, current_user::text", &[])
+                .await
+                .unwrap()
+                .get::<_, String>(0)
+        }
+    };
+    assert_eq!(session_user("web").await, format!("{database}_app_login"));
+    assert_eq!(
+        session_user("analyst").await,
+        format!("{database}_readonly_login")
+    );
+    // A new app login, made as setup makes them, written to the app file only.
+    let new_login = format!("{database}_app_login_2");
+    admin("postgres")
+        .await
+        .batch_execute(&format!(
+            "CREATE ROLE \"{new_login}\" LOGIN NOINHERIT PASSWORD 'second-pw' IN ROLE \"{database}_app\";
+             ALTER ROLE \"{new_login}\" SET role = '{database}_app';
+             GRANT CONNECT ON DATABASE \"{database}\" TO \"{new_login}\";"
+        ))
+        .await
+        .unwrap();
+    std::fs::write(
+        dir.join("app.json"),
+        serde_json::json!({"username": new_login, "password": "second-pw"}).to_string(),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while session_user("web").await != new_login {
+        assert!(Instant::now() < deadline, "{}", rg.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The other classes keep their own logins.
+    assert_eq!(
+        session_user("analyst").await,
+        format!("{database}_readonly_login")
+    );
+    assert_eq!(
+        session_user("migrate").await,
+        format!("{database}_migrator_login")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn print_sql_of_a_login_per_class_runs_nothing_and_shows_no_secret() {
+    let layout = class_layout("printedclass");
+    let (ok, out, err) = setup(&layout, &["--print-sql"]).await;
+    assert!(ok, "{err}");
+    let db = &layout.database;
+    for expected in [
+        format!("CREATE ROLE \"{db}_app\" NOLOGIN"),
+        format!("CREATE ROLE \"{db}_readonly\" NOLOGIN"),
+        format!("CREATE ROLE \"{db}_app_login\" LOGIN NOINHERIT PASSWORD '<redacted>'"),
+        format!("ALTER ROLE \"{db}_readonly_login\" SET role = E'{db}_readonly'"),
+        format!("GRANT SELECT ON ALL TABLES IN SCHEMA public TO \"{db}_readonly\""),
+        "ALTER DEFAULT PRIVILEGES FOR ROLE".to_owned(),
+    ] {
+        assert!(out.contains(&expected), "{expected}:\n{out}");
+    }
+    assert!(
+        !out.contains("SCRAM-SHA-256$"),
+        "a verifier was printed: {out}"
+    );
+    assert!(!layout.dir.path().join("app-login.secret").exists());
+    let exists = admin("postgres")
+        .await
+        .query_opt(
+            "SELECT 1 FROM pg_roles WHERE rolname = $1",
+            &[&format!("{db}_app")],
+        )
+        .await
+        .unwrap();
+    assert!(exists.is_none(), "--print-sql created the app role");
 }

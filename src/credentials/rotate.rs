@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::Context;
 use tokio_postgres::Client;
 
-use super::{CredentialStore, LoginCredential};
+use super::{login_slots, CredentialStore, LoginCredential, LoginSlot};
 use crate::backend::{self, BackendTarget};
 use crate::config::{Config, DrainPolicy};
 use crate::metrics::Metrics;
@@ -29,6 +29,8 @@ pub struct RotationStats {
 /// What one rotation did.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RotationOutcome {
+    /// The login slot: `app`, `readonly`, `migrator`, or `all` in the one-login layout.
+    pub class: &'static str,
     pub old_login: Option<String>,
     pub new_login: String,
     pub duration_ms: u64,
@@ -37,6 +39,8 @@ pub struct RotationOutcome {
 pub struct Rotator {
     /// Replaced on SIGHUP: schedule, drain and names take effect from the next rotation.
     config: std::sync::RwLock<Arc<Config>>,
+    /// Which login slot this rotator keeps (see `login_slots`).
+    label: &'static str,
     store: Arc<CredentialStore>,
     target: Arc<BackendTarget>,
     metrics: Arc<Metrics>,
@@ -48,12 +52,14 @@ pub struct Rotator {
 impl Rotator {
     pub fn new(
         config: Arc<Config>,
+        label: &'static str,
         store: Arc<CredentialStore>,
         target: Arc<BackendTarget>,
         metrics: Arc<Metrics>,
     ) -> Rotator {
         Rotator {
             config: std::sync::RwLock::new(config),
+            label,
             store,
             target,
             metrics,
@@ -97,14 +103,26 @@ impl Rotator {
         connect_rotator_at(&self.rotator_url()?).await
     }
 
+    /// The slot this rotator keeps, as the config in force describes it.
+    fn slot(&self) -> anyhow::Result<LoginSlot> {
+        login_slots(&self.config())
+            .into_iter()
+            .find(|slot| slot.label == self.label)
+            .with_context(|| format!("the config has no {} login any more", self.label))
+    }
+
     /// A new login name: the own prefix and the UTC time to the millisecond.
-    fn new_login_name(&self) -> String {
+    fn new_login_name(slot: &LoginSlot) -> String {
         let stamp: String = humantime::format_rfc3339_millis(SystemTime::now())
             .to_string()
             .chars()
             .filter(char::is_ascii_digit)
             .collect();
-        format!("{}{stamp}", self.config().own_login_prefix())
+        format!("{}{stamp}", slot.own_prefix)
+    }
+
+    pub fn label(&self) -> &'static str {
+        self.label
     }
 
     /// Rotates once. `first` is the start-up rotation, which also sweeps stale roles.
@@ -117,6 +135,7 @@ impl Rotator {
                 self.stats.rotations.fetch_add(1, Ordering::Relaxed);
                 self.metrics.rotations.inc();
                 tracing::info!(
+                    class = self.label,
                     old = outcome.old_login.as_deref().unwrap_or("-"),
                     new = outcome.new_login.as_str(),
                     duration_ms = started.elapsed().as_millis() as u64,
@@ -127,6 +146,7 @@ impl Rotator {
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);
                 self.metrics.rotation_failures.inc();
                 tracing::error!(
+                    class = self.label,
                     error = format!("{e:#}"),
                     "login rotation failed; the old login stays in use"
                 );
@@ -139,21 +159,26 @@ impl Rotator {
         let started = Instant::now();
         let rotator = self.connect_rotator().await?;
         let config = self.config();
-        let backend = &config.backend;
-        let name = self.new_login_name();
+        let slot = self.slot()?;
+        let name = Self::new_login_name(&slot);
         let password = random_password();
         let valid_for = config.rotation.every.unwrap_or(Duration::from_secs(86_400)) * 2;
         let valid_until = humantime::format_rfc3339_seconds(SystemTime::now() + valid_for);
-        let mut create = format!(
-            "CREATE ROLE {role} LOGIN PASSWORD {verifier} VALID UNTIL {until} IN ROLE {owner}",
+        // A class login holds nothing itself (NOINHERIT): a session whose role is reset
+        // by SQL rolegate never sees has no privilege at all.
+        let create = format!(
+            "CREATE ROLE {role} LOGIN{noinherit} PASSWORD {verifier} VALID UNTIL {until} IN ROLE {roles}",
             role = quote_ident(&name),
+            noinherit = if slot.class_login { " NOINHERIT" } else { "" },
             verifier = quote_literal(&make_verifier(&password)),
             until = quote_literal(&valid_until.to_string()),
-            owner = quote_ident(&backend.owner_role),
+            roles = slot
+                .member_of
+                .iter()
+                .map(|r| quote_ident(r))
+                .collect::<Vec<_>>()
+                .join(", "),
         );
-        if let Some(app_role) = &backend.app_role {
-            create.push_str(&format!(", {}", quote_ident(app_role)));
-        }
         rotator
             .batch_execute(&create)
             .await
@@ -163,7 +188,10 @@ impl Rotator {
             password,
         };
         // From here on a failure must remove the role again.
-        if let Err(e) = self.prepare_and_prove(&rotator, &new).await {
+        if let Err(e) = self.prepare_and_prove(&rotator, &new, &slot).await {
+            if slot.class_login {
+                let _ = revoke_connect(&rotator, &config, &name).await;
+            }
             let _ = rotator
                 .batch_execute(&format!("DROP ROLE IF EXISTS {}", quote_ident(&name)))
                 .await;
@@ -180,9 +208,10 @@ impl Rotator {
             {
                 tracing::warn!(login = old_user.as_str(), error = %e, "could not disable the old login");
             }
-            self.spawn_drain(old_user.clone());
+            self.spawn_drain(old_user.clone(), slot.class_login);
         }
         Ok(RotationOutcome {
+            class: self.label,
             old_login,
             new_login: name,
             duration_ms: started.elapsed().as_millis() as u64,
@@ -193,18 +222,31 @@ impl Rotator {
         &self,
         rotator: &Client,
         new: &LoginCredential,
+        slot: &LoginSlot,
     ) -> anyhow::Result<()> {
         let config = self.config();
-        let backend = &config.backend;
         rotator
             .batch_execute(&format!(
                 "ALTER ROLE {} SET role = {}",
                 quote_ident(&new.user),
-                quote_literal(&backend.owner_role)
+                quote_literal(&slot.role)
             ))
             .await
             .context("setting the new login's default role")?;
-        backend::prove_login(&self.target, new, &backend.owner_role)
+        if slot.class_login {
+            // A NOINHERIT login does not get CONNECT from its class role: it needs its own,
+            // granted through the grantor role setup made (the rotator itself may not
+            // connect to the database).
+            let grant = format!(
+                "GRANT CONNECT ON DATABASE {} TO {}",
+                quote_ident(&config.backend.database),
+                quote_ident(&new.user)
+            );
+            change_database_acl(rotator, &config, &grant)
+                .await
+                .context("granting the new login CONNECT on the database")?;
+        }
+        backend::prove_login(&self.target, new, &slot.role)
             .await
             .context("the new login could not open a session")?;
         Ok(())
@@ -212,8 +254,9 @@ impl Rotator {
 
     /// Waits for the old login's sessions to end (or ends them at the deadline, by
     /// policy), then drops the role.
-    fn spawn_drain(&self, old_user: String) {
+    fn spawn_drain(&self, old_user: String, class_login: bool) {
         let config = self.config();
+        let grant = class_login.then(|| config.clone());
         let rotation = config.rotation.clone();
         let owner = config.backend.owner_role.clone();
         let rotator_url = self.rotator_url();
@@ -226,6 +269,7 @@ impl Rotator {
                     &owner,
                     rotation.drain,
                     rotation.on_drain_timeout,
+                    grant.as_deref(),
                 )
                 .await
             }
@@ -251,7 +295,8 @@ impl Rotator {
         let outcome = self.rotate().await?;
         let rotator = self.connect_rotator().await?;
         let config = self.config();
-        let prefix = config.own_login_prefix();
+        let slot = self.slot()?;
+        let prefix = slot.own_prefix.clone();
         let stale = rotator
             .query(
                 "SELECT rolname::text FROM pg_roles r
@@ -273,6 +318,7 @@ impl Rotator {
                 owner,
                 Duration::ZERO,
                 DrainPolicy::Terminate,
+                slot.class_login.then_some(&*config),
             )
             .await
             {
@@ -326,6 +372,7 @@ async fn drain_and_drop(
     owner: &str,
     drain: Duration,
     policy: DrainPolicy,
+    class_login_of: Option<&Config>,
 ) -> anyhow::Result<u64> {
     let deadline = Instant::now() + drain;
     let sessions = || async {
@@ -364,6 +411,12 @@ async fn drain_and_drop(
     }
     // A safety net: every session ran as the owner, so nothing should be owned by the
     // login, but a stray object must not block the drop.
+    if let Some(config) = class_login_of {
+        // Its CONNECT grant would keep the role from being dropped.
+        if let Err(e) = revoke_connect(client, config, role).await {
+            tracing::debug!(login = role, error = %e, "could not revoke CONNECT");
+        }
+    }
     let quoted = quote_ident(role);
     if let Err(e) = client
         .batch_execute(&format!(
@@ -379,4 +432,49 @@ async fn drain_and_drop(
         .await
         .with_context(|| format!("dropping {role}"))?;
     Ok(terminated)
+}
+
+/// The NOLOGIN role that holds CONNECT on the database WITH GRANT OPTION, so that the
+/// rotator can give each new class login its CONNECT without being able to connect itself.
+pub fn connect_grantor(config: &Config) -> String {
+    let rotator = config
+        .backend
+        .rotator_role
+        .clone()
+        .unwrap_or_else(|| format!("{}_rotator", config.backend.database));
+    format!("{rotator}_connect")
+}
+
+async fn revoke_connect(client: &Client, config: &Config, login: &str) -> anyhow::Result<()> {
+    let revoke = format!(
+        "REVOKE CONNECT ON DATABASE {} FROM {}",
+        quote_ident(&config.backend.database),
+        quote_ident(login)
+    );
+    change_database_acl(client, config, &revoke).await
+}
+
+/// Runs a GRANT or REVOKE on the database as the grantor role. Every such statement
+/// rewrites the database's one catalog row, so two at once (a new login's grant while an
+/// old one's drain revokes, or another instance rotating) fail with "tuple concurrently
+/// updated": this process runs one at a time and retries what another process raced.
+async fn change_database_acl(client: &Client, config: &Config, sql: &str) -> anyhow::Result<()> {
+    static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _one = ONE_AT_A_TIME.lock().await;
+    let grantor = quote_ident(&connect_grantor(config));
+    let mut attempt = 0;
+    loop {
+        let result = client
+            .batch_execute(&format!("SET ROLE {grantor}; {sql}"))
+            .await;
+        client.batch_execute("RESET ROLE").await?;
+        match result {
+            Ok(()) => return Ok(()),
+            Err(e) if attempt < 5 && e.to_string().contains("tuple concurrently updated") => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }

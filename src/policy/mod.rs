@@ -35,7 +35,8 @@ pub struct Requester<'a> {
     pub user: &'a str,
     pub class: ClientClass,
     pub allow: &'a [Allowance],
-    /// The role the session is kept in: the owner, or `app_role` for app clients.
+    /// The role the session is kept in: its class role (the owner for migrators; in the
+    /// one-login layout the owner, or `app_role` for app clients).
     pub role: &'a str,
 }
 

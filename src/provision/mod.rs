@@ -10,7 +10,7 @@ use rand::distributions::Alphanumeric;
 use rand::Rng;
 use tokio_postgres::Client;
 
-use crate::config::Config;
+use crate::config::{Allowance, ClientClass, Config};
 use crate::scram::make_verifier;
 use crate::sql::{quote_ident, quote_literal};
 
@@ -176,6 +176,224 @@ enum PasswordHome<'a> {
     Env(&'a str),
 }
 
+/// One step of the plan: a section of setup.sql, where it runs, and the values only it
+/// needs (a class role, a login).
+struct PlanStep {
+    name: &'static str,
+    in_database: bool,
+    vars: Vec<(&'static str, Value)>,
+}
+
+fn step(name: &'static str, in_database: bool) -> PlanStep {
+    PlanStep {
+        name,
+        in_database,
+        vars: Vec::new(),
+    }
+}
+
+fn step_with(name: &'static str, in_database: bool, vars: Vec<(&'static str, Value)>) -> PlanStep {
+    PlanStep {
+        name,
+        in_database,
+        vars,
+    }
+}
+
+/// A static class login as setup finds it.
+struct StaticClassLogin {
+    class_role: String,
+    login: String,
+    exists: bool,
+    /// A new password's SCRAM verifier, when setup sets one.
+    verifier: Option<String>,
+    /// Other class roles it is a member of (revoked: one class role per login).
+    revoke: Vec<String>,
+}
+
+/// The login-per-class part of the layout: what exists, and what setup will do about it.
+#[derive(Default)]
+struct ClassLayout {
+    enabled: bool,
+    grantor: String,
+    grantor_exists: bool,
+    /// (class, class role, exists, gets TEMPORARY)
+    roles: Vec<(ClientClass, String, bool, bool)>,
+    /// Static mode: each class's login.
+    logins: Vec<StaticClassLogin>,
+    /// Passwords setup generated, for their files once everything ran.
+    new_password_files: Vec<(String, std::path::PathBuf, String)>,
+}
+
+impl ClassLayout {
+    async fn survey(config: &Config, admin: &Client) -> anyhow::Result<ClassLayout> {
+        let Some(class_logins) = &config.backend.logins else {
+            return Ok(ClassLayout::default());
+        };
+        let owner = config.backend.owner_role.clone();
+        let grantor = crate::credentials::rotate::connect_grantor(config);
+        let mut layout = ClassLayout {
+            enabled: true,
+            grantor_exists: role_exists(admin, &grantor).await?,
+            grantor,
+            ..ClassLayout::default()
+        };
+        for class in [ClientClass::App, ClientClass::Readonly] {
+            let role = config.class_role(class);
+            // TEMPORARY only for a class whose clients may make temporary tables.
+            let temporary = config
+                .clients
+                .iter()
+                .any(|c| c.class == class && c.allow.contains(&Allowance::TempTables));
+            let exists = role_exists(admin, &role).await?;
+            layout.roles.push((class, role, exists, temporary));
+        }
+        if config.rotation.mode != crate::config::RotationMode::Static {
+            return Ok(layout);
+        }
+        let class_roles = [
+            owner.clone(),
+            config.class_role(ClientClass::App),
+            config.class_role(ClientClass::Readonly),
+        ];
+        for class in crate::config::CLASSES {
+            let login_config = class_logins.get(class);
+            let Some(login) = login_config.user.clone() else {
+                continue;
+            };
+            let role = config.class_role(class);
+            let exists = role_exists(admin, &login).await?;
+            let password = match (&login_config.password_file, &login_config.password_env) {
+                (Some(path), _) if exists && path.exists() => None,
+                (Some(path), _) => {
+                    let p = random_password();
+                    layout
+                        .new_password_files
+                        .push((login.clone(), path.clone(), p.clone()));
+                    Some(p)
+                }
+                (None, Some(var)) => Some(std::env::var(var).with_context(|| {
+                    format!("{var} must hold the {class} login's password for setup")
+                })?),
+                (None, None) => None,
+            };
+            let mut revoke = Vec::new();
+            if exists {
+                for other in class_roles.iter().filter(|r| **r != role) {
+                    let member: bool = admin
+                        .query_one(
+                            "SELECT EXISTS (SELECT FROM pg_auth_members m
+                               JOIN pg_roles r ON r.oid = m.roleid
+                               JOIN pg_roles l ON l.oid = m.member
+                             WHERE r.rolname = $1 AND l.rolname = $2)",
+                            &[other, &login],
+                        )
+                        .await?
+                        .get(0);
+                    if member {
+                        revoke.push(other.clone());
+                    }
+                }
+            }
+            layout.logins.push(StaticClassLogin {
+                class_role: role,
+                login,
+                exists,
+                verifier: password.map(|p| make_verifier(&p)),
+                revoke,
+            });
+        }
+        Ok(layout)
+    }
+
+    fn plan(&self, plan: &mut Vec<PlanStep>, version: i32) {
+        if !self.enabled {
+            return;
+        }
+        let plain = |v: &String| Value::Plain(v.clone());
+        for (_, role, exists, _) in &self.roles {
+            let vars = vec![("class_role", plain(role))];
+            plan.push(step_with(
+                if *exists {
+                    "class_role_attributes"
+                } else {
+                    "create_class_role"
+                },
+                false,
+                vars.clone(),
+            ));
+            plan.push(step_with(
+                if version >= 160_000 {
+                    "grant_rotator_admin_class_pg16"
+                } else {
+                    "grant_rotator_admin_class"
+                },
+                false,
+                vars,
+            ));
+        }
+        if !self.grantor_exists {
+            plan.push(step_with(
+                "create_connect_grantor",
+                false,
+                vec![("grantor", plain(&self.grantor))],
+            ));
+        }
+        plan.push(step_with(
+            "connect_grantor",
+            false,
+            vec![("grantor", plain(&self.grantor))],
+        ));
+        for StaticClassLogin {
+            class_role: role,
+            login,
+            exists,
+            verifier,
+            revoke,
+        } in &self.logins
+        {
+            let mut vars = vec![("class_role", plain(role)), ("login", plain(login))];
+            if let Some(v) = verifier {
+                vars.push(("login_password", Value::Secret(v.clone())));
+            }
+            if !exists {
+                plan.push(step_with("create_class_login", false, vars.clone()));
+            } else if verifier.is_some() {
+                plan.push(step_with("set_class_login_password", false, vars.clone()));
+            }
+            for other in revoke {
+                let mut vars = vars.clone();
+                vars.push(("other_role", plain(other)));
+                plan.push(step_with("revoke_membership", false, vars));
+            }
+            plan.push(step_with(
+                if version >= 160_000 {
+                    "class_login_membership_pg16"
+                } else {
+                    "class_login_membership"
+                },
+                false,
+                vars,
+            ));
+        }
+        for (class, role, _, temporary) in &self.roles {
+            let vars = vec![("class_role", plain(role))];
+            plan.push(step_with(
+                if *class == ClientClass::App {
+                    "app_class_privileges"
+                } else {
+                    "readonly_class_privileges"
+                },
+                true,
+                vars.clone(),
+            ));
+            if *temporary {
+                plan.push(step_with("class_temporary", true, vars));
+            }
+        }
+    }
+}
+
 /// Plans and (unless printing) applies the layout. Safe to run again.
 pub async fn setup(config: &Config, options: SetupOptions<'_>) -> anyhow::Result<()> {
     let names = Names::from_config(config)?;
@@ -193,10 +411,17 @@ pub async fn setup(config: &Config, options: SetupOptions<'_>) -> anyhow::Result
     ) {
         (Some(path), _) => Some(PasswordHome::File(path)),
         (None, Some(var)) => Some(PasswordHome::Env(var)),
-        // Managed rotation makes its own login roles; setup needs none.
-        (None, None) if config.rotation.mode == crate::config::RotationMode::Managed => None,
+        // Managed rotation makes its own login roles, file rotation reads them from files,
+        // and each class names its own with [backend.logins]: setup needs no shared one.
+        (None, None)
+            if config.rotation.mode != crate::config::RotationMode::Static
+                || config.class_logins() =>
+        {
+            None
+        }
         (None, None) => bail!("[backend] needs login_password_file (or login_password_env)"),
     };
+    let class_layout = ClassLayout::survey(config, &admin).await?;
 
     let sections = sections(SETUP_SQL);
     let owner_exists = role_exists(&admin, &names.owner).await?;
@@ -255,8 +480,8 @@ pub async fn setup(config: &Config, options: SetupOptions<'_>) -> anyhow::Result
         vars.insert("login_password", Value::Secret(make_verifier(p)));
     }
 
-    let mut plan: Vec<(&str, bool)> = Vec::new();
-    plan.push((
+    let mut plan: Vec<PlanStep> = Vec::new();
+    plan.push(step(
         if owner_exists {
             "owner_nologin"
         } else {
@@ -265,12 +490,12 @@ pub async fn setup(config: &Config, options: SetupOptions<'_>) -> anyhow::Result
         false,
     ));
     match &database_owner {
-        None => plan.push(("create_database", false)),
-        Some(owner) if *owner != names.owner => plan.push(("reown_database", false)),
+        None => plan.push(step("create_database", false)),
+        Some(owner) if *owner != names.owner => plan.push(step("reown_database", false)),
         Some(_) => {}
     }
-    plan.push(("database_privileges", false));
-    plan.push((
+    plan.push(step("database_privileges", false));
+    plan.push(step(
         if rotator_exists {
             "rotator_attributes"
         } else {
@@ -278,7 +503,7 @@ pub async fn setup(config: &Config, options: SetupOptions<'_>) -> anyhow::Result
         },
         false,
     ));
-    plan.push((
+    plan.push(step(
         if version >= 160_000 {
             "grant_rotator_admin_pg16"
         } else {
@@ -286,31 +511,41 @@ pub async fn setup(config: &Config, options: SetupOptions<'_>) -> anyhow::Result
         },
         false,
     ));
-    if home.is_some() {
+    let class_logins = config.class_logins();
+    if home.is_some() && !class_logins {
         if !login_exists {
-            plan.push(("create_login", false));
+            plan.push(step("create_login", false));
         } else if login_password.is_some() {
-            plan.push(("set_login_password", false));
+            plan.push(step("set_login_password", false));
         }
-        plan.push(("login_membership", false));
+        plan.push(step("login_membership", false));
     }
     let grant_app_role_to_login = home.is_some();
-    plan.push(("schema_layout", true));
-    if names.app_role.is_some() {
+    plan.push(step("schema_layout", true));
+    if class_logins {
+        class_layout.plan(&mut plan, version);
+    } else if names.app_role.is_some() {
         if !app_role_exists {
-            plan.push(("create_app_role", false));
+            plan.push(step("create_app_role", false));
         }
-        plan.push(("app_role_privileges", true));
+        plan.push(step("app_role_privileges", true));
         if grant_app_role_to_login {
-            plan.push(("app_role_login", false));
+            plan.push(step("app_role_login", false));
         }
     }
 
     let mut steps = Vec::new();
-    for (name, in_database) in plan {
+    for PlanStep {
+        name,
+        in_database,
+        vars: step_vars,
+    } in plan
+    {
         let template = sections
             .get(name)
             .with_context(|| format!("setup.sql has no section {name}"))?;
+        let mut vars = vars.clone();
+        vars.extend(step_vars);
         let (sql, shown) = render(template, &vars)?;
         steps.push(Step {
             in_database,
@@ -360,16 +595,31 @@ pub async fn setup(config: &Config, options: SetupOptions<'_>) -> anyhow::Result
             path.display()
         );
     }
+    for (login, path, password) in &class_layout.new_password_files {
+        write_secret_file(path, password)?;
+        println!("login password for {login} written to {}", path.display());
+    }
     if let Some(password) = generated_rotator_password {
         println!(
             "rotator role {} created; its password (shown only this once): {password}",
             names.rotator
         );
     }
-    println!(
-        "setup complete: owner {}, database {}, login {}",
-        names.owner, names.database, names.login
-    );
+    if config.class_logins() {
+        println!(
+            "setup complete: owner {}, database {}, class roles {} (app) and {} (readonly), \
+             a login per class",
+            names.owner,
+            names.database,
+            config.class_role(ClientClass::App),
+            config.class_role(ClientClass::Readonly)
+        );
+    } else {
+        println!(
+            "setup complete: owner {}, database {}, login {}",
+            names.owner, names.database, names.login
+        );
+    }
     Ok(())
 }
 
@@ -407,10 +657,68 @@ pub async fn check(config: &Config, admin_url: &str) -> anyhow::Result<Vec<Probl
     client.batch_execute("SET search_path = pg_catalog").await?;
     let mut vars: BTreeMap<&str, Value> = BTreeMap::new();
     vars.insert("owner", Value::Plain(names.owner.clone()));
-    vars.insert("login", Value::Plain(names.login.clone()));
+    let class_logins = config.class_logins();
+    // With a login per class, every login of the one-login layout is left over.
+    let shared_login = if class_logins {
+        String::new()
+    } else {
+        names.login.clone()
+    };
+    vars.insert("login", Value::Plain(shared_login));
     vars.insert("login_prefix", Value::Plain(names.login_prefix.clone()));
+    vars.insert("rotator", Value::Plain(names.rotator.clone()));
+    for (class, role_var, login_var, prefix_var, temp_var) in [
+        (
+            ClientClass::App,
+            "app_role",
+            "app_login",
+            "app_prefix",
+            "app_temp",
+        ),
+        (
+            ClientClass::Readonly,
+            "readonly_role",
+            "readonly_login",
+            "readonly_prefix",
+            "readonly_temp",
+        ),
+        (
+            ClientClass::Migrator,
+            "owner",
+            "migrator_login",
+            "migrator_prefix",
+            "migrator_temp",
+        ),
+    ] {
+        if class != ClientClass::Migrator {
+            vars.insert(role_var, Value::Plain(config.class_role(class)));
+        }
+        let login = config.backend.logins.as_ref().map(|l| l.get(class));
+        let static_login = match config.rotation.mode {
+            crate::config::RotationMode::Static => login.and_then(|l| l.user.clone()),
+            _ => None,
+        };
+        let prefix = match config.rotation.mode {
+            crate::config::RotationMode::Managed => config.class_login_prefix(class),
+            _ => String::new(),
+        };
+        vars.insert(login_var, Value::Plain(static_login.unwrap_or_default()));
+        vars.insert(prefix_var, Value::Plain(prefix));
+        let temporary = config
+            .clients
+            .iter()
+            .any(|c| c.class == class && c.allow.contains(&Allowance::TempTables));
+        vars.insert(temp_var, Value::Plain(temporary.to_string()));
+    }
     let mut problems = Vec::new();
     for (name, template) in sections(CHECK_SQL) {
+        if name.starts_with("class_") != class_logins {
+            // The one-login layout's own audits stay as they were; the class audits need
+            // a login per class.
+            if name.starts_with("class_") || name == "logins_not_members" {
+                continue;
+            }
+        }
         let (sql, _) = render(template, &vars)?;
         let rows = client
             .query(sql.trim_end_matches(';'), &[])
@@ -460,9 +768,21 @@ mod tests {
             "rotator_password",
             "login_password",
             "login_prefix",
+            "class_role",
+            "grantor",
+            "other_role",
+            "readonly_role",
+            "app_login",
+            "readonly_login",
+            "migrator_login",
+            "app_prefix",
+            "readonly_prefix",
+            "migrator_prefix",
         ] {
             vars.insert(name, Value::Plain("drop table x".to_owned()));
         }
+        vars.insert("app_temp", Value::Plain("true".to_owned()));
+        vars.insert("readonly_temp", Value::Plain("false".to_owned()));
         for file in [SETUP_SQL, CHECK_SQL] {
             let sections = sections(file);
             assert!(sections.len() > 5);
