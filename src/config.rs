@@ -435,6 +435,13 @@ pub struct PoolConfig {
     /// closed on the server when one more is needed.
     #[serde(default = "default_max_prepared_statements")]
     pub max_prepared_statements: usize,
+    /// Named prepared statements one client may hold (rolegate keeps their text); one
+    /// more is refused with 54000, as PostgreSQL refuses what exceeds its limits.
+    #[serde(default = "default_max_client_prepared_statements")]
+    pub max_client_prepared_statements: usize,
+    /// Bytes of statement text one client's prepared statements may hold.
+    #[serde(default = "default_max_client_prepared_bytes")]
+    pub max_client_prepared_bytes: usize,
 }
 
 fn default_pool_size() -> usize {
@@ -452,6 +459,12 @@ fn default_server_lifetime() -> Duration {
 fn default_max_prepared_statements() -> usize {
     200
 }
+fn default_max_client_prepared_statements() -> usize {
+    1000
+}
+fn default_max_client_prepared_bytes() -> usize {
+    4 << 20
+}
 
 impl Default for PoolConfig {
     fn default() -> Self {
@@ -463,6 +476,8 @@ impl Default for PoolConfig {
             server_idle_timeout: default_server_idle_timeout(),
             server_lifetime: default_server_lifetime(),
             max_prepared_statements: default_max_prepared_statements(),
+            max_client_prepared_statements: default_max_client_prepared_statements(),
+            max_client_prepared_bytes: default_max_client_prepared_bytes(),
         }
     }
 }

@@ -91,6 +91,7 @@ pub struct PoolMetrics {
     pub checkout_timeouts: PerPool<Counter>,
     pub prepares: PerPool<Counter>,
     pub resets: PerPool<Counter>,
+    pub client_statement_bytes: PerPool<Gauge>,
 }
 
 impl PoolMetrics {
@@ -150,6 +151,12 @@ impl PoolMetrics {
             "resets",
             "Settings queries sent to give a backend connection a client's settings",
             self.resets.clone(),
+        );
+        r.register(
+            "client_statement_bytes",
+            "Memory rolegate holds for the prepared statements of this pool's clients \
+             (each client's share is bounded by [pool] max_client_prepared_bytes)",
+            self.client_statement_bytes.clone(),
         );
     }
 }

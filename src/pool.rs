@@ -138,6 +138,7 @@ pub struct PoolStats {
     pub checkout_timeouts: Counter,
     pub prepares: Counter,
     pub resets: Counter,
+    pub client_statement_bytes: Gauge,
     /// `rolegate_backend_connections`, shared with session mode.
     backends_open: Gauge,
 }
@@ -157,6 +158,7 @@ impl PoolStats {
             checkout_timeouts: p.checkout_timeouts.get_or_create(label).clone(),
             prepares: p.prepares.get_or_create(label).clone(),
             resets: p.resets.get_or_create(label).clone(),
+            client_statement_bytes: p.client_statement_bytes.get_or_create(label).clone(),
             backends_open: metrics.backend_connections.clone(),
         }
     }
@@ -206,6 +208,8 @@ pub struct Pool {
     idle_timeout: Duration,
     lifetime: Duration,
     pub max_prepared: usize,
+    /// What one client may hold in prepared statements: how many, how many bytes.
+    pub max_client_prepared: (usize, usize),
 }
 
 impl Pool {
@@ -233,6 +237,10 @@ impl Pool {
             idle_timeout: config.server_idle_timeout,
             lifetime: config.server_lifetime,
             max_prepared: config.max_prepared_statements,
+            max_client_prepared: (
+                config.max_client_prepared_statements,
+                config.max_client_prepared_bytes,
+            ),
         }
     }
 

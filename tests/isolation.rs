@@ -244,3 +244,155 @@ async fn a_cancel_never_reaches_another_client() {
         "statements of V canceled by A's cancel requests"
     );
 }
+
+/// Custom settings (how row-level security is usually fed), settings changed in SQL text
+/// and client_encoding follow their client: the next client on the pool's only backend
+/// connection never has them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_follow_their_client_custom_ones_too() {
+    let db = TestDb::create("iso_settings").await;
+    let rg = Rolegate::start_with(&db, pooled(1)).await;
+    let a = rg.client("web", &db).await;
+    let b = rg.client("web", &db).await;
+    a.batch_execute("SET app.tenant = 'acme'").await.unwrap();
+    a.query_one("SELECT set_config('app.user', 'alice', false)", &[])
+        .await
+        .unwrap();
+    // (A name another client set may exist, empty, on the backend connection: PostgreSQL
+    // cannot forget a placeholder. Its value never crosses.)
+    let unset = |value: Option<String>| value.is_none_or(|v| v.is_empty());
+    assert!(unset(setting(&b, "app.tenant").await));
+    assert!(unset(setting(&b, "app.user").await));
+    assert_eq!(setting(&a, "app.tenant").await.as_deref(), Some("acme"));
+    assert_eq!(setting(&a, "app.user").await.as_deref(), Some("alice"));
+    assert!(unset(setting(&b, "app.tenant").await));
+    b.batch_execute("SET app.tenant = 'globex'").await.unwrap();
+    assert_eq!(setting(&a, "app.tenant").await.as_deref(), Some("acme"));
+    assert_eq!(setting(&b, "app.tenant").await.as_deref(), Some("globex"));
+
+    // client_encoding: the next client's transaction runs in its own encoding.
+    let mut raw = RawClient::login(rg.port, "web", password_of("web"), &db.name).await;
+    let mut out = BytesMut::new();
+    query(&mut out, "SET client_encoding = 'EUC_JP'");
+    raw.send(&out).await;
+    assert!(raw.until_ready().await.1.is_empty());
+    let encoding: String = b
+        .query_one("SELECT current_setting('client_encoding')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(encoding, "UTF8");
+    let mut out = BytesMut::new();
+    query(&mut out, "SHOW client_encoding");
+    raw.send(&out).await;
+    assert_eq!(raw.data_values().await, ["EUC_JP"]);
+}
+
+/// A statement prepared by a client with another DateStyle, TimeZone or
+/// standard_conforming_strings means for each client what its own simple query means.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statements_mean_what_they_mean_for_their_client() {
+    let db = TestDb::create("iso_prepared").await;
+    let rg = Rolegate::start_with(&db, pooled(1)).await;
+    let a = rg.client("web", &db).await;
+    let b = rg.client("web", &db).await;
+    a.batch_execute(
+        "SET DateStyle = 'ISO, DMY'; SET TimeZone = 'Asia/Tokyo'; \
+         SET standard_conforming_strings = off",
+    )
+    .await
+    .unwrap();
+    for sql in [
+        "SELECT '01/02/2024'::date::text",
+        "SELECT '2024-01-01 00:00'::timestamptz::text",
+        "SELECT length('a\\b')::text",
+    ] {
+        let mut answers = Vec::new();
+        for client in [&a, &b, &a, &b] {
+            let statement = client.prepare(sql).await.unwrap();
+            let prepared: String = client.query_one(&statement, &[]).await.unwrap().get(0);
+            let simple = client
+                .simple_query(sql)
+                .await
+                .unwrap()
+                .iter()
+                .find_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+                    _ => None,
+                })
+                .unwrap();
+            assert_eq!(prepared, simple, "{sql}");
+            answers.push(prepared);
+        }
+        assert_ne!(
+            answers[0], answers[1],
+            "{sql}: the two clients parse it differently"
+        );
+    }
+}
+
+/// What sequence functions and setseed leave in a session is not the next client's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequences_and_the_random_seed_are_not_left_to_the_next_client() {
+    let db = TestDb::create("iso_leftovers").await;
+    let rg = Rolegate::start_with(&db, pooled(1)).await;
+    make_table(&rg, &db).await;
+    let a = rg.client("web", &db).await;
+    let b = rg.client("web", &db).await;
+    a.query_one("SELECT nextval('counter')", &[]).await.unwrap();
+    let e = b
+        .query_one("SELECT currval('counter')", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("55000"), "{e}");
+    let e = b.query_one("SELECT lastval()", &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("55000"), "{e}");
+    // (A's own value is A's: through rolegate it needs the same transaction.)
+    let seeded: f64 = a
+        .query_one("SELECT random() FROM (SELECT setseed(0.5)) s", &[])
+        .await
+        .unwrap()
+        .get(0);
+    a.query_one("SELECT setseed(0.5)", &[]).await.unwrap();
+    let next: f64 = b.query_one("SELECT random()", &[]).await.unwrap().get(0);
+    assert_ne!(next, seeded, "B's random() follows A's seed");
+}
+
+/// One client's prepared statements are bounded: past the bound it gets PostgreSQL's
+/// kind of error (54000), its session goes on, and nobody else notices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_prepared_statements_are_bounded() {
+    let db = TestDb::create("iso_bounds").await;
+    let options = Options {
+        extra: "[pool]\nmode = \"transaction\"\nsize = 1\nmax_client_prepared_statements = 5\n\
+                max_client_prepared_bytes = 100000\n"
+            .into(),
+        ..Options::default()
+    };
+    let rg = Rolegate::start_with(&db, options).await;
+    let a = rg.client("web", &db).await;
+    let b = rg.client("web", &db).await;
+    let mut kept = Vec::new();
+    for i in 0..5 {
+        kept.push(a.prepare(&format!("SELECT {i}")).await.unwrap());
+    }
+    let e = a.prepare("SELECT 5").await.unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("54000"), "{e}");
+    let big = format!("SELECT '{}'", "x".repeat(200_000));
+    let e = b.prepare(&big).await.unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("54000"), "{e}");
+    let n: i32 = a.query_one(&kept[4], &[]).await.unwrap().get(0);
+    assert_eq!(n, 4);
+    assert_eq!(
+        b.query_one("SELECT 7", &[]).await.unwrap().get::<_, i32>(0),
+        7
+    );
+}
+
+async fn setting(client: &tokio_postgres::Client, name: &str) -> Option<String> {
+    client
+        .query_one("SELECT current_setting($1, true)", &[&name])
+        .await
+        .unwrap()
+        .get(0)
+}

@@ -485,7 +485,9 @@ impl<'a> Upstream<'a> {
             verdicts: SessionVerdicts::default(),
             statement_checks: Default::default(),
             discard_all_in_batch: false,
-            pooled: ctx.pooling.as_ref().map(|_| Default::default()),
+            pooled: ctx
+                .pooling
+                .map(|pool| Box::new(pooled::ClientStatements::new(pool))),
             last_effects: Default::default(),
             unsynced: false,
             syncs_since_execute: 0,

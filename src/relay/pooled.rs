@@ -91,6 +91,10 @@ pub(super) enum Reply {
 #[derive(Default)]
 pub struct ClientStatements {
     named: HashMap<Vec<u8>, ClientStatement>,
+    /// Bytes of text the named statements hold (bounded per client).
+    bytes: usize,
+    /// The pool's gauge of that memory, for /metrics.
+    bytes_gauge: Option<prometheus_client::metrics::gauge::Gauge>,
     unnamed: Option<ClientStatement>,
     /// Custom settings (`app.tenant`) the client may have set: read back by name.
     custom_settings: BTreeSet<String>,
@@ -120,7 +124,45 @@ struct ClientStatement {
 /// At most this many custom setting names are followed per client.
 const MAX_CUSTOM_SETTINGS: usize = 64;
 
+impl Drop for ClientStatements {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
 impl ClientStatements {
+    pub(super) fn new(pool: &Pool) -> ClientStatements {
+        let mut statements = ClientStatements::default();
+        statements.bytes_gauge = Some(pool.stats.client_statement_bytes.clone());
+        statements
+    }
+
+    fn insert(&mut self, name: Vec<u8>, statement: ClientStatement) {
+        let added = name.len() + statement.text_and_tail.len();
+        if let Some(old) = self.named.insert(name, statement) {
+            self.account(-((old.text_and_tail.len()) as i64));
+        }
+        self.account(added as i64);
+    }
+
+    fn remove(&mut self, name: &[u8]) {
+        if let Some(old) = self.named.remove(name) {
+            self.account(-((name.len() + old.text_and_tail.len()) as i64));
+        }
+    }
+
+    fn clear(&mut self) {
+        self.named.clear();
+        self.account(-(self.bytes as i64));
+    }
+
+    fn account(&mut self, delta: i64) {
+        self.bytes = (self.bytes as i64 + delta).max(0) as usize;
+        if let Some(gauge) = &self.bytes_gauge {
+            gauge.inc_by(delta);
+        }
+    }
+
     /// Notes the custom settings a statement may set; false when it may set some whose
     /// names cannot be known (or the client already has too many to follow).
     pub(super) fn note_custom_settings(
@@ -324,7 +366,7 @@ impl Upstream<'_> {
     fn forget_statements(&mut self, unparsed: Vec<Vec<u8>>) {
         if let Some(statements) = self.pooled.as_mut() {
             for name in unparsed {
-                statements.named.remove(&name);
+                statements.remove(&name);
             }
         }
     }
@@ -372,6 +414,23 @@ impl Upstream<'_> {
             }
             return decision;
         }
+        let (max_count, max_bytes) = self.pool().max_client_prepared;
+        if let Some(statements) = self.pooled.as_ref() {
+            let bytes = statements.bytes + name.len() + statement.text_and_tail.len();
+            if !statements.named.contains_key(&name)
+                && (statements.named.len() >= max_count || bytes > max_bytes)
+            {
+                return refusal(
+                    "54000",
+                    format!(
+                        "rolegate: too many prepared statements for one client ({} of at most \
+                         {max_count}, {bytes} bytes of at most {max_bytes}); deallocate some \
+                         ([pool] max_client_prepared_statements, max_client_prepared_bytes)",
+                        statements.named.len(),
+                    ),
+                );
+            }
+        }
         if self
             .pooled
             .as_ref()
@@ -408,7 +467,7 @@ impl Upstream<'_> {
         }
         drop(lease);
         if let Some(statements) = self.pooled.as_mut() {
-            statements.named.insert(
+            statements.insert(
                 name,
                 ClientStatement {
                     server_name,
@@ -595,7 +654,7 @@ impl Upstream<'_> {
         };
         match statement {
             Some(name) if !name.is_empty() => {
-                statements.named.remove(&name);
+                statements.remove(&name);
                 let mut out = BytesMut::new();
                 put_close_statement(&mut out, NO_STATEMENT);
                 Decision::Replace {
@@ -648,7 +707,7 @@ impl Upstream<'_> {
             lease.prepared.forget_all();
             drop(lease);
             if let Some(statements) = self.pooled.as_mut() {
-                statements.named.clear();
+                statements.clear();
             }
         }
     }
