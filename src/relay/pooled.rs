@@ -322,27 +322,40 @@ impl Upstream<'_> {
     }
 
     /// Sets the parse context from the client's settings (lower-case name → value).
+    /// Every built-in setting counts except those known not to change what a statement
+    /// returns: parsing reads many (`DateStyle`, `TimeZone`, `timezone_abbreviations`,
+    /// `search_path`…), and constant folding at planning time reads more (`bytea_output`
+    /// and `extra_float_digits` decide the text of a folded cast), so an allow-list would
+    /// miss some. Custom settings are read by functions at run time, not folded.
     pub(super) fn set_parse_context(&mut self, settings: &BTreeMap<String, String>) {
         use std::hash::{Hash, Hasher};
-        // What a text means when it is parsed: literals of dates, times and intervals,
-        // how strings and arrays are read, which objects names resolve to.
-        const PARSE_SETTINGS: &[&str] = &[
-            "array_nulls",
-            "backslash_quote",
-            "client_encoding",
-            "datestyle",
-            "default_text_search_config",
-            "intervalstyle",
-            "lc_monetary",
-            "lc_numeric",
-            "search_path",
-            "standard_conforming_strings",
-            "timezone",
-            "transform_null_equals",
-        ];
+        fn irrelevant(name: &str) -> bool {
+            name.contains('.')
+                || matches!(
+                    name,
+                    "application_name"
+                        | "client_min_messages"
+                        | "statement_timeout"
+                        | "lock_timeout"
+                        | "idle_in_transaction_session_timeout"
+                        | "idle_session_timeout"
+                        | "transaction_timeout"
+                        | "work_mem"
+                        | "maintenance_work_mem"
+                        | "temp_buffers"
+                        | "hash_mem_multiplier"
+                        | "plan_cache_mode"
+                )
+                || ["log_", "enable_", "jit", "cpu_", "track_"]
+                    .iter()
+                    .any(|prefix| name.starts_with(prefix))
+        }
         let mut hasher = std::hash::DefaultHasher::new();
-        for name in PARSE_SETTINGS {
-            settings.get(*name).hash(&mut hasher);
+        for (name, value) in settings {
+            if !irrelevant(name) {
+                name.hash(&mut hasher);
+                value.hash(&mut hasher);
+            }
         }
         if let Some(statements) = self.pooled.as_mut() {
             statements.context = hasher.finish();
