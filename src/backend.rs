@@ -224,6 +224,15 @@ impl BackendSession {
 }
 
 impl BackendSession {
+    /// Remembers a ParameterStatus the server sent (its body), for the client's greeting.
+    fn parameter_status_body(&mut self, body: &[u8]) {
+        let name_end = body.iter().position(|&b| b == 0).unwrap_or(body.len());
+        let name = String::from_utf8_lossy(&body[..name_end]).into_owned();
+        let mut frame = BytesMut::with_capacity(body.len() + 5);
+        wire::put_message(&mut frame, b'S', body);
+        self.set_parameter_status(name, frame.freeze());
+    }
+
     /// Runs rolegate's own query and checks its answer strictly: exactly one result set
     /// per entry of `columns`, each with exactly those column names, and nothing else but
     /// CommandComplete, notices, setting reports and notifications. Returns the rows of
@@ -265,13 +274,7 @@ impl BackendSession {
                         _ => return unexpected("a row outside its result set".into()),
                     }
                 }
-                b'S' => {
-                    let name_end = body.iter().position(|&b| b == 0).unwrap_or(body.len());
-                    let name = String::from_utf8_lossy(&body[..name_end]).into_owned();
-                    let mut frame = BytesMut::with_capacity(body.len() + 5);
-                    wire::put_message(&mut frame, b'S', &body);
-                    self.set_parameter_status(name, frame.freeze());
-                }
+                b'S' => self.parameter_status_body(&body),
                 b'E' => error = Some(wire::error_fields(&body)),
                 b'C' | b'N' | b'A' => {}
                 b'Z' => {
@@ -428,13 +431,7 @@ async fn read_until_ready(
     loop {
         let (tag, body) = wire::read_message(&mut session.stream, MAX_SETUP_MESSAGE).await?;
         match tag {
-            b'S' => {
-                let name_end = body.iter().position(|&b| b == 0).unwrap_or(body.len());
-                let name = String::from_utf8_lossy(&body[..name_end]).into_owned();
-                let mut frame = BytesMut::with_capacity(body.len() + 5);
-                wire::put_message(&mut frame, b'S', &body);
-                session.set_parameter_status(name, frame.freeze());
-            }
+            b'S' => session.parameter_status_body(&body),
             b'K' => {
                 if body.len() < 8 {
                     return Err(WireError::Malformed("BackendKeyData").into());

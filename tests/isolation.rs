@@ -73,6 +73,29 @@ async fn transcript(client: &mut RawClient, n: usize) -> Vec<String> {
     seen
 }
 
+/// Another app client, V, that logs in now and runs `n` queries one after another (in
+/// the background); its transcripts.
+fn victim(
+    rg: &Rolegate,
+    db: &TestDb,
+    n: usize,
+    sql: fn(usize) -> String,
+) -> tokio::task::JoinHandle<Vec<Vec<String>>> {
+    let port = rg.port;
+    let name = db.name.clone();
+    tokio::spawn(async move {
+        let mut v = RawClient::login(port, "web", password_of("web"), &name).await;
+        let mut answers = Vec::new();
+        for i in 0..n {
+            let mut out = BytesMut::new();
+            query(&mut out, &sql(i));
+            v.send(&out).await;
+            answers.push(transcript(&mut v, 1).await);
+        }
+        answers
+    })
+}
+
 /// The same client program straight against PostgreSQL, as the login role in the owner
 /// role (what rolegate does for app clients without an app role).
 async fn direct(db: &TestDb) -> RawClient {
@@ -116,19 +139,7 @@ async fn replies_never_cross_clients_after_a_failed_copy() {
         a.send(&out).await;
         if through_rolegate {
             // V asks while A's replies are still on their way.
-            let port = rg.port;
-            let name = db.name.clone();
-            let v = tokio::spawn(async move {
-                let mut v = RawClient::login(port, "web", password_of("web"), &name).await;
-                let mut answers = Vec::new();
-                for i in 0..3 {
-                    let mut out = BytesMut::new();
-                    query(&mut out, &format!("SELECT current_user || ' {i}'"));
-                    v.send(&out).await;
-                    answers.push(transcript(&mut v, 1).await);
-                }
-                answers
-            });
+            let v = victim(&rg, &db, 3, |i| format!("SELECT current_user || ' {i}'"));
             tokio::time::sleep(Duration::from_millis(200)).await;
             transcripts.push(transcript(&mut a, 3).await);
             drop(a);
@@ -169,19 +180,7 @@ async fn a_backend_is_not_lent_while_a_write_to_it_is_half_done() {
     let rg = Rolegate::start_with(&db, pooled(1)).await;
     let a = RawClient::login(rg.port, "web", password_of("web"), &db.name).await;
 
-    let port = rg.port;
-    let name = db.name.clone();
-    let v = tokio::spawn(async move {
-        let mut v = RawClient::login(port, "web", password_of("web"), &name).await;
-        let mut answers = Vec::new();
-        for i in 0..20 {
-            let mut out = BytesMut::new();
-            query(&mut out, &format!("SELECT 'v{i}'"));
-            v.send(&out).await;
-            answers.push(transcript(&mut v, 1).await);
-        }
-        answers
-    });
+    let v = victim(&rg, &db, 20, |i| format!("SELECT 'v{i}'"));
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut out = BytesMut::new();
     query(&mut out, "SELECT 'a-slow' FROM pg_sleep(1)");

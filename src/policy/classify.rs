@@ -1094,12 +1094,12 @@ fn constant_true(node: &Value) -> bool {
 }
 
 /// `{"node": {"String": {"sval": "x"}}}` → "x".
-fn string_node(node: &Value) -> Option<&str> {
+pub(crate) fn string_node(node: &Value) -> Option<&str> {
     node.get("node")?.get("String")?.get("sval")?.as_str()
 }
 
 /// A string constant, possibly under casts that keep it as it is (`'role'::text`).
-fn constant_string(node: &Value) -> Option<&str> {
+pub(crate) fn constant_string(node: &Value) -> Option<&str> {
     let inner = node.get("node")?;
     if let Some(cast) = inner.get("TypeCast") {
         return constant_string(cast.get("arg")?).filter(|_| keeps_text(cast));

@@ -6,6 +6,8 @@
 use pg_query::ParserOptions;
 use serde_json::Value;
 
+use super::classify::{constant_string, string_node};
+
 /// Custom setting names a statement sets, and whether that is all it may set.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct SettingNames {
@@ -76,7 +78,7 @@ fn func_call(call: &Value, found: &mut SettingNames) {
         .get("funcname")
         .and_then(Value::as_array)
         .and_then(|parts| parts.last())
-        .and_then(|part| part.get("node")?.get("String")?.get("sval")?.as_str());
+        .and_then(string_node);
     let args = call.get("args").and_then(Value::as_array);
     if name == Some("set_config") {
         match args.and_then(|args| args.first()).and_then(constant_string) {
@@ -87,20 +89,6 @@ fn func_call(call: &Value, found: &mut SettingNames) {
         // (query_to_xml('SELECT set_config(…)'), a function of the client's own…)
         found.complete = false;
     }
-}
-
-/// A string constant, possibly under type casts (`'app.tenant'::text`).
-fn constant_string(node: &Value) -> Option<&str> {
-    let inner = node.get("node")?;
-    if let Some(cast) = inner.get("TypeCast") {
-        return constant_string(cast.get("arg")?);
-    }
-    inner
-        .get("AConst")?
-        .get("val")?
-        .get("Sval")?
-        .get("sval")?
-        .as_str()
 }
 
 #[cfg(test)]
