@@ -36,3 +36,22 @@ async fn transaction_mode_pool_of_2_transcripts_equal_direct_sessions() {
 async fn random_seeds_for_as_long_as_asked() {
     random_seeds().await;
 }
+
+/// Prints the programs of ROLEGATE_FUZZ_SEEDS (debugging aid).
+#[test]
+#[ignore = "prints programs"]
+fn print_programs() {
+    let seeds = std::env::var("ROLEGATE_FUZZ_SEEDS").unwrap_or_else(|_| "1".into());
+    for seed in seeds.split(',') {
+        let seed: u64 = seed.trim().parse().unwrap_or(1);
+        for (c, program) in fuzz::runner::programs(seed, fuzz::runner::CLIENTS)
+            .iter()
+            .enumerate()
+        {
+            println!(
+                "seed {seed} client {c}:\n{}",
+                fuzz::grammar::describe(program)
+            );
+        }
+    }
+}

@@ -263,11 +263,8 @@ async fn login(target: &Target) -> Result<Conn, String> {
         .await
         .map_err(|e| format!("connect: {e}"))?;
     let _ = stream.set_nodelay(true);
-    let mut startup: Vec<(&str, &str)> = vec![
-        ("user", &target.user),
-        ("database", &target.database),
-        ("application_name", "fuzz"),
-    ];
+    let mut startup: Vec<(&str, &str)> =
+        vec![("user", &target.user), ("database", &target.database)];
     startup.extend(target.params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     let mut out = BytesMut::new();
     rolegate::wire::put_startup(&mut out, &startup);
@@ -450,7 +447,12 @@ impl Run<'_> {
                 self.send(rest).await?;
                 self.until_ready(*ready).await
             }
-            Step::CopyIn { head, data, ready } => {
+            Step::CopyIn {
+                head,
+                data,
+                ready,
+                settle,
+            } => {
                 self.send(head).await?;
                 let mut ready = *ready;
                 if !data.is_empty() {
@@ -466,16 +468,25 @@ impl Run<'_> {
                     }
                     self.send(data).await?;
                 }
-                self.until_ready(ready).await
+                self.until_ready(ready).await?;
+                if *settle {
+                    self.drain().await?;
+                }
+                Ok(())
             }
             Step::Cancel { msgs, ready } => {
+                // Nothing else may be on its way: the first silence must be the sleep's.
+                self.drain().await?;
                 self.send(msgs).await?;
-                let mut answered = false;
+                // Cancel at every silence until the statement's outcome (a row, an
+                // error) arrives: a RowDescription or ParseComplete is not one.
+                let mut outcome = false;
                 for _ in 0..40 {
                     match self.next(SILENCE).await? {
                         Some(b'Z') => return self.until_ready(*ready - 1).await,
-                        Some(_) => answered = true,
-                        None if !answered => self.cancel().await,
+                        Some(b'D' | b'E' | b'C') => outcome = true,
+                        Some(_) => {}
+                        None if !outcome => self.cancel().await,
                         None => {}
                     }
                 }
@@ -533,7 +544,14 @@ pub async fn run(target: &Target, program: &[Step], keys: [i64; 4]) -> Transcrip
         if let Step::End(end) = step {
             return run.end(end).await;
         }
-        if run.step(step).await.is_err() {
+        let started = std::time::Instant::now();
+        let outcome = run.step(step).await;
+        if std::env::var_os("ROLEGATE_FUZZ_VERBOSE").is_some()
+            && started.elapsed() > Duration::from_secs(1)
+        {
+            eprintln!("fuzz: slow step ({:?}): {step}", started.elapsed());
+        }
+        if outcome.is_err() {
             return run.transcript;
         }
     }

@@ -176,11 +176,14 @@ impl Env {
         mode: Mode,
         programs: &[Program],
     ) -> (Vec<Transcript>, Vec<Transcript>) {
+        let started = Instant::now();
         self.reset().await;
         let direct = self.phase(&self.direct_target(), programs).await;
+        let direct_done = started.elapsed();
         self.until_gone(&self.direct_login).await;
         self.reset().await;
         let rg = Rolegate::start_with(&self.db, mode.options()).await;
+        let rolegate_started = started.elapsed();
         let target = Target {
             port: rg.port,
             user: "web".to_owned(),
@@ -189,8 +192,15 @@ impl Env {
             params: Vec::new(),
         };
         let through = self.phase(&target, programs).await;
+        let rolegate_done = started.elapsed();
         drop(rg);
         self.until_gone(&self.db.login).await;
+        if env_var("ROLEGATE_FUZZ_VERBOSE").is_some() {
+            eprintln!(
+                "fuzz: direct {direct_done:?}, rolegate started {rolegate_started:?}, done {rolegate_done:?}, all {:?}",
+                started.elapsed()
+            );
+        }
         (direct, through)
     }
 }
