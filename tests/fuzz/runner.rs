@@ -242,6 +242,9 @@ pub struct Divergence {
     pub client: usize,
     /// The step running when the first differing message arrived.
     pub step: usize,
+    /// The first pair of messages that differ: what the shrinker keeps, so that a
+    /// reproducer shows the same hole as the run it came from.
+    pub signature: String,
     pub report: String,
 }
 
@@ -255,6 +258,14 @@ fn compare(client: usize, direct: &Transcript, through: &Transcript) -> Option<D
         return None;
     }
     let mut report = String::new();
+    let signature = match first {
+        Some(i) => format!(
+            "{:?} / {:?}",
+            a.lines.get(i).map(|l| &l.1),
+            b.lines.get(i).map(|l| &l.1)
+        ),
+        None => "notifications".to_owned(),
+    };
     let step = match first {
         Some(i) => {
             let step = a
@@ -292,6 +303,7 @@ fn compare(client: usize, direct: &Transcript, through: &Transcript) -> Option<D
     Some(Divergence {
         client,
         step,
+        signature,
         report,
     })
 }
@@ -323,12 +335,20 @@ pub async fn check_seed(env: &Env, mode: Mode, seed: u64) -> Vec<(Divergence, Pr
         .collect()
 }
 
-/// Whether `client`'s transcripts still differ with these programs (two tries: what
-/// differs under concurrency may not differ every time).
-async fn still_diverges(env: &Env, mode: Mode, programs: &[Program], client: usize) -> bool {
+/// Whether `client`'s transcripts still differ with these programs, in the same way
+/// (`signature`); two tries: what differs under concurrency may not differ every time.
+async fn still_diverges(
+    env: &Env,
+    mode: Mode,
+    programs: &[Program],
+    client: usize,
+    signature: &str,
+) -> bool {
     for _ in 0..2 {
         let (direct, through) = env.run(mode, programs).await;
-        if compare(client, &direct[client], &through[client]).is_some() {
+        if compare(client, &direct[client], &through[client])
+            .is_some_and(|d| d.signature == signature)
+        {
             return true;
         }
     }
@@ -343,6 +363,7 @@ pub async fn shrink(
     mode: Mode,
     mut programs: Vec<Program>,
     client: usize,
+    signature: &str,
     deadline: Instant,
 ) -> Vec<Program> {
     // Without the others, or with fewer of them.
@@ -355,7 +376,7 @@ pub async fn shrink(
             }
         })
         .collect();
-    if still_diverges(env, mode, &alone, client).await {
+    if still_diverges(env, mode, &alone, client, signature).await {
         programs = alone;
     } else {
         for other in 0..programs.len() {
@@ -364,7 +385,7 @@ pub async fn shrink(
             }
             let mut fewer = programs.clone();
             fewer[other] = Vec::new();
-            if still_diverges(env, mode, &fewer, client).await {
+            if still_diverges(env, mode, &fewer, client, signature).await {
                 programs = fewer;
             }
         }
@@ -380,7 +401,7 @@ pub async fn shrink(
             candidate[client].drain(at..end);
             if !candidate[client].is_empty()
                 && grammar::well_formed(&candidate[client])
-                && still_diverges(env, mode, &candidate, client).await
+                && still_diverges(env, mode, &candidate, client, signature).await
             {
                 programs = candidate;
                 removed_any = true;
@@ -400,7 +421,7 @@ pub async fn shrink(
             if let Some(last) = candidate[client].last_mut() {
                 *last = Step::End(End::Terminate);
             }
-            if still_diverges(env, mode, &candidate, client).await {
+            if still_diverges(env, mode, &candidate, client, signature).await {
                 programs = candidate;
             }
         }
@@ -410,8 +431,11 @@ pub async fn shrink(
 
 /// A divergence as printed: where, what the client ran, and how the transcripts part.
 pub fn report(mode: Mode, seed: u64, divergence: &Divergence, program: &[Step]) -> String {
+    let without = env_var("ROLEGATE_FUZZ_WITHOUT")
+        .map(|w| format!(" (ROLEGATE_FUZZ_WITHOUT={w})"))
+        .unwrap_or_default();
     format!(
-        "DIVERGENCE in {mode}, seed {seed}, client {} (step {}):\n{}  its program:\n{}",
+        "DIVERGENCE in {mode}, seed {seed}{without}, client {} (step {}):\n{}  its program:\n{}",
         divergence.client,
         divergence.step,
         divergence.report,
@@ -448,7 +472,7 @@ pub async fn fixed_seeds(prefix: &str, mode: Mode, seeds: &[u64]) {
     }
     assert!(
         reports.is_empty(),
-        "{} divergence(s):\n{}",
+        "{} divergence(s) (reports above):\n{}",
         reports.len(),
         reports.join("\n")
     );
@@ -463,7 +487,11 @@ async fn check_and_report(
     shrink_for: Option<u64>,
 ) -> Vec<String> {
     let mut reports = Vec::new();
+    let only: Option<usize> = env_var("ROLEGATE_FUZZ_CLIENT").and_then(|c| c.parse().ok());
     for (divergence, program) in check_seed(env, mode, seed).await {
+        if only.is_some_and(|c| c != divergence.client) {
+            continue;
+        }
         let mut text = report(mode, seed, &divergence, &program);
         if let Some(seconds) = shrink_for {
             let deadline = Instant::now() + Duration::from_secs(seconds);
@@ -472,6 +500,7 @@ async fn check_and_report(
                 mode,
                 programs(seed, CLIENTS),
                 divergence.client,
+                &divergence.signature,
                 deadline,
             )
             .await;
@@ -487,7 +516,10 @@ async fn check_and_report(
             }
         }
         eprintln!("{text}");
-        reports.push(text);
+        reports.push(format!(
+            "{mode}, seed {seed}, client {} (step {})",
+            divergence.client, divergence.step
+        ));
         // One shrunk reproducer per seed and mode is enough: the others are often the
         // same hole seen by another client.
         if shrink_for.is_some() {
@@ -553,7 +585,7 @@ pub async fn random_seeds() {
     );
     assert!(
         reports.is_empty(),
-        "{} divergence(s):\n{}",
+        "{} divergence(s) (reports above):\n{}",
         reports.len(),
         reports.join("\n")
     );
