@@ -55,3 +55,70 @@ fn print_programs() {
         }
     }
 }
+
+mod reproducers {
+    //! Minimized reproducers the fuzzer found, one client each, as programs.
+    use super::fuzz::grammar::{End, Msg, Step};
+    use super::fuzz::runner::{replay_alone, Mode};
+
+    fn query(sql: &str) -> Step {
+        Step::Send {
+            msgs: vec![Msg::Query(sql.to_owned())],
+            ready: 1,
+        }
+    }
+
+    fn parse(name: &str, sql: &str) -> Msg {
+        Msg::Parse {
+            name: name.to_owned(),
+            sql: sql.to_owned(),
+        }
+    }
+
+    fn bind(portal: &str, statement: &str, params: &[&str]) -> Msg {
+        Msg::Bind {
+            portal: portal.to_owned(),
+            statement: statement.to_owned(),
+            params: params.iter().map(|p| p.to_string()).collect(),
+        }
+    }
+
+    fn execute(portal: &str) -> Msg {
+        Msg::Execute {
+            portal: portal.to_owned(),
+            max_rows: 0,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "experiment"]
+    async fn copy_with_a_sync_inside() {
+        let program = vec![
+            Step::CopyIn {
+                head: vec![
+                    parse("", "COPY t0 (id, v, n) FROM STDIN"),
+                    bind("", "", &[]),
+                    execute(""),
+                ],
+                data: vec![
+                    Msg::CopyData("26\tneg\t-5\n".to_owned()),
+                    Msg::Sync,
+                    Msg::CopyDone,
+                    Msg::Sync,
+                ],
+                ready: 1,
+                settle: true,
+            },
+            query("SELECT 1"),
+            Step::End(End::Terminate),
+        ];
+        replay_alone("repro_copy_sync", Mode::Transaction { size: 1 }, program).await;
+    }
+}
+
+/// Replays chosen steps of one client's program alone (see `replay_steps`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a debugging aid: ROLEGATE_FUZZ_SEEDS, _CLIENT, _STEPS, _MODES"]
+async fn replay_steps_of_one_client() {
+    fuzz::runner::replay_steps().await;
+}

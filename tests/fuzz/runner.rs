@@ -336,7 +336,8 @@ pub async fn check_seed(env: &Env, mode: Mode, seed: u64) -> Vec<(Divergence, Pr
 }
 
 /// Whether `client`'s transcripts still differ with these programs, in the same way
-/// (`signature`); two tries: what differs under concurrency may not differ every time.
+/// (`signature`); two tries when other clients run: what differs under concurrency may
+/// not differ every time.
 async fn still_diverges(
     env: &Env,
     mode: Mode,
@@ -344,7 +345,8 @@ async fn still_diverges(
     client: usize,
     signature: &str,
 ) -> bool {
-    for _ in 0..2 {
+    let alone = programs.iter().filter(|p| !p.is_empty()).count() == 1;
+    for _ in 0..if alone { 1 } else { 2 } {
         let (direct, through) = env.run(mode, programs).await;
         if compare(client, &direct[client], &through[client])
             .is_some_and(|d| d.signature == signature)
@@ -588,5 +590,78 @@ pub async fn random_seeds() {
         "{} divergence(s) (reports above):\n{}",
         reports.len(),
         reports.join("\n")
+    );
+}
+
+/// Runs one client's `program` alone (the other clients idle) in `mode`; panics with
+/// both transcripts if they differ. For the minimized reproducers kept as tests.
+pub async fn replay_alone(prefix: &str, mode: Mode, program: Program) {
+    let env = Env::create(prefix).await;
+    let mut programs = vec![Vec::new(); CLIENTS];
+    programs[0] = program;
+    let (direct, through) = env.run(mode, &programs).await;
+    if let Some(d) = compare(0, &direct[0], &through[0]) {
+        panic!(
+            "{mode}: the transcripts differ:\n{}  the program:\n{}",
+            d.report,
+            describe(&programs[0])
+        );
+    }
+}
+
+/// Replays steps of one client's program alone: ROLEGATE_FUZZ_SEEDS (the first),
+/// ROLEGATE_FUZZ_CLIENT, ROLEGATE_FUZZ_STEPS (`3,7-9`), ROLEGATE_FUZZ_MODES (the first).
+pub async fn replay_steps() {
+    let seed: u64 = env_var("ROLEGATE_FUZZ_SEEDS")
+        .and_then(|s| s.split(',').next().and_then(|n| n.trim().parse().ok()))
+        .expect("ROLEGATE_FUZZ_SEEDS");
+    let client: usize = env_var("ROLEGATE_FUZZ_CLIENT")
+        .and_then(|c| c.parse().ok())
+        .expect("ROLEGATE_FUZZ_CLIENT");
+    let mode = env_var("ROLEGATE_FUZZ_MODES")
+        .and_then(|m| m.split(',').next().and_then(Mode::parse))
+        .expect("ROLEGATE_FUZZ_MODES");
+    let full = grammar::program(seed, client);
+    let mut wanted = Vec::new();
+    for part in env_var("ROLEGATE_FUZZ_STEPS")
+        .unwrap_or_default()
+        .split(',')
+    {
+        let (from, to) = part.split_once('-').unwrap_or((part, part));
+        if let (Ok(from), Ok(to)) = (from.trim().parse::<usize>(), to.trim().parse::<usize>()) {
+            wanted.extend(from..=to);
+        }
+    }
+    let mut program: Program = full
+        .iter()
+        .enumerate()
+        .filter(|(i, step)| wanted.is_empty() || wanted.contains(i) || matches!(step, Step::End(_)))
+        .map(|(_, step)| step.clone())
+        .collect();
+    if !matches!(program.last(), Some(Step::End(_))) {
+        program.push(Step::End(End::Terminate));
+    }
+    // Alone, and shrunk (ROLEGATE_FUZZ_SHRINK_SECONDS, default 120) if it differs.
+    let env = Env::create("fuzz_replay").await;
+    let mut programs = vec![Vec::new(); CLIENTS];
+    programs[client] = program;
+    let (direct, through) = env.run(mode, &programs).await;
+    let Some(d) = compare(client, &direct[client], &through[client]) else {
+        return;
+    };
+    let seconds = env_var("ROLEGATE_FUZZ_SHRINK_SECONDS")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(120);
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let shrunk = shrink(&env, mode, programs, client, &d.signature, deadline).await;
+    let (direct, through) = env.run(mode, &shrunk).await;
+    let shown = compare(client, &direct[client], &through[client]).map_or_else(
+        || "(the shrunk program did not differ this time)".to_owned(),
+        |d| d.report,
+    );
+    panic!(
+        "{mode}: the transcripts differ:\n{}  shrunk (alone) to:\n{}  its transcripts:\n{shown}",
+        d.report,
+        describe(&shrunk[client]),
     );
 }
