@@ -1,0 +1,200 @@
+//! The differential fuzzer (see tests/fuzz/mod.rs): fixed seeds in each pool mode, and
+//! random seeds for as long as asked (tests/fuzz/run.sh).
+
+mod fuzz;
+mod support;
+
+use fuzz::runner::{fixed_seeds, random_seeds, Mode};
+
+/// The seeds `cargo test` runs in each mode.
+const SEEDS: &[u64] = &[1, 2, 3];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_transcripts_equal_direct_sessions() {
+    fixed_seeds("fuzz_session", Mode::Session, SEEDS).await;
+}
+
+// Known failures: transaction mode diverges from a session of its own on these seeds
+// (issue 20; the report lists the minimized reproducers). Remove the `#[ignore]` when
+// the pooled relay is fixed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known divergences in transaction mode (issue 20)"]
+async fn transaction_mode_pool_of_1_transcripts_equal_direct_sessions() {
+    fixed_seeds("fuzz_pool1", Mode::Transaction { size: 1 }, SEEDS).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known divergences in transaction mode (issue 20)"]
+async fn transaction_mode_pool_of_2_transcripts_equal_direct_sessions() {
+    fixed_seeds("fuzz_pool2", Mode::Transaction { size: 2 }, SEEDS).await;
+}
+
+/// Random seeds for ROLEGATE_FUZZ_SECONDS, with minimized reproducers: run by
+/// tests/fuzz/run.sh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "runs for as long as asked: tests/fuzz/run.sh"]
+async fn random_seeds_for_as_long_as_asked() {
+    random_seeds().await;
+}
+
+/// Prints the programs of ROLEGATE_FUZZ_SEEDS (debugging aid).
+#[test]
+#[ignore = "prints programs"]
+fn print_programs() {
+    let seeds = std::env::var("ROLEGATE_FUZZ_SEEDS").unwrap_or_else(|_| "1".into());
+    for seed in seeds.split(',') {
+        let seed: u64 = seed.trim().parse().unwrap_or(1);
+        for (c, program) in fuzz::runner::programs(seed, fuzz::runner::CLIENTS)
+            .iter()
+            .enumerate()
+        {
+            println!(
+                "seed {seed} client {c}:\n{}",
+                fuzz::grammar::describe(program)
+            );
+        }
+    }
+}
+
+mod reproducers {
+    //! Minimized reproducers the fuzzer found, one client each, as programs.
+    use super::fuzz::grammar::{End, Msg, Step};
+    use super::fuzz::runner::{replay_alone, Mode};
+
+    fn query(sql: &str) -> Step {
+        Step::Send {
+            msgs: vec![Msg::Query(sql.to_owned())],
+            ready: 1,
+        }
+    }
+
+    fn parse(name: &str, sql: &str) -> Msg {
+        Msg::Parse {
+            name: name.to_owned(),
+            sql: sql.to_owned(),
+        }
+    }
+
+    fn bind(portal: &str, statement: &str, params: &[&str]) -> Msg {
+        Msg::Bind {
+            portal: portal.to_owned(),
+            statement: statement.to_owned(),
+            params: params.iter().map(|p| p.to_string()).collect(),
+        }
+    }
+
+    fn execute(portal: &str) -> Msg {
+        Msg::Execute {
+            portal: portal.to_owned(),
+            max_rows: 0,
+        }
+    }
+
+    fn send(msgs: Vec<Msg>) -> Step {
+        let ready = msgs
+            .iter()
+            .filter(|m| matches!(m, Msg::Query(_) | Msg::Sync))
+            .count();
+        Step::Send { msgs, ready }
+    }
+
+    const POOL_1: Mode = Mode::Transaction { size: 1 };
+
+    /// A Bind with the wrong number of parameters: PostgreSQL's 08P01 names the
+    /// client's statement; through rolegate it names `rolegate_s<hash>`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "known divergence in transaction mode (issue 20)"]
+    async fn errors_name_the_clients_statement() {
+        let program = vec![
+            send(vec![parse("S1", "SELECT 1"), Msg::Sync]),
+            send(vec![bind("", "S1", &["1"]), execute(""), Msg::Sync]),
+            Step::End(End::Terminate),
+        ];
+        replay_alone("repro_names", POOL_1, program).await;
+    }
+
+    /// A Close the server skipped (an error earlier before the Sync) leaves the
+    /// statement: PostgreSQL binds it afterwards; rolegate has dropped it (26000).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "known divergence in transaction mode (issue 20)"]
+    async fn a_close_skipped_after_an_error_keeps_the_statement() {
+        let program = vec![
+            send(vec![parse("S1", "SELECT 1"), Msg::Sync]),
+            send(vec![
+                parse("", "SELECT 1 / 0"),
+                bind("", "", &[]),
+                execute(""),
+                Msg::Close {
+                    kind: b'S',
+                    name: "S1".to_owned(),
+                },
+                Msg::Sync,
+            ]),
+            send(vec![bind("", "S1", &[]), execute(""), Msg::Sync]),
+            Step::End(End::Terminate),
+        ];
+        replay_alone("repro_close_skipped", POOL_1, program).await;
+    }
+
+    /// COPY (extended) with a Sync inside the data and rows the server rejects, then a
+    /// Flush pipeline, then `SET LOCAL` outside a transaction: on a session of its own
+    /// the SET answers (a warning, SET, ReadyForQuery); through rolegate the warning
+    /// comes and then nothing (the client hangs).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "known divergence in transaction mode (issue 20)"]
+    async fn set_local_after_a_copy_with_a_sync_inside_the_data() {
+        let program = vec![
+            Step::CopyIn {
+                head: vec![
+                    parse("", "COPY t0 (id, v, n) FROM STDIN"),
+                    bind("", "", &[]),
+                    execute(""),
+                ],
+                data: vec![
+                    Msg::CopyData("26\tneg\t-5\n".to_owned()),
+                    Msg::CopyData("x\ty\tz\n".to_owned()),
+                    Msg::CopyData("32\tc32\t2\n".to_owned()),
+                    Msg::Sync,
+                    Msg::CopyDone,
+                    Msg::Sync,
+                ],
+                ready: 1,
+                settle: true,
+            },
+            Step::FlushThen {
+                first: vec![
+                    parse("", "DELETE FROM t0 WHERE id = 8"),
+                    bind("", "", &[]),
+                    Msg::Execute {
+                        portal: String::new(),
+                        max_rows: 2,
+                    },
+                    execute(""),
+                    Msg::Flush,
+                ],
+                rest: vec![
+                    parse("S3", "SELECT 1 / 0"),
+                    bind("", "S3", &[]),
+                    execute(""),
+                    Msg::Sync,
+                ],
+                ready: 1,
+            },
+            query("SET LOCAL DateStyle = 'ISO, DMY'"),
+            Step::End(End::Terminate),
+        ];
+        replay_alone(
+            "repro_copy_sync_hang",
+            Mode::Transaction { size: 2 },
+            program,
+        )
+        .await;
+    }
+}
+
+/// Replays chosen steps of one client's program alone (see `replay_steps`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a debugging aid: ROLEGATE_FUZZ_SEEDS, _CLIENT, _STEPS, _MODES"]
+async fn replay_steps_of_one_client() {
+    fuzz::runner::replay_steps().await;
+}
