@@ -484,6 +484,16 @@ pub struct ServerConn {
     pub settings: BTreeMap<String, String>,
     /// rolegate's prepared statements on this session.
     pub prepared: PreparedOnServer,
+    /// The client that used it last, and what it left that others must not see.
+    last_client: u64,
+    left_sequences: bool,
+    left_seed: bool,
+}
+
+/// A number for each client, to know when a backend session changes hands.
+pub fn next_client_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 impl ServerConn {
@@ -495,6 +505,9 @@ impl ServerConn {
             idle_since: Instant::now(),
             settings: BTreeMap::new(),
             prepared: PreparedOnServer::default(),
+            last_client: 0,
+            left_sequences: false,
+            left_seed: false,
         }
     }
 
@@ -523,28 +536,52 @@ impl ServerConn {
         });
     }
 
-    /// Makes the session's settings `wanted`: one query with the difference, nothing
-    /// when there is none. Returns whether a query was sent.
+    /// Makes the session's settings `wanted` for `client`: one query with the difference
+    /// (and, for another client than the last, the clearing of what that one left),
+    /// nothing when there is none. Returns whether a query was sent.
+    ///
+    /// Values go as ASCII (non-ASCII ones through `convert_from`): the server reads the
+    /// whole query in the `client_encoding` in force when it arrives, whoever set it, and
+    /// `client_encoding` itself is set last.
     pub async fn apply_settings(
         &mut self,
         wanted: &BTreeMap<String, String>,
+        client: u64,
     ) -> Result<bool, BackendError> {
         let mut sql = String::new();
+        if client != self.last_client {
+            if std::mem::take(&mut self.left_sequences) {
+                sql.push_str("DISCARD SEQUENCES;");
+            }
+            if std::mem::take(&mut self.left_seed) {
+                sql.push_str(&random_seed_sql());
+            }
+            self.last_client = client;
+        }
+        let wanted = wanted.iter().filter(|(name, _)| !never_followed(name));
         for name in self.settings.keys() {
-            if !wanted.contains_key(name) {
+            if !wanted.clone().any(|(n, _)| n == name) {
                 sql.push_str(&format!("RESET {};", crate::sql::quote_ident(name)));
             }
         }
         let mut sets = Vec::new();
-        for (name, value) in wanted {
-            if self.settings.get(name) != Some(value) {
-                sets.push(format!(
-                    "set_config({}, {}, false)",
-                    quote_literal(name),
-                    quote_literal(value)
-                ));
+        let mut encoding = None;
+        for (name, value) in wanted.clone() {
+            if self.settings.get(name) == Some(value) {
+                continue;
+            }
+            let set = format!(
+                "pg_catalog.set_config({}, {}, false)",
+                text_literal(name),
+                text_literal(value)
+            );
+            if name == "client_encoding" {
+                encoding = Some(set);
+            } else {
+                sets.push(set);
             }
         }
+        sets.extend(encoding);
         if !sets.is_empty() {
             sql.push_str("SELECT ");
             sql.push_str(&sets.join(", "));
@@ -552,9 +589,19 @@ impl ServerConn {
         if sql.is_empty() {
             return Ok(false);
         }
-        self.settings = wanted.clone();
+        self.settings = wanted.map(|(n, v)| (n.clone(), v.clone())).collect();
         self.session.query(&sql).await?;
         Ok(true)
+    }
+
+    /// What a client left that only the next client could see (`currval`/`lastval`
+    /// values, a seed it set): cleared before another client's first query here.
+    pub fn note_leftovers(&mut self, client: u64, sequences: bool, seed: bool) {
+        if client != self.last_client {
+            return;
+        }
+        self.left_sequences |= sequences;
+        self.left_seed |= seed;
     }
 
     /// Reads the session-level settings the server holds now (after a client changed
@@ -572,15 +619,18 @@ impl ServerConn {
         reset_all: bool,
     ) -> Result<BTreeMap<String, String>, BackendError> {
         const NAME_SETTING: &[&str] = &["name", "setting"];
+        // (Values as hex of their UTF-8: the rows come in the client's encoding.)
         let mut sql = String::from(
-            "SELECT name, setting FROM pg_catalog.pg_settings \
+            "SELECT name, pg_catalog.encode(pg_catalog.convert_to(setting, 'UTF8'), 'hex') \
+             AS setting FROM pg_catalog.pg_settings \
              WHERE source = 'session' AND name NOT IN ('role', 'session_authorization');",
         );
         let mut shapes: Vec<&[&str]> = vec![NAME_SETTING];
         if !custom.is_empty() {
-            let names: Vec<String> = custom.iter().map(|n| quote_literal(n)).collect();
+            let names: Vec<String> = custom.iter().map(|n| text_literal(n)).collect();
             sql.push_str(&format!(
-                "SELECT n AS name, pg_catalog.current_setting(n, true) AS setting \
+                "SELECT n AS name, pg_catalog.encode(pg_catalog.convert_to(\
+                 pg_catalog.current_setting(n, true), 'UTF8'), 'hex') AS setting \
                  FROM pg_catalog.unnest(ARRAY[{}]::text[]) AS n;",
                 names.join(", ")
             ));
@@ -602,11 +652,11 @@ impl ServerConn {
             .into_iter()
             .flatten()
             .filter_map(|row| match row.as_slice() {
-                [Some(name), Some(value)] => Some((name.to_ascii_lowercase(), value.clone())),
+                [Some(name), Some(hex)] => Some((name.to_ascii_lowercase(), from_hex(hex)?)),
                 _ => None,
             })
             .filter(|(name, _)| {
-                !(is_kept_by_rolegate(name)
+                !(never_followed(name)
                     || read_only
                         && matches!(
                             name.as_str(),
@@ -636,33 +686,30 @@ impl ServerConn {
             _ => Err(role_lost()),
         }
     }
-
-    /// Clears what a client left in the session that nobody else may see: the values
-    /// `currval` and `lastval` remember, and the random seed (set to one of rolegate's).
-    pub async fn clear_leftovers(
-        &mut self,
-        sequences: bool,
-        seed: bool,
-    ) -> Result<(), BackendError> {
-        let mut sql = String::new();
-        let mut shapes: Vec<&[&str]> = Vec::new();
-        if sequences {
-            sql.push_str("DISCARD SEQUENCES;");
-        }
-        if seed {
-            sql.push_str(&random_seed_sql());
-            shapes.push(&["setseed"]);
-        }
-        if sql.is_empty() {
-            return Ok(());
-        }
-        self.session.query_expecting(&sql, &shapes).await.map(drop)
-    }
 }
 
-/// Settings rolegate keeps itself; a client's read-back never carries them.
-fn is_kept_by_rolegate(name: &str) -> bool {
-    matches!(name, "role" | "session_authorization")
+/// Settings that never follow a client: the role and session authorization are
+/// rolegate's own; a seed would let one client decide another's `random()`.
+fn never_followed(name: &str) -> bool {
+    matches!(name, "role" | "session_authorization" | "seed")
+}
+
+/// A string literal the server reads the same in any `client_encoding`.
+fn text_literal(value: &str) -> String {
+    if value.is_ascii() {
+        return quote_literal(value);
+    }
+    let hex: String = value.bytes().map(|b| format!("{b:02x}")).collect();
+    format!("pg_catalog.convert_from(pg_catalog.decode('{hex}', 'hex'), 'UTF8')")
+}
+
+/// The text whose UTF-8 bytes `hex` spells; None if it does not.
+fn from_hex(hex: &str) -> Option<String> {
+    let bytes = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect::<Option<Vec<u8>>>()?;
+    String::from_utf8(bytes).ok()
 }
 
 /// Sets the random seed to a value nobody else knows (`setseed` needs -1..1).

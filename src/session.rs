@@ -330,6 +330,7 @@ async fn serve_pooled(
     };
     let pool = proxy.pools.get(role, proxy.credentials.get(identity.class));
     let settings = startup_settings(&params);
+    let client_id = crate::pool::next_client_id();
     // A backend session with the client's settings says what the server makes of them
     // (and refuses the ones it does not know) for the greeting.
     let login = async {
@@ -342,7 +343,7 @@ async fn serve_pooled(
             ]),
         })?;
         let conn = lease.conn();
-        conn.apply_settings(&settings).await?;
+        conn.apply_settings(&settings, client_id).await?;
         large_object_functions(proxy, &mut conn.session).await?;
         judgeable_encoding(&conn.session)?;
         Ok::<_, BackendError>(lease)
@@ -388,6 +389,7 @@ async fn serve_pooled(
         settings,
         cancel: &cancel_key.slot,
         backend_addr: proxy.backend.addr(),
+        client_id,
     };
     let (stats, end) = relay::pooled::run(client, &ctx).await;
     sessions_gauge.dec();

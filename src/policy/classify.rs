@@ -296,6 +296,9 @@ fn classify_statement(
     info.session_effects.unpins |= findings.session_unlock;
     info.session_effects.settings |= findings.updates_pg_settings;
     info.session_effects.sequences |= findings.sequences;
+    // A write may call nextval where no text shows it (a serial or identity column's
+    // default), and currval/lastval then remember the value.
+    info.session_effects.sequences |= info.modifies_data;
     info.session_effects.seed |= findings.seed;
     // SQL computed at run time may do anything a function body may.
     info.session_effects.unseen |= findings.unseen || findings.computed_sql_text.is_some();

@@ -1386,6 +1386,12 @@ impl Downstream {
                         let hit = pending.iter().position(|p| contains(frame, &p.marker));
                         hit.and_then(|i| pending.remove(i)).map(|p| p.error)
                     };
+                    // Transaction mode: the server names statements by rolegate's names.
+                    let replacement = replacement.or_else(|| {
+                        shared.lease.as_ref()?;
+                        pooled::error_with_client_names(shared, &self.buf[pos..pos + size])
+                            .map(BytesMut::freeze)
+                    });
                     if let Some(error) = replacement {
                         self.out.extend_from_slice(&self.buf[..pos]);
                         self.out.extend_from_slice(&error);

@@ -49,6 +49,9 @@ pub struct LeaseState {
     sequences: bool,
     /// The random seed was set: it is set again to a value of rolegate's before lending.
     seed: bool,
+    /// The client's name for each server-side statement name it used in this lease, so
+    /// that the server's errors name the client's statement.
+    client_names: HashMap<Bytes, Vec<u8>>,
     /// Client statement names whose Parse did not run (an earlier error skipped it):
     /// they leave the client's view, as they never were on the server.
     unparsed: Vec<Vec<u8>>,
@@ -228,6 +231,43 @@ pub(super) fn record_parameter_status(lease: &std::sync::Mutex<LeaseState>, fram
     // A setting changed, maybe where rolegate does not look (inside a function): the
     // server says which settings the client has now when the lease ends.
     lease.settings_dirty = true;
+}
+
+/// An ErrorResponse that names a statement by rolegate's server-side name (`prepared
+/// statement "rolegate_s…" does not exist`, `bind message supplies 2 parameters, but
+/// prepared statement "rolegate_s…" requires 0`), rewritten to name the client's.
+pub(super) fn error_with_client_names(shared: &Shared, frame: &[u8]) -> Option<BytesMut> {
+    const PREFIX: &[u8] = b"rolegate_s";
+    const NAME_LEN: usize = 10 + 32;
+    if !super::contains(frame, PREFIX) {
+        return None;
+    }
+    let lease = lease_state(shared);
+    let mut body = Vec::with_capacity(frame.len());
+    let mut rest = &frame[5..];
+    let mut changed = false;
+    while let Some(at) = rest.windows(PREFIX.len()).position(|w| w == PREFIX) {
+        let name = rest.get(at..at + NAME_LEN);
+        match name.and_then(|name| lease.client_names.get(name)) {
+            Some(client) => {
+                body.extend_from_slice(&rest[..at]);
+                body.extend_from_slice(client);
+                rest = &rest[at + NAME_LEN..];
+                changed = true;
+            }
+            None => {
+                body.extend_from_slice(&rest[..at + PREFIX.len()]);
+                rest = &rest[at + PREFIX.len()..];
+            }
+        }
+    }
+    if !changed {
+        return None;
+    }
+    body.extend_from_slice(rest);
+    let mut out = BytesMut::with_capacity(body.len() + 5);
+    wire::put_message(&mut out, b'E', &body);
+    Some(out)
 }
 
 /// The batch ending at ReadyForQuery number `ready` is answered: what got no reply
@@ -459,6 +499,7 @@ impl Upstream<'_> {
         }
         let context = self.parse_context(&lease);
         let server_name = crate::pool::statement_name(&statement.text_and_tail, context);
+        lease.client_names.insert(server_name.clone(), name.clone());
         let mut out = BytesMut::new();
         if lease.prepared.contains(&server_name) {
             put_close_statement(&mut out, NO_STATEMENT);
@@ -608,6 +649,9 @@ impl Upstream<'_> {
             } else {
                 crate::pool::statement_name(&statement.text_and_tail, context)
             };
+            lease
+                .client_names
+                .insert(server_name.clone(), name.to_vec());
             if !lease.prepared.contains(&server_name) {
                 self.prepare_on_server(
                     shared,
@@ -825,6 +869,8 @@ pub struct PooledClient<'a> {
     /// Its cancel key's target, set while it holds a backend session.
     pub cancel: &'a CancelSlot,
     pub backend_addr: String,
+    /// Tells backend sessions apart the clients that use them (`pool::next_client_id`).
+    pub client_id: u64,
 }
 
 /// Relays one client in transaction mode until it leaves.
@@ -834,6 +880,7 @@ pub async fn run(client: PooledClient<'_>, ctx: &RelayContext<'_>) -> (RelayStat
         mut settings,
         cancel,
         backend_addr,
+        client_id,
     } = client;
     let Some(pool) = ctx.pooling else {
         return (RelayStats::default(), RelayEnd::ClientClosed);
@@ -890,7 +937,7 @@ pub async fn run(client: PooledClient<'_>, ctx: &RelayContext<'_>) -> (RelayStat
                 continue;
             }
         };
-        match lease.conn().apply_settings(&settings).await {
+        match lease.conn().apply_settings(&settings, client_id).await {
             Ok(true) => {
                 pool.stats.resets.inc();
             }
@@ -1011,13 +1058,11 @@ pub async fn run(client: PooledClient<'_>, ctx: &RelayContext<'_>) -> (RelayStat
                         }
                     }
                 }
-                if let Err(e) = conn
-                    .clear_leftovers(state.sequences || state.unseen, state.seed || state.unseen)
-                    .await
-                {
-                    tracing::warn!(error = %e, "could not clear what a client left in a backend connection; closed");
-                    continue;
-                }
+                conn.note_leftovers(
+                    client_id,
+                    state.sequences || state.unseen,
+                    state.seed || state.unseen,
+                );
                 lease.release();
             }
             RelayEnd::ClientClosed if idle => {
@@ -1026,20 +1071,15 @@ pub async fn run(client: PooledClient<'_>, ctx: &RelayContext<'_>) -> (RelayStat
                 let ready = if state.pinned {
                     conn.reset_session(&pool.key).await
                 } else {
-                    let reset = if state.settings_dirty {
+                    conn.note_leftovers(
+                        client_id,
+                        state.sequences || state.unseen,
+                        state.seed || state.unseen,
+                    );
+                    if state.settings_dirty {
                         conn.reset_settings(&pool.key).await
                     } else {
                         Ok(())
-                    };
-                    match reset {
-                        Ok(()) => {
-                            conn.clear_leftovers(
-                                state.sequences || state.unseen,
-                                state.seed || state.unseen,
-                            )
-                            .await
-                        }
-                        Err(e) => Err(e),
                     }
                 };
                 if ready.is_ok() {
