@@ -91,3 +91,37 @@ async fn prepared_statement_keeps_meaning_of_other_clients_settings() {
         "B's prepared statements answer as B's own simple queries do, not as A's settings would"
     );
 }
+
+/// An INSERT into a table with a `serial` or identity column calls `nextval` from the
+/// column default, where rolegate does not see a sequence function: the backend
+/// session's `lastval()` then answers the next client with A's new id (on a session of
+/// its own B gets 55000 "lastval is not yet defined in this session").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "attack: lastval() of another client after an INSERT into a serial / identity column"]
+async fn lastval_of_another_clients_insert() {
+    let db = TestDb::create("att_lastval").await;
+    let rg = Rolegate::start_with(&db, pooled(1)).await;
+    rg.client("migrate", &db)
+        .await
+        .batch_execute(
+            "CREATE TABLE orders (id serial PRIMARY KEY, who text);
+             CREATE TABLE invoices (id int GENERATED ALWAYS AS IDENTITY, who text)",
+        )
+        .await
+        .unwrap();
+    let a = rg.client("web", &db).await;
+    let b = rg.client("web", &db).await;
+    for insert in [
+        "INSERT INTO orders (who) VALUES ('tenant a')",
+        "INSERT INTO invoices (who) VALUES ('tenant a')",
+    ] {
+        a.batch_execute(insert).await.unwrap();
+        let seen = b.query_one("SELECT lastval()", &[]).await;
+        assert_eq!(
+            seen.as_ref().err().and_then(sqlstate).as_deref(),
+            Some("55000"),
+            "after A's `{insert}`, B's lastval() is not defined; B got {:?}",
+            seen.map(|row| row.get::<_, i64>(0))
+        );
+    }
+}
