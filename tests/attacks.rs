@@ -125,3 +125,234 @@ async fn lastval_of_another_clients_insert() {
         );
     }
 }
+
+fn query(out: &mut bytes::BytesMut, sql: &str) {
+    rolegate::wire::put_query(out, sql);
+}
+
+fn message(out: &mut bytes::BytesMut, tag: u8, body: &[u8]) {
+    rolegate::wire::put_message(out, tag, body);
+}
+
+/// What a victim gets for `SELECT 'victim <n>', current_user::text` on its own: each
+/// answer must be its own row, no error, no extra rows.
+async fn victim_answers(port: u16, db: &TestDb, rounds: usize) -> Result<(), String> {
+    let (name, owner) = (db.name.clone(), db.owner.clone());
+    match tokio::spawn(victim_rounds(port, name, owner, rounds)).await {
+        Ok(result) => result,
+        Err(e) => Err(format!("victim failed: {e}")),
+    }
+}
+
+async fn victim_rounds(port: u16, db: String, owner: String, rounds: usize) -> Result<(), String> {
+    let mut victim = RawClient::login(port, "web", "web-pw", &db).await;
+    for n in 0..rounds {
+        let mut out = bytes::BytesMut::new();
+        query(
+            &mut out,
+            &format!("SELECT 'victim {n}', current_user::text"),
+        );
+        victim.send(&out).await;
+        let mut rows = Vec::new();
+        let mut errors = Vec::new();
+        loop {
+            let Some((tag, body)) = victim.read().await else {
+                return Err(format!("round {n}: connection closed; rows {rows:?}"));
+            };
+            match tag {
+                b'D' => rows.push(String::from_utf8_lossy(&body).into_owned()),
+                b'E' => errors.push(rolegate::wire::error_fields(&body)),
+                b'Z' => break,
+                _ => {}
+            }
+        }
+        let expected = format!("victim {n}");
+        if !errors.is_empty()
+            || rows.len() != 1
+            || !rows[0].contains(&expected)
+            || !rows[0].contains(&owner)
+        {
+            return Err(format!("round {n}: rows {rows:?} errors {errors:?}"));
+        }
+    }
+    Ok(())
+}
+
+/// The raw messages of one protocol attack, sent in one write by client A.
+fn protocol_attack(name: &str) -> bytes::BytesMut {
+    let mut out = bytes::BytesMut::new();
+    let copy_row = b"1000\tA-secret\n";
+    match name {
+        // A Sync inside COPY IN is ignored by the server: one ReadyForQuery fewer.
+        "sync_inside_simple_copy" => {
+            query(&mut out, "COPY items FROM STDIN");
+            message(&mut out, b'S', b"");
+            message(&mut out, b'd', copy_row);
+            message(&mut out, b'c', b"");
+            query(&mut out, "SELECT 'A-secret'");
+        }
+        "sync_before_copydata_extended" => {
+            extended(&mut out, "COPY items FROM STDIN", &[]);
+            message(&mut out, b'S', b"");
+            message(&mut out, b'd', copy_row);
+            message(&mut out, b'c', b"");
+            message(&mut out, b'S', b"");
+            query(&mut out, "SELECT 'A-secret'");
+        }
+        "bad_copydata_extended_then_stray" => {
+            extended(&mut out, "COPY items FROM STDIN", &[]);
+            message(&mut out, b'd', b"not a number\tx\n");
+            message(&mut out, b'c', b"");
+            message(&mut out, b'S', b"");
+            message(&mut out, b'c', b"");
+            message(&mut out, b'd', copy_row);
+            query(&mut out, "SELECT 'A-secret'");
+        }
+        "error_then_query_before_sync" => {
+            extended(&mut out, "SELECT 1/0", &[]);
+            query(&mut out, "SELECT 'A-secret'");
+            message(&mut out, b'S', b"");
+        }
+        "query_inside_extended_batch" => {
+            extended(&mut out, "SELECT 'A-secret-1'", &[]);
+            query(&mut out, "SELECT 'A-secret-2'");
+            extended(&mut out, "SELECT 'A-secret-3'", &[]);
+            message(&mut out, b'S', b"");
+        }
+        "copy_in_query_then_copyfail_sync" => {
+            query(&mut out, "COPY items FROM STDIN");
+            message(&mut out, b'f', b"abort\0");
+            message(&mut out, b'S', b"");
+            message(&mut out, b'f', b"again\0");
+            query(&mut out, "SELECT 'A-secret'");
+        }
+        "copy_out_extended_row_limit" => {
+            parse(
+                &mut out,
+                "",
+                "COPY (SELECT 'A-secret' FROM generate_series(1,3)) TO STDOUT",
+            );
+            let mut bind = bytes::BytesMut::new();
+            bind.extend_from_slice(b"\0\0\0\0\0\0\0\0");
+            message(&mut out, b'B', &bind);
+            message(&mut out, b'E', b"\0\0\0\0\x01");
+            message(&mut out, b'H', b"");
+            message(&mut out, b'S', b"");
+            message(&mut out, b'S', b"");
+        }
+        "flush_only_then_sleep" => {
+            extended(&mut out, "SELECT pg_sleep(0.3), 'A-secret'", &[]);
+            message(&mut out, b'H', b"");
+        }
+        "two_copies_in_one_query" => {
+            query(&mut out, "COPY items FROM STDIN; COPY items FROM STDIN");
+            message(&mut out, b'd', copy_row);
+            message(&mut out, b'c', b"");
+            message(&mut out, b'd', b"1001\tA-secret\n");
+            message(&mut out, b'c', b"");
+        }
+        "copy_both_names" => {
+            query(&mut out, "COPY items FROM STDIN; SELECT 'A-secret'");
+            message(&mut out, b'c', b"");
+            message(&mut out, b'c', b"");
+            message(&mut out, b'S', b"");
+        }
+        other => panic!("no attack {other}"),
+    }
+    out
+}
+
+const PROTOCOL_ATTACKS: &[&str] = &[
+    "sync_inside_simple_copy",
+    "sync_before_copydata_extended",
+    "bad_copydata_extended_then_stray",
+    "error_then_query_before_sync",
+    "query_inside_extended_batch",
+    "copy_in_query_then_copyfail_sync",
+    "copy_out_extended_row_limit",
+    "flush_only_then_sleep",
+    "two_copies_in_one_query",
+    "copy_both_names",
+];
+
+/// Probe: each protocol attack by A (who stays connected, then leaves abruptly), then a
+/// victim on the same pool of one; prints what happened to each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "probe"]
+async fn probe_protocol_attacks() {
+    let db = TestDb::create("att_proto").await;
+    let rg = Rolegate::start_with(
+        &db,
+        Options {
+            extra: "[pool]\nmode = \"transaction\"\nsize = 1\ncheckout_timeout = \"2s\"\n".into(),
+            ..Options::default()
+        },
+    )
+    .await;
+    rg.client("migrate", &db)
+        .await
+        .batch_execute("CREATE TABLE items (id int PRIMARY KEY, owner text)")
+        .await
+        .unwrap();
+    let only = std::env::var("ATTACK").ok();
+    for name in PROTOCOL_ATTACKS {
+        if only.as_deref().is_some_and(|o| o != *name) {
+            continue;
+        }
+        let mut attacker = RawClient::login(rg.port, "web", "web-pw", &db.name).await;
+        attacker.send(&protocol_attack(name)).await;
+        let mut seen = Vec::new();
+        while let Ok(Some((tag, body))) =
+            tokio::time::timeout(Duration::from_millis(600), attacker.read()).await
+        {
+            seen.push(format!(
+                "{}:{}",
+                tag as char,
+                String::from_utf8_lossy(&body)
+                    .chars()
+                    .take(40)
+                    .collect::<String>()
+            ));
+        }
+        let victim = victim_answers(rg.port, &db, 3).await;
+        drop(attacker);
+        let after = victim_answers(rg.port, &db, 3).await;
+        println!("ATTACK {name}\n  A saw {seen:?}\n  victim while A connected: {victim:?}\n  victim after A left: {after:?}");
+    }
+    println!(
+        "LOG {}",
+        rg.log_text()
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+/// A's `SET client_encoding` stays on the backend session when B borrows it, and
+/// rolegate gives B its settings in one Query that the server decodes in A's encoding:
+/// B's `app.tenant = 'Zürich'` becomes `ZÃ¼rich` (LATIN1) or `Z端rich` (EUC_JP), a
+/// tenant of someone else's choosing under row-level security.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "attack: another client's client_encoding garbles the settings rolegate applies for B"]
+async fn client_encoding_of_another_client_garbles_settings() {
+    let db = TestDb::create("att_enc").await;
+    let rg = Rolegate::start_with(&db, pooled(1)).await;
+    for encoding in ["LATIN1", "EUC_JP"] {
+        let b = rg.client("web", &db).await;
+        let a = rg.client("web", &db).await;
+        b.batch_execute("SET app.tenant = 'Zürich'").await.unwrap();
+        a.batch_execute(&format!("SET client_encoding = '{encoding}'"))
+            .await
+            .unwrap();
+        let row = b
+            .query_one("SELECT current_setting('app.tenant')", &[])
+            .await
+            .unwrap();
+        assert_eq!(
+            row.get::<_, String>(0),
+            "Zürich",
+            "B's settings after A set client_encoding = {encoding}"
+        );
+    }
+}
