@@ -257,6 +257,23 @@ fn protocol_attack(name: &str) -> bytes::BytesMut {
             message(&mut out, b'c', b"");
             message(&mut out, b'S', b"");
         }
+        "huge_copydata_half_sent" => {
+            query(&mut out, "COPY items FROM STDIN");
+            let row = b"2000\tA-secret\n".repeat(6 << 20 >> 4);
+            message(&mut out, b'd', &row);
+            out.truncate(out.len() / 2);
+        }
+        "huge_query_then_copydata" => {
+            query(&mut out, &format!("SELECT '{}'", "A".repeat(900_000)));
+            query(&mut out, "COPY items FROM STDIN");
+            let row = b"3000\tA-secret\n".repeat(6 << 20 >> 4);
+            message(&mut out, b'd', &row);
+            message(&mut out, b'c', b"");
+        }
+        "half_header" => {
+            query(&mut out, "SELECT 'A-secret'");
+            out.extend_from_slice(b"Q\0\0");
+        }
         other => panic!("no attack {other}"),
     }
     out
@@ -273,6 +290,9 @@ const PROTOCOL_ATTACKS: &[&str] = &[
     "flush_only_then_sleep",
     "two_copies_in_one_query",
     "copy_both_names",
+    "huge_copydata_half_sent",
+    "huge_query_then_copydata",
+    "half_header",
 ];
 
 /// Probe: each protocol attack by A (who stays connected, then leaves abruptly), then a
@@ -355,4 +375,42 @@ async fn client_encoding_of_another_client_garbles_settings() {
             "B's settings after A set client_encoding = {encoding}"
         );
     }
+}
+
+/// Peak resident memory of a process, in MiB.
+fn peak_rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        / 1024
+}
+
+/// In transaction mode every Bind is read whole into rolegate's memory (to rename its
+/// statement), twice over: one client's 200 MiB Bind (PostgreSQL takes up to 1 GiB, and
+/// so does rolegate's default `max_message_bytes`) costs about 400 MiB, so a handful of
+/// clients sending large parameters at once exhausts the host and ends every client's
+/// session. Only the Bind's head (portal and statement names) needs to be held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "attack: a large Bind is buffered whole (twice) in transaction mode; memory per client unbounded"]
+async fn large_bind_is_not_held_in_memory() {
+    let db = TestDb::create("att_mem").await;
+    let rg = Rolegate::start_with(&db, pooled(1)).await;
+    let before = peak_rss_mib(rg.pid());
+    let mut attacker = RawClient::login(rg.port, "web", "web-pw", &db.name).await;
+    let mut out = bytes::BytesMut::new();
+    parse(&mut out, "", "SELECT length($1::text)");
+    let big = vec![b'x'; 200 << 20];
+    bind_execute(&mut out, "", &[(0, &big)]);
+    message(&mut out, b'S', b"");
+    attacker.send(&out).await;
+    let (tags, errors) = attacker.until_ready().await;
+    assert!(errors.is_empty(), "the Bind ran: {errors:?} {tags:?}");
+    let after = peak_rss_mib(rg.pid());
+    assert!(
+        after < before + 100,
+        "rolegate's peak memory grew from {before} MiB to {after} MiB for one 200 MiB Bind"
+    );
 }
