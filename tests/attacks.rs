@@ -414,3 +414,41 @@ async fn large_bind_is_not_held_in_memory() {
         "rolegate's peak memory grew from {before} MiB to {after} MiB for one 200 MiB Bind"
     );
 }
+
+/// Held: functions the owner wrote (rolegate cannot look into them) that reset the role,
+/// turn read-only off or set a tenant leave nothing for the next client of the pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unseen_functions_leave_nothing_for_the_next_client() {
+    let db = TestDb::create("att_unseen").await;
+    let rg = Rolegate::start_with(&db, pooled(1)).await;
+    rg.client("migrate", &db)
+        .await
+        .batch_execute(
+            "CREATE FUNCTION drop_role() RETURNS text LANGUAGE sql
+               AS $$ SELECT set_config('role', 'none', false) $$;
+             CREATE FUNCTION read_write() RETURNS text LANGUAGE sql
+               AS $$ SELECT set_config('default_transaction_read_only', 'off', false) $$;
+             CREATE FUNCTION tenant() RETURNS text LANGUAGE sql
+               AS $$ SELECT set_config('app.tenant', 'acme', false) $$;",
+        )
+        .await
+        .unwrap();
+    let check = "SELECT current_user::text, current_setting('default_transaction_read_only'), \
+                 coalesce(current_setting('app.tenant', true), '')";
+    for (class_user, call, read_only) in [
+        ("web", "SELECT drop_role()", "off"),
+        ("web", "SELECT tenant()", "off"),
+        ("analyst", "SELECT read_write()", "on"),
+    ] {
+        let attacker = rg.client(class_user, &db).await;
+        attacker.batch_execute(call).await.unwrap();
+        let victim = rg.client(class_user, &db).await;
+        let row = victim.query_one(check, &[]).await.unwrap();
+        let seen: (String, String, String) = (row.get(0), row.get(1), row.get(2));
+        assert_eq!(
+            seen,
+            (db.owner.clone(), read_only.to_owned(), String::new()),
+            "after another client's {call}"
+        );
+    }
+}
