@@ -452,3 +452,67 @@ async fn unseen_functions_leave_nothing_for_the_next_client() {
         );
     }
 }
+
+/// A client that starts with `options=-c seed=0.5` has its seed set by rolegate on every
+/// backend session it borrows (a startup setting), but the lease is not marked as having
+/// set the seed, so rolegate does not reseed before lending the session: the next client's
+/// `random()` is exactly the sequence after `setseed(0.5)`, known to A in advance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "attack: a startup -c seed=… makes the next client's random() predictable"]
+async fn startup_seed_decides_another_clients_random() {
+    let db = TestDb::create("att_seed").await;
+    let rg = Rolegate::start_with(&db, pooled(1)).await;
+    let direct = admin("postgres").await;
+    direct.batch_execute("SELECT setseed(0.5)").await.unwrap();
+    let mut known = Vec::new();
+    for _ in 0..3 {
+        known.push(
+            direct
+                .query_one("SELECT random()", &[])
+                .await
+                .unwrap()
+                .get::<_, f64>(0),
+        );
+    }
+    let a = connect_url(&format!(
+        "{} options='-c seed=0.5'",
+        rg.url("web", "web-pw", &db.name)
+    ))
+    .await
+    .unwrap();
+    a.batch_execute("SELECT 1").await.unwrap();
+    let b = rg.client("web", &db).await;
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        seen.push(
+            b.query_one("SELECT random()", &[])
+                .await
+                .unwrap()
+                .get::<_, f64>(0),
+        );
+    }
+    assert_ne!(
+        seen, known,
+        "B's random() is the sequence A chose with its startup seed"
+    );
+}
+
+/// The text `'now'::timestamptz` is read when it is parsed: B's prepared statement of it
+/// answers the moment A prepared the same text, not B's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "attack: a prepared statement of another client answers B with A's parse-time 'now'"]
+async fn prepared_now_of_another_client() {
+    let db = TestDb::create("att_now").await;
+    let rg = Rolegate::start_with(&db, pooled(1)).await;
+    let text = "SELECT 'now'::timestamptz::text";
+    let a = rg.client("web", &db).await;
+    let of_a = prepared_answers(&a, &[text]).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let b = rg.client("web", &db).await;
+    let before_b = simple_answers(&b, &[text]).await;
+    let of_b = prepared_answers(&b, &[text]).await;
+    assert!(
+        of_b[0] >= before_b[0],
+        "B prepared after {before_b:?} and got {of_b:?}, A's moment {of_a:?}"
+    );
+}
