@@ -130,7 +130,7 @@ fn query(out: &mut bytes::BytesMut, sql: &str) {
     rolegate::wire::put_query(out, sql);
 }
 
-fn message(out: &mut bytes::BytesMut, tag: u8, body: &[u8]) {
+fn put_frame(out: &mut bytes::BytesMut, tag: u8, body: &[u8]) {
     rolegate::wire::put_message(out, tag, body);
 }
 
@@ -186,44 +186,44 @@ fn protocol_attack(name: &str) -> bytes::BytesMut {
         // A Sync inside COPY IN is ignored by the server: one ReadyForQuery fewer.
         "sync_inside_simple_copy" => {
             query(&mut out, "COPY items FROM STDIN");
-            message(&mut out, b'S', b"");
-            message(&mut out, b'd', copy_row);
-            message(&mut out, b'c', b"");
+            put_frame(&mut out, b'S', b"");
+            put_frame(&mut out, b'd', copy_row);
+            put_frame(&mut out, b'c', b"");
             query(&mut out, "SELECT 'A-secret'");
         }
         "sync_before_copydata_extended" => {
             extended(&mut out, "COPY items FROM STDIN", &[]);
-            message(&mut out, b'S', b"");
-            message(&mut out, b'd', copy_row);
-            message(&mut out, b'c', b"");
-            message(&mut out, b'S', b"");
+            put_frame(&mut out, b'S', b"");
+            put_frame(&mut out, b'd', copy_row);
+            put_frame(&mut out, b'c', b"");
+            put_frame(&mut out, b'S', b"");
             query(&mut out, "SELECT 'A-secret'");
         }
         "bad_copydata_extended_then_stray" => {
             extended(&mut out, "COPY items FROM STDIN", &[]);
-            message(&mut out, b'd', b"not a number\tx\n");
-            message(&mut out, b'c', b"");
-            message(&mut out, b'S', b"");
-            message(&mut out, b'c', b"");
-            message(&mut out, b'd', copy_row);
+            put_frame(&mut out, b'd', b"not a number\tx\n");
+            put_frame(&mut out, b'c', b"");
+            put_frame(&mut out, b'S', b"");
+            put_frame(&mut out, b'c', b"");
+            put_frame(&mut out, b'd', copy_row);
             query(&mut out, "SELECT 'A-secret'");
         }
         "error_then_query_before_sync" => {
             extended(&mut out, "SELECT 1/0", &[]);
             query(&mut out, "SELECT 'A-secret'");
-            message(&mut out, b'S', b"");
+            put_frame(&mut out, b'S', b"");
         }
         "query_inside_extended_batch" => {
             extended(&mut out, "SELECT 'A-secret-1'", &[]);
             query(&mut out, "SELECT 'A-secret-2'");
             extended(&mut out, "SELECT 'A-secret-3'", &[]);
-            message(&mut out, b'S', b"");
+            put_frame(&mut out, b'S', b"");
         }
         "copy_in_query_then_copyfail_sync" => {
             query(&mut out, "COPY items FROM STDIN");
-            message(&mut out, b'f', b"abort\0");
-            message(&mut out, b'S', b"");
-            message(&mut out, b'f', b"again\0");
+            put_frame(&mut out, b'f', b"abort\0");
+            put_frame(&mut out, b'S', b"");
+            put_frame(&mut out, b'f', b"again\0");
             query(&mut out, "SELECT 'A-secret'");
         }
         "copy_out_extended_row_limit" => {
@@ -234,41 +234,41 @@ fn protocol_attack(name: &str) -> bytes::BytesMut {
             );
             let mut bind = bytes::BytesMut::new();
             bind.extend_from_slice(b"\0\0\0\0\0\0\0\0");
-            message(&mut out, b'B', &bind);
-            message(&mut out, b'E', b"\0\0\0\0\x01");
-            message(&mut out, b'H', b"");
-            message(&mut out, b'S', b"");
-            message(&mut out, b'S', b"");
+            put_frame(&mut out, b'B', &bind);
+            put_frame(&mut out, b'E', b"\0\0\0\0\x01");
+            put_frame(&mut out, b'H', b"");
+            put_frame(&mut out, b'S', b"");
+            put_frame(&mut out, b'S', b"");
         }
         "flush_only_then_sleep" => {
             extended(&mut out, "SELECT pg_sleep(0.3), 'A-secret'", &[]);
-            message(&mut out, b'H', b"");
+            put_frame(&mut out, b'H', b"");
         }
         "two_copies_in_one_query" => {
             query(&mut out, "COPY items FROM STDIN; COPY items FROM STDIN");
-            message(&mut out, b'd', copy_row);
-            message(&mut out, b'c', b"");
-            message(&mut out, b'd', b"1001\tA-secret\n");
-            message(&mut out, b'c', b"");
+            put_frame(&mut out, b'd', copy_row);
+            put_frame(&mut out, b'c', b"");
+            put_frame(&mut out, b'd', b"1001\tA-secret\n");
+            put_frame(&mut out, b'c', b"");
         }
         "copy_both_names" => {
             query(&mut out, "COPY items FROM STDIN; SELECT 'A-secret'");
-            message(&mut out, b'c', b"");
-            message(&mut out, b'c', b"");
-            message(&mut out, b'S', b"");
+            put_frame(&mut out, b'c', b"");
+            put_frame(&mut out, b'c', b"");
+            put_frame(&mut out, b'S', b"");
         }
         "huge_copydata_half_sent" => {
             query(&mut out, "COPY items FROM STDIN");
             let row = b"2000\tA-secret\n".repeat(6 << 20 >> 4);
-            message(&mut out, b'd', &row);
+            put_frame(&mut out, b'd', &row);
             out.truncate(out.len() / 2);
         }
         "huge_query_then_copydata" => {
             query(&mut out, &format!("SELECT '{}'", "A".repeat(900_000)));
             query(&mut out, "COPY items FROM STDIN");
             let row = b"3000\tA-secret\n".repeat(6 << 20 >> 4);
-            message(&mut out, b'd', &row);
-            message(&mut out, b'c', b"");
+            put_frame(&mut out, b'd', &row);
+            put_frame(&mut out, b'c', b"");
         }
         "half_header" => {
             query(&mut out, "SELECT 'A-secret'");
@@ -352,29 +352,34 @@ async fn probe_protocol_attacks() {
 /// A's `SET client_encoding` stays on the backend session when B borrows it, and
 /// rolegate gives B its settings in one Query that the server decodes in A's encoding:
 /// B's `app.tenant = 'Zürich'` becomes `ZÃ¼rich` (LATIN1) or `Z端rich` (EUC_JP), a
-/// tenant of someone else's choosing under row-level security.
+/// tenant of someone else's choosing under row-level security, and stays so on that
+/// backend session (rolegate believes it applied B's value); a value the encoding cannot
+/// hold (`😀` in EUC_JP) fails B's transaction with 08006 instead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "attack: another client's client_encoding garbles the settings rolegate applies for B"]
 async fn client_encoding_of_another_client_garbles_settings() {
     let db = TestDb::create("att_enc").await;
     let rg = Rolegate::start_with(&db, pooled(1)).await;
-    for encoding in ["LATIN1", "EUC_JP"] {
+    let mut wrong = Vec::new();
+    for (encoding, tenant) in [("LATIN1", "Zürich"), ("EUC_JP", "Zürich"), ("EUC_JP", "😀")] {
         let b = rg.client("web", &db).await;
         let a = rg.client("web", &db).await;
-        b.batch_execute("SET app.tenant = 'Zürich'").await.unwrap();
+        b.batch_execute(&format!("SET app.tenant = '{tenant}'"))
+            .await
+            .unwrap();
         a.batch_execute(&format!("SET client_encoding = '{encoding}'"))
             .await
             .unwrap();
-        let row = b
+        let seen = b
             .query_one("SELECT current_setting('app.tenant')", &[])
             .await
-            .unwrap();
-        assert_eq!(
-            row.get::<_, String>(0),
-            "Zürich",
-            "B's settings after A set client_encoding = {encoding}"
-        );
+            .map(|row| row.get::<_, String>(0))
+            .map_err(|e| format!("{:?} {}", sqlstate(&e), message(&e)));
+        if seen.as_deref() != Ok(tenant) {
+            wrong.push(format!("A {encoding}, B {tenant}: B saw {seen:?}"));
+        }
     }
+    assert!(wrong.is_empty(), "{wrong:#?}");
 }
 
 /// Peak resident memory of a process, in MiB.
@@ -404,7 +409,7 @@ async fn large_bind_is_not_held_in_memory() {
     parse(&mut out, "", "SELECT length($1::text)");
     let big = vec![b'x'; 200 << 20];
     bind_execute(&mut out, "", &[(0, &big)]);
-    message(&mut out, b'S', b"");
+    put_frame(&mut out, b'S', b"");
     attacker.send(&out).await;
     let (tags, errors) = attacker.until_ready().await;
     assert!(errors.is_empty(), "the Bind ran: {errors:?} {tags:?}");
