@@ -295,58 +295,33 @@ const PROTOCOL_ATTACKS: &[&str] = &[
     "half_header",
 ];
 
-/// Probe: each protocol attack by A (who stays connected, then leaves abruptly), then a
-/// victim on the same pool of one; prints what happened to each.
+/// Held: after each pipelined protocol oddity (Sync or a Query inside COPY IN, stray
+/// CopyDone/CopyData/CopyFail, a Query inside an extended batch, Flush without Sync,
+/// huge and half-sent frames) and an abrupt disconnect, the next client on the same
+/// backend session gets exactly its own answers. (While A stays connected, the
+/// ambiguous ones keep A's backend session: a pool-wide wait, not a crossing.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "probe"]
-async fn probe_protocol_attacks() {
+async fn protocol_oddities_then_an_abrupt_leave_never_reach_the_next_client() {
     let db = TestDb::create("att_proto").await;
-    let rg = Rolegate::start_with(
-        &db,
-        Options {
-            extra: "[pool]\nmode = \"transaction\"\nsize = 1\ncheckout_timeout = \"2s\"\n".into(),
-            ..Options::default()
-        },
-    )
-    .await;
+    let rg = Rolegate::start_with(&db, pooled(1)).await;
     rg.client("migrate", &db)
         .await
         .batch_execute("CREATE TABLE items (id int PRIMARY KEY, owner text)")
         .await
         .unwrap();
-    let only = std::env::var("ATTACK").ok();
+    let mut crossed = Vec::new();
     for name in PROTOCOL_ATTACKS {
-        if only.as_deref().is_some_and(|o| o != *name) {
-            continue;
-        }
         let mut attacker = RawClient::login(rg.port, "web", "web-pw", &db.name).await;
         attacker.send(&protocol_attack(name)).await;
-        let mut seen = Vec::new();
-        while let Ok(Some((tag, body))) =
-            tokio::time::timeout(Duration::from_millis(600), attacker.read()).await
-        {
-            seen.push(format!(
-                "{}:{}",
-                tag as char,
-                String::from_utf8_lossy(&body)
-                    .chars()
-                    .take(40)
-                    .collect::<String>()
-            ));
-        }
-        let victim = victim_answers(rg.port, &db, 3).await;
+        while let Ok(Some(_)) =
+            tokio::time::timeout(Duration::from_millis(150), attacker.read()).await
+        {}
         drop(attacker);
-        let after = victim_answers(rg.port, &db, 3).await;
-        println!("ATTACK {name}\n  A saw {seen:?}\n  victim while A connected: {victim:?}\n  victim after A left: {after:?}");
+        if let Err(e) = victim_answers(rg.port, &db, 2).await {
+            crossed.push(format!("{name}: {e}"));
+        }
     }
-    println!(
-        "LOG {}",
-        rg.log_text()
-            .lines()
-            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
+    assert!(crossed.is_empty(), "{crossed:#?}\n{}", rg.log_text());
 }
 
 /// A's `SET client_encoding` stays on the backend session when B borrows it, and
