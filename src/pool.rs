@@ -536,9 +536,8 @@ impl ServerConn {
         });
     }
 
-    /// Makes the session's settings `wanted` for `client`: one query with the difference
-    /// (and, for another client than the last, the clearing of what that one left),
-    /// nothing when there is none. Returns whether a query was sent.
+    /// Makes the session's settings `wanted`: one query with the difference, nothing when
+    /// there is none. Returns whether a query was sent.
     ///
     /// Values go as ASCII (non-ASCII ones through `convert_from`): the server reads the
     /// whole query in the `client_encoding` in force when it arrives, whoever set it, and
@@ -546,18 +545,8 @@ impl ServerConn {
     pub async fn apply_settings(
         &mut self,
         wanted: &BTreeMap<String, String>,
-        client: u64,
     ) -> Result<bool, BackendError> {
         let mut sql = String::new();
-        if client != self.last_client {
-            if std::mem::take(&mut self.left_sequences) {
-                sql.push_str("DISCARD SEQUENCES;");
-            }
-            if std::mem::take(&mut self.left_seed) {
-                sql.push_str(&random_seed_sql());
-            }
-            self.last_client = client;
-        }
         let wanted = wanted.iter().filter(|(name, _)| !never_followed(name));
         for name in self.settings.keys() {
             if !wanted.clone().any(|(n, _)| n == name) {
@@ -598,10 +587,29 @@ impl ServerConn {
     /// values, a seed it set): cleared before another client's first query here.
     pub fn note_leftovers(&mut self, client: u64, sequences: bool, seed: bool) {
         if client != self.last_client {
-            return;
+            self.left_sequences = false;
+            self.left_seed = false;
+            self.last_client = client;
         }
         self.left_sequences |= sequences;
         self.left_seed |= seed;
+    }
+
+    /// For `client`, about to use this session: the query that clears what another
+    /// client left, if anything (sent by the relay ahead of the client's own messages,
+    /// in the same write, so it costs no round trip).
+    pub fn take_leftovers(&mut self, client: u64) -> Option<String> {
+        if client == self.last_client {
+            return None;
+        }
+        let mut sql = String::new();
+        if std::mem::take(&mut self.left_sequences) {
+            sql.push_str("DISCARD SEQUENCES;");
+        }
+        if std::mem::take(&mut self.left_seed) {
+            sql.push_str(&random_seed_sql());
+        }
+        (!sql.is_empty()).then_some(sql)
     }
 
     /// Reads the session-level settings the server holds now (after a client changed

@@ -343,7 +343,7 @@ async fn serve_pooled(
             ]),
         })?;
         let conn = lease.conn();
-        conn.apply_settings(&settings, client_id).await?;
+        conn.apply_settings(&settings).await?;
         large_object_functions(proxy, &mut conn.session).await?;
         judgeable_encoding(&conn.session)?;
         Ok::<_, BackendError>(lease)

@@ -991,6 +991,19 @@ impl<'a> Upstream<'a> {
 
     /// After DISCARD ALL (the frame that ends at `end`): the session's role is set again
     /// by a query of rolegate's own, whose answer the client never sees.
+    /// Sends a query of rolegate's own before whatever the client sends next; its
+    /// answers stay with rolegate, and its failure ends the session (see `own_reply`).
+    fn queue_own_query(&mut self, sql: &str, shared: &Shared) {
+        wire::put_query(&mut self.out, sql);
+        self.sync_points += 1;
+        shared
+            .sync_points_sent
+            .store(self.sync_points, Ordering::Relaxed);
+        shared.own_queries().push_back(self.sync_points);
+        shared.has_own_queries.store(true, Ordering::Relaxed);
+        shared.unsent.store(true, Ordering::Relaxed);
+    }
+
     fn restore_role_after(&mut self, end: usize, shared: &Shared) {
         self.out.extend_from_slice(&self.buf[..end]);
         self.buf.advance(end);

@@ -937,7 +937,7 @@ pub async fn run(client: PooledClient<'_>, ctx: &RelayContext<'_>) -> (RelayStat
                 continue;
             }
         };
-        match lease.conn().apply_settings(&settings, client_id).await {
+        match lease.conn().apply_settings(&settings).await {
             Ok(true) => {
                 pool.stats.resets.inc();
             }
@@ -965,6 +965,9 @@ pub async fn run(client: PooledClient<'_>, ctx: &RelayContext<'_>) -> (RelayStat
             prepared: std::mem::take(&mut lease.conn().prepared),
             ..LeaseState::default()
         };
+        if let Some(sql) = lease.conn().take_leftovers(client_id) {
+            up.queue_own_query(&sql, &shared);
+        }
         let conn = lease.conn();
         cancel.set(Some(CancelTarget {
             addr: backend_addr.clone(),
