@@ -52,6 +52,8 @@ pub struct LeaseState {
     /// The client's name for each server-side statement name it used in this lease, so
     /// that the server's errors name the client's statement.
     client_names: HashMap<Bytes, Vec<u8>>,
+    /// Client statements whose Close did not run: back in the client's view.
+    reopened: Vec<(Vec<u8>, ClientStatement)>,
     /// Client statement names whose Parse did not run (an earlier error skipped it):
     /// they leave the client's view, as they never were on the server.
     unparsed: Vec<Vec<u8>>,
@@ -65,6 +67,9 @@ struct Fixup {
     action: FixupAction,
     /// The client's statement this Parse (or stand-in) creates.
     client_name: Option<Vec<u8>>,
+    /// The client's statement this Close removes from its view: back in the view if
+    /// the server skipped the Close (an error earlier in the batch), as it keeps it then.
+    reopens: Option<(Vec<u8>, ClientStatement)>,
 }
 
 enum FixupAction {
@@ -289,6 +294,7 @@ pub(super) fn batch_answered(shared: &Shared, ready: u64) {
         if let Some(name) = fixup.client_name {
             lease.unparsed.push(name);
         }
+        lease.reopened.extend(fixup.reopens);
     }
     shared
         .has_fixups
@@ -345,6 +351,7 @@ impl Upstream<'_> {
             reply,
             action,
             client_name: None,
+            reopens: None,
         });
         shared.has_fixups.store(true, Ordering::Relaxed);
     }
@@ -412,14 +419,32 @@ impl Upstream<'_> {
 
     /// Drops from the client's view the statements whose Parse did not run.
     fn forget_unparsed(&mut self, shared: &Shared) {
-        let unparsed = std::mem::take(&mut lease_state(shared).unparsed);
-        self.forget_statements(unparsed);
+        let (unparsed, reopened) = {
+            let mut lease = lease_state(shared);
+            (
+                std::mem::take(&mut lease.unparsed),
+                std::mem::take(&mut lease.reopened),
+            )
+        };
+        self.forget_statements(unparsed, reopened);
     }
 
-    fn forget_statements(&mut self, unparsed: Vec<Vec<u8>>) {
+    /// What the server did not do, undone in the client's view: Parses that did not
+    /// run, then Closes that did not run (in that order: a skipped Close and Parse of
+    /// one name leave the statement as it was).
+    fn forget_statements(
+        &mut self,
+        unparsed: Vec<Vec<u8>>,
+        reopened: Vec<(Vec<u8>, ClientStatement)>,
+    ) {
         if let Some(statements) = self.pooled.as_mut() {
             for name in unparsed {
                 statements.remove(&name);
+            }
+            for (name, statement) in reopened {
+                if !statements.named.contains_key(&name) {
+                    statements.insert(name, statement);
+                }
             }
         }
     }
@@ -711,7 +736,12 @@ impl Upstream<'_> {
         };
         match statement {
             Some(name) if !name.is_empty() => {
-                statements.remove(&name);
+                if let Some(closed) = statements.named.remove(&name) {
+                    statements.account(-((name.len() + closed.text_and_tail.len()) as i64));
+                    if let Some(last) = lease_state(shared).fixups.back_mut() {
+                        last.reopens = Some((name, closed));
+                    }
+                }
                 let mut out = BytesMut::new();
                 put_close_statement(&mut out, NO_STATEMENT);
                 Decision::Replace {
@@ -1015,13 +1045,15 @@ pub async fn run(client: PooledClient<'_>, ctx: &RelayContext<'_>) -> (RelayStat
         // No cancel of this client's may reach the backend session's next client.
         cancel.clear().await;
         let mut state = std::mem::take(&mut *lease_state(&shared));
-        // (Parses still unanswered when the backend session was lost never ran either.)
-        let unanswered = state.fixups.drain(..).filter_map(|f| f.client_name);
-        let unparsed: Vec<_> = std::mem::take(&mut state.unparsed)
-            .into_iter()
-            .chain(unanswered)
-            .collect();
-        up.forget_statements(unparsed);
+        // (Parses and Closes still unanswered when the backend session was lost never
+        // ran either.)
+        let mut unparsed = std::mem::take(&mut state.unparsed);
+        let mut reopened = std::mem::take(&mut state.reopened);
+        for fixup in state.fixups.drain(..) {
+            unparsed.extend(fixup.client_name);
+            reopened.extend(fixup.reopens);
+        }
+        up.forget_statements(unparsed, reopened);
         shared.has_fixups.store(false, Ordering::Relaxed);
         let conn = lease.conn();
         conn.prepared = state.prepared;
