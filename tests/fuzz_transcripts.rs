@@ -141,7 +141,7 @@ mod reproducers {
     /// `DISCARD ALL` is answered with `SET` (the reply to rolegate's own `SET ROLE`
     /// after it): rolegate's count of the server's replies is one off.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "known divergence in session mode and transaction mode (issue 20)"]
+    #[ignore = "known divergence in session mode (issue 20)"]
     async fn discard_all_after_a_copy_with_a_sync_inside_the_data() {
         let program = vec![
             Step::CopyIn {
@@ -165,7 +165,7 @@ mod reproducers {
     /// leaves the statement as it was; rolegate judges later Binds by the text of the
     /// failed Parse (here `DISCARD ALL`, refused mid-pipeline with 25001).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "known divergence in session mode and transaction mode (issue 20)"]
+    #[ignore = "known divergence in session mode (issue 20)"]
     async fn a_failed_duplicate_parse_does_not_change_the_statement() {
         let program = vec![
             send(vec![parse("S3", "NOTIFY ch0, 'p'"), Msg::Sync]),
