@@ -136,6 +136,53 @@ mod reproducers {
         replay_alone("repro_close_skipped", POOL_1, program).await;
     }
 
+    /// Session mode too: after a COPY that the server ended with an error and a Sync
+    /// sent inside its data (answered: one more ReadyForQuery), the client's
+    /// `DISCARD ALL` is answered with `SET` (the reply to rolegate's own `SET ROLE`
+    /// after it): rolegate's count of the server's replies is one off.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "known divergence in session mode (issue 20)"]
+    async fn discard_all_after_a_copy_with_a_sync_inside_the_data() {
+        let program = vec![
+            Step::CopyIn {
+                head: vec![Msg::Query("COPY t0 (id, v, n) FROM STDIN".to_owned())],
+                data: vec![
+                    Msg::CopyData("30\tonly two\n".to_owned()),
+                    Msg::CopyData("35\tc35\t3\n".to_owned()),
+                    Msg::Sync,
+                    Msg::CopyDone,
+                ],
+                ready: 1,
+                settle: true,
+            },
+            query("DISCARD ALL"),
+            Step::End(End::Terminate),
+        ];
+        replay_alone("repro_copy_discard", Mode::Session, program).await;
+    }
+
+    /// Session mode too: a Parse of a statement name already in use fails (42P05) and
+    /// leaves the statement as it was; rolegate judges later Binds by the text of the
+    /// failed Parse (here `DISCARD ALL`, refused mid-pipeline with 25001).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "known divergence in session mode (issue 20)"]
+    async fn a_failed_duplicate_parse_does_not_change_the_statement() {
+        let program = vec![
+            send(vec![parse("S3", "NOTIFY ch0, 'p'"), Msg::Sync]),
+            send(vec![parse("S3", "DISCARD ALL"), Msg::Sync]),
+            send(vec![
+                bind("", "S3", &[]),
+                execute(""),
+                parse("", "SELECT 1"),
+                bind("", "", &[]),
+                execute(""),
+                Msg::Sync,
+            ]),
+            Step::End(End::Terminate),
+        ];
+        replay_alone("repro_duplicate_parse", Mode::Session, program).await;
+    }
+
     /// COPY (extended) with a Sync inside the data and rows the server rejects, then a
     /// Flush pipeline, then `SET LOCAL` outside a transaction: on a session of its own
     /// the SET answers (a warning, SET, ReadyForQuery); through rolegate the warning
