@@ -14,19 +14,45 @@ async fn session_mode_transcripts_equal_direct_sessions() {
     fixed_seeds("fuzz_session", Mode::Session, SEEDS).await;
 }
 
-// Known failures: transaction mode diverges from a session of its own on these seeds
-// (issue 20; the report lists the minimized reproducers). Remove the `#[ignore]` when
-// the pooled relay is fixed.
+/// The seeds `cargo test` runs in transaction mode.
+const TRANSACTION_SEEDS: &[u64] = &[1, 2, 3];
+
+/// Seeds on which transaction mode still differs from a session of its own: statement
+/// bookkeeping after errors in pipelines that prepare one text under two names or
+/// close and re-parse a name in a skipped batch (see the README's differences).
+const KNOWN_DIVERGING_SEEDS: &[u64] = &[2, 3];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known divergences in transaction mode (issue 20)"]
 async fn transaction_mode_pool_of_1_transcripts_equal_direct_sessions() {
-    fixed_seeds("fuzz_pool1", Mode::Transaction { size: 1 }, SEEDS).await;
+    fixed_seeds(
+        "fuzz_pool1",
+        Mode::Transaction { size: 1 },
+        TRANSACTION_SEEDS,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known divergences in transaction mode (issue 20)"]
 async fn transaction_mode_pool_of_2_transcripts_equal_direct_sessions() {
-    fixed_seeds("fuzz_pool2", Mode::Transaction { size: 2 }, SEEDS).await;
+    fixed_seeds(
+        "fuzz_pool2",
+        Mode::Transaction { size: 2 },
+        TRANSACTION_SEEDS,
+    )
+    .await;
+}
+
+/// Run with `ROLEGATE_FUZZ_WITHOUT=` (empty) for the whole grammar, named statements
+/// included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known divergences in transaction mode (issue 20, left open)"]
+async fn transaction_mode_known_diverging_seeds() {
+    fixed_seeds(
+        "fuzz_pool1_known",
+        Mode::Transaction { size: 1 },
+        KNOWN_DIVERGING_SEEDS,
+    )
+    .await;
 }
 
 /// Random seeds for ROLEGATE_FUZZ_SECONDS, with minimized reproducers: run by
@@ -44,7 +70,7 @@ fn print_programs() {
     let seeds = std::env::var("ROLEGATE_FUZZ_SEEDS").unwrap_or_else(|_| "1".into());
     for seed in seeds.split(',') {
         let seed: u64 = seed.trim().parse().unwrap_or(1);
-        for (c, program) in fuzz::runner::programs(seed, fuzz::runner::CLIENTS)
+        for (c, program) in fuzz::runner::programs(seed, fuzz::runner::CLIENTS, Mode::Session)
             .iter()
             .enumerate()
         {
@@ -103,7 +129,6 @@ mod reproducers {
     /// A Bind with the wrong number of parameters: PostgreSQL's 08P01 names the
     /// client's statement; through rolegate it names `rolegate_s<hash>`.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "known divergence in transaction mode (issue 20)"]
     async fn errors_name_the_clients_statement() {
         let program = vec![
             send(vec![parse("S1", "SELECT 1"), Msg::Sync]),
@@ -116,7 +141,6 @@ mod reproducers {
     /// A Close the server skipped (an error earlier before the Sync) leaves the
     /// statement: PostgreSQL binds it afterwards; rolegate has dropped it (26000).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "known divergence in transaction mode (issue 20)"]
     async fn a_close_skipped_after_an_error_keeps_the_statement() {
         let program = vec![
             send(vec![parse("S1", "SELECT 1"), Msg::Sync]),
@@ -141,7 +165,7 @@ mod reproducers {
     /// `DISCARD ALL` is answered with `SET` (the reply to rolegate's own `SET ROLE`
     /// after it): rolegate's count of the server's replies is one off.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "known divergence in session mode (issue 20)"]
+    #[ignore = "fails closed by design: DISCARD ALL is refused (25001) after answers that could not be predicted (README)"]
     async fn discard_all_after_a_copy_with_a_sync_inside_the_data() {
         let program = vec![
             Step::CopyIn {
@@ -165,7 +189,7 @@ mod reproducers {
     /// leaves the statement as it was; rolegate judges later Binds by the text of the
     /// failed Parse (here `DISCARD ALL`, refused mid-pipeline with 25001).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "known divergence in session mode (issue 20)"]
+    #[ignore = "open (issue 20): a failed duplicate Parse of DISCARD ALL makes rolegate refuse the Bind of the statement the name still has"]
     async fn a_failed_duplicate_parse_does_not_change_the_statement() {
         let program = vec![
             send(vec![parse("S3", "NOTIFY ch0, 'p'"), Msg::Sync]),
@@ -188,7 +212,6 @@ mod reproducers {
     /// the SET answers (a warning, SET, ReadyForQuery); through rolegate the warning
     /// comes and then nothing (the client hangs).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "known divergence in transaction mode (issue 20)"]
     async fn set_local_after_a_copy_with_a_sync_inside_the_data() {
         let program = vec![
             Step::CopyIn {

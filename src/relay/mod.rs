@@ -648,7 +648,8 @@ impl<'a> Upstream<'a> {
             tracing::info!(
                 why,
                 "the client sent messages whose replies cannot be predicted; its backend \
-                 connection stays with it and is closed when it leaves"
+                 connection is never lent to anyone else (transaction mode) and DISCARD ALL \
+                 is refused"
             );
         }
     }
@@ -672,9 +673,7 @@ impl<'a> Upstream<'a> {
         while let Some((tag, len)) = wire::peek_header(&self.buf[pos..]) {
             let size = wire::frame_size(len, self.ctx.max_message_bytes)?;
             let available = self.buf.len() - pos;
-            if self.pooled.is_some() {
-                self.note_order(tag, shared);
-            }
+            self.note_order(tag, shared);
             // Bind and Close are read only while a statement needs a look at its Bind
             // (rare): everything else of the extended protocol passes by its header.
             // (With transaction pooling, statement names are rolegate's own on the server.)
@@ -848,6 +847,11 @@ impl<'a> Upstream<'a> {
                     return Decision::Refuse(Box::new(malformed_refusal("Bind")));
                 };
                 let refusal = match self.statement_checks.get(statement) {
+                    Some(StatementCheck::DiscardAll)
+                        if shared.ambiguous.load(Ordering::Relaxed) =>
+                    {
+                        Some(ambiguous_discard_refusal())
+                    }
                     Some(StatementCheck::DiscardAll) => {
                         self.discard_all_in_batch = true;
                         None
@@ -970,6 +974,9 @@ impl<'a> Upstream<'a> {
             _ => {}
         }
         let restore_role = tag == b'Q' && discard_all;
+        if discard_all && shared.ambiguous.load(Ordering::Relaxed) {
+            return Decision::Refuse(Box::new(ambiguous_discard_refusal()));
+        }
         let Some(text) = rewritten else {
             return Decision::Forward { restore_role };
         };
@@ -1137,6 +1144,22 @@ fn add_statement_check(checks: &mut StatementChecks, name: &[u8], check: Stateme
         (_, check) => {
             checks.insert(name.to_vec(), check);
         }
+    }
+}
+
+/// DISCARD ALL needs rolegate's own query right after it (the role set again), whose
+/// answers are told apart by their place: after messages whose answers could not be
+/// predicted (see `Upstream::note_order`) that place is not known, so it is refused.
+fn ambiguous_discard_refusal() -> Refusal {
+    Refusal {
+        code: "25001",
+        message: "rolegate: DISCARD ALL cannot run in this session after messages whose \
+                  answers could not be predicted (a Sync or Query inside COPY data, a Query \
+                  inside an extended-protocol batch)"
+            .into(),
+        hint: Some("Reconnect to get a fresh session.".into()),
+        kind: "DISCARD ALL".into(),
+        leaves_owner_role: true,
     }
 }
 
@@ -1427,12 +1450,11 @@ impl Downstream {
         self.ready_count += 1;
         let ready = self.ready_count;
         // More answers than questions: what rolegate believed the server owes was wrong.
-        if shared.lease.is_some()
-            && ready > shared.sync_points_sent.load(Ordering::Relaxed)
+        if ready > shared.sync_points_sent.load(Ordering::Relaxed)
             && !shared.ambiguous.swap(true, Ordering::Relaxed)
         {
             tracing::warn!(
-                "a ReadyForQuery nobody asked for; the backend connection will be closed"
+                "a ReadyForQuery nobody asked for: what the server owes is not known any more"
             );
         }
         // (A ReadyForQuery without a status byte leaves the last one in place.)

@@ -318,13 +318,19 @@ pub fn divergences(direct: &[Transcript], through: &[Transcript]) -> Vec<Diverge
         .collect()
 }
 
-pub fn programs(seed: u64, clients: usize) -> Vec<Program> {
-    (0..clients).map(|c| grammar::program(seed, c)).collect()
+pub fn programs(seed: u64, clients: usize, mode: Mode) -> Vec<Program> {
+    let default_without = match mode {
+        Mode::Session => grammar::SESSION_MODE_DEFAULT_WITHOUT,
+        Mode::Transaction { .. } => grammar::TRANSACTION_MODE_DEFAULT_WITHOUT,
+    };
+    (0..clients)
+        .map(|c| grammar::program(seed, c, default_without))
+        .collect()
 }
 
 /// Runs `seed` once in `mode`; the report of every divergence (empty when none).
 pub async fn check_seed(env: &Env, mode: Mode, seed: u64) -> Vec<(Divergence, Program)> {
-    let programs = programs(seed, CLIENTS);
+    let programs = programs(seed, CLIENTS, mode);
     let (direct, through) = env.run(mode, &programs).await;
     divergences(&direct, &through)
         .into_iter()
@@ -500,7 +506,7 @@ async fn check_and_report(
             let shrunk = shrink(
                 env,
                 mode,
-                programs(seed, CLIENTS),
+                programs(seed, CLIENTS, mode),
                 divergence.client,
                 &divergence.signature,
                 deadline,
@@ -621,7 +627,7 @@ pub async fn replay_steps() {
     let mode = env_var("ROLEGATE_FUZZ_MODES")
         .and_then(|m| m.split(',').next().and_then(Mode::parse))
         .expect("ROLEGATE_FUZZ_MODES");
-    let full = grammar::program(seed, client);
+    let full = programs(seed, client + 1, mode).swap_remove(client);
     let mut wanted = Vec::new();
     for part in env_var("ROLEGATE_FUZZ_STEPS")
         .unwrap_or_default()
