@@ -68,6 +68,20 @@ async fn check(layout: &Layout) -> (bool, String, String) {
     .await
 }
 
+/// Runs every `fix:` line `check` printed in `out` (as the admin, in the database), then
+/// `check` must be clean.
+async fn apply_fixes_then_check_is_clean(layout: &Layout, out: &str) {
+    let admin_db = admin(&layout.database).await;
+    for line in out.lines().filter_map(|l| l.trim().strip_prefix("fix: ")) {
+        admin_db
+            .batch_execute(line)
+            .await
+            .unwrap_or_else(|e| panic!("{line}: {e}"));
+    }
+    let (ok, out, _) = check(layout).await;
+    assert!(ok, "check after the fixes:\n{out}");
+}
+
 async fn serve(layout: Layout) -> Rolegate {
     let config = layout.config.clone();
     Rolegate::launch(layout.dir, layout.port, &config).await
@@ -309,14 +323,7 @@ async fn check_finds_tables_owned_by_someone_else_and_its_fixes_work() {
     );
     assert!(out.contains("account_count()"), "{out}");
     // Apply the printed fixes, then check is clean.
-    for line in out.lines().filter_map(|l| l.trim().strip_prefix("fix: ")) {
-        admin_db
-            .batch_execute(line)
-            .await
-            .unwrap_or_else(|e| panic!("{line}: {e}"));
-    }
-    let (ok, out, _) = check(&layout).await;
-    assert!(ok, "check after the fixes:\n{out}");
+    apply_fixes_then_check_is_clean(&layout, &out).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -464,15 +471,7 @@ async fn check_finds_stale_logins_and_logins_outside_the_owner_role() {
         "{out}"
     );
     assert!(out.contains("the owner role can log in"), "{out}");
-    for line in out.lines().filter_map(|l| l.trim().strip_prefix("fix: ")) {
-        admin(&layout.database)
-            .await
-            .batch_execute(line)
-            .await
-            .unwrap_or_else(|e| panic!("{line}: {e}"));
-    }
-    let (ok, out, _) = check(&layout).await;
-    assert!(ok, "{out}");
+    apply_fixes_then_check_is_clean(&layout, &out).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -890,14 +889,7 @@ async fn setup_converts_a_one_login_deployment_and_check_flags_each_misconfigura
             "only the old login is left: {line}\n{out}"
         );
     }
-    for line in out.lines().filter_map(|l| l.trim().strip_prefix("fix: ")) {
-        admin_db
-            .batch_execute(line)
-            .await
-            .unwrap_or_else(|e| panic!("{line}: {e}"));
-    }
-    let (ok, out, _) = check(&layout).await;
-    assert!(ok, "check after the fixes:\n{out}");
+    apply_fixes_then_check_is_clean(&layout, &out).await;
 
     // The app class role reaches the table made before the conversion.
     let app = format!("{database}_app_login");
@@ -943,14 +935,7 @@ async fn setup_converts_a_one_login_deployment_and_check_flags_each_misconfigura
             "check does not say {expected:?}:\n{out}"
         );
     }
-    for line in out.lines().filter_map(|l| l.trim().strip_prefix("fix: ")) {
-        admin_db
-            .batch_execute(line)
-            .await
-            .unwrap_or_else(|e| panic!("{line}: {e}"));
-    }
-    let (ok, out, _) = check(&layout).await;
-    assert!(ok, "check after the fixes:\n{out}");
+    apply_fixes_then_check_is_clean(&layout, &out).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
