@@ -124,6 +124,9 @@ pub struct BackendSession {
     /// The ParameterStatus messages the client must see, as the server sent them, last
     /// value per name.
     pub parameter_status: Vec<(String, Bytes)>,
+    /// NotificationResponses that arrived while rolegate's own query ran: the client's,
+    /// to pass on.
+    pub notifications: Vec<Bytes>,
 }
 
 /// Where a backend session must stay for its client: the role, and read-only mode for
@@ -197,6 +200,7 @@ pub async fn connect(
         pid: 0,
         secret: 0,
         parameter_status: Vec::new(),
+        notifications: Vec::new(),
     };
     read_until_ready(&mut session).await?;
 
@@ -231,6 +235,13 @@ impl BackendSession {
         let mut frame = BytesMut::with_capacity(body.len() + 5);
         wire::put_message(&mut frame, b'S', body);
         self.set_parameter_status(name, frame.freeze());
+    }
+
+    /// Keeps a NotificationResponse (its body) for the client.
+    fn keep_notification(&mut self, body: &[u8]) {
+        let mut frame = BytesMut::with_capacity(body.len() + 5);
+        wire::put_message(&mut frame, b'A', body);
+        self.notifications.push(frame.freeze());
     }
 
     /// Runs rolegate's own query and checks its answer strictly: exactly one result set
@@ -276,7 +287,8 @@ impl BackendSession {
                 }
                 b'S' => self.parameter_status_body(&body),
                 b'E' => error = Some(wire::error_fields(&body)),
-                b'C' | b'N' | b'A' => {}
+                b'A' => self.keep_notification(&body),
+                b'C' | b'N' => {}
                 b'Z' => {
                     return match error {
                         Some(fields) => Err(BackendError::Server(fields)),
@@ -441,6 +453,7 @@ async fn read_until_ready(
                 session.secret = body.get_i32();
             }
             b'E' => error = Some(wire::error_fields(&body)),
+            b'A' => session.keep_notification(&body),
             b'D' => rows.push(data_row(&body).ok_or(WireError::Malformed("DataRow"))?),
             b'Z' => {
                 return match error {

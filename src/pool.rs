@@ -336,6 +336,8 @@ impl Pool {
     }
 
     fn give_back(&self, mut conn: ServerConn, reusable: bool) {
+        // (Notifications kept during rolegate's own queries were its last client's.)
+        conn.session.notifications.clear();
         self.stats.backends_active.dec();
         let login = self.credentials.current();
         if reusable && conn.login.as_ref() == login.user && conn.opened.elapsed() < self.lifetime {

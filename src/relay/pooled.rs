@@ -1021,7 +1021,14 @@ pub async fn run(client: PooledClient<'_>, ctx: &RelayContext<'_>) -> (RelayStat
             // session has.
             let check_pins = matches!(outcome, RelayEnd::Released)
                 && std::mem::take(&mut lease_state(&shared).pin_check);
-            if check_pins && !lease.conn().nothing_pinned().await {
+            let still_pinned = check_pins && !lease.conn().nothing_pinned().await;
+            if pass_notifications(lease.conn(), &mut client_w)
+                .await
+                .is_err()
+            {
+                break RelayEnd::ClientClosed;
+            }
+            if still_pinned {
                 let mut state = lease_state(&shared);
                 if !state.pinned {
                     state.pinned = true;
@@ -1035,7 +1042,14 @@ pub async fn run(client: PooledClient<'_>, ctx: &RelayContext<'_>) -> (RelayStat
             // Idle, pinned, and the client sent something that may have undone its pins:
             // the server says whether anything is left.
             lease_state(&shared).unpin_candidate = false;
-            if lease.conn().nothing_pinned().await {
+            let unpinned = lease.conn().nothing_pinned().await;
+            if pass_notifications(lease.conn(), &mut client_w)
+                .await
+                .is_err()
+            {
+                break RelayEnd::ClientClosed;
+            }
+            if unpinned {
                 lease_state(&shared).pinned = false;
                 pool.stats.clients_pinned.dec();
                 break outcome;
@@ -1212,6 +1226,20 @@ impl Downstream {
         shared.unsynced.store(false, Ordering::Relaxed);
         shared.ambiguous.store(false, Ordering::Relaxed);
     }
+}
+
+/// Notifications that came while rolegate asked the server something are the client's.
+async fn pass_notifications<W: AsyncWrite + Unpin>(
+    conn: &mut crate::pool::ServerConn,
+    client_w: &mut W,
+) -> std::io::Result<()> {
+    if conn.session.notifications.is_empty() {
+        return Ok(());
+    }
+    for frame in std::mem::take(&mut conn.session.notifications) {
+        client_w.write_all(&frame).await?;
+    }
+    client_w.flush().await
 }
 
 /// Relays between the client and its leased backend session until the session can go
