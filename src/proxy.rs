@@ -332,7 +332,9 @@ impl CancelKeys {
     /// A key for a client in transaction mode: no backend process stands for it, so
     /// the process id is rolegate's own too; the slot follows the client's leases.
     pub fn register_pooled(self: &Arc<Self>) -> CancelKeyGuard {
-        let pid = rand::thread_rng().gen_range(1..i32::MAX);
+        // Above Linux's largest process id (2^22), so it never names a real backend
+        // process a client could signal.
+        let pid = rand::thread_rng().gen_range((1 << 22) + 1..i32::MAX);
         self.register_slot(pid, None)
     }
 
