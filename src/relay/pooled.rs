@@ -49,8 +49,8 @@ pub struct LeaseState {
     sequences: bool,
     /// The random seed was set: it is set again to a value of rolegate's before lending.
     seed: bool,
-    /// The client's name for each server-side statement name it used in this lease, so
-    /// that the server's errors name the client's statement.
+    /// The client's name for each server-side statement name it used, so that the
+    /// server's errors name the client's statement (kept from lease to lease).
     client_names: HashMap<Bytes, Vec<u8>>,
     /// Client statements whose Close did not run: back in the client's view.
     reopened: Vec<(Vec<u8>, ClientStatement)>,
@@ -236,6 +236,25 @@ pub(super) fn record_parameter_status(lease: &std::sync::Mutex<LeaseState>, fram
     // A setting changed, maybe where rolegate does not look (inside a function): the
     // server says which settings the client has now when the lease ends.
     lease.settings_dirty = true;
+}
+
+/// Remembers the client's name for a server-side name (no allocation when known).
+fn note_client_name(lease: &mut LeaseState, server_name: &Bytes, name: &[u8]) {
+    if lease
+        .client_names
+        .get(server_name.as_ref())
+        .map(Vec::as_slice)
+        == Some(name)
+    {
+        return;
+    }
+    // (Bounded: stale names of earlier settings contexts go now and then.)
+    if lease.client_names.len() >= 4096 {
+        lease.client_names.clear();
+    }
+    lease
+        .client_names
+        .insert(server_name.clone(), name.to_vec());
 }
 
 /// An ErrorResponse that names a statement by rolegate's server-side name (`prepared
@@ -524,7 +543,7 @@ impl Upstream<'_> {
         }
         let context = self.parse_context(&lease);
         let server_name = crate::pool::statement_name(&statement.text_and_tail, context);
-        lease.client_names.insert(server_name.clone(), name.clone());
+        note_client_name(&mut lease, &server_name, &name);
         let mut out = BytesMut::new();
         if lease.prepared.contains(&server_name) {
             put_close_statement(&mut out, NO_STATEMENT);
@@ -674,9 +693,7 @@ impl Upstream<'_> {
             } else {
                 crate::pool::statement_name(&statement.text_and_tail, context)
             };
-            lease
-                .client_names
-                .insert(server_name.clone(), name.to_vec());
+            note_client_name(&mut lease, &server_name, name);
             if !lease.prepared.contains(&server_name) {
                 self.prepare_on_server(
                     shared,
@@ -991,10 +1008,14 @@ pub async fn run(client: PooledClient<'_>, ctx: &RelayContext<'_>) -> (RelayStat
                 continue;
             }
         }
-        *lease_state(&shared) = LeaseState {
-            prepared: std::mem::take(&mut lease.conn().prepared),
-            ..LeaseState::default()
-        };
+        {
+            let mut state = lease_state(&shared);
+            *state = LeaseState {
+                prepared: std::mem::take(&mut lease.conn().prepared),
+                client_names: std::mem::take(&mut state.client_names),
+                ..LeaseState::default()
+            };
+        }
         if let Some(sql) = lease.conn().take_leftovers(client_id) {
             up.queue_own_query(&sql, &shared);
         }
@@ -1059,6 +1080,7 @@ pub async fn run(client: PooledClient<'_>, ctx: &RelayContext<'_>) -> (RelayStat
         // No cancel of this client's may reach the backend session's next client.
         cancel.clear().await;
         let mut state = std::mem::take(&mut *lease_state(&shared));
+        lease_state(&shared).client_names = std::mem::take(&mut state.client_names);
         // (Parses and Closes still unanswered when the backend session was lost never
         // ran either.)
         let mut unparsed = std::mem::take(&mut state.unparsed);
