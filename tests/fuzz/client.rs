@@ -258,7 +258,6 @@ fn encode(msg: &Msg, keys: &[i64; 4], out: &mut BytesMut) {
 
 /// Logs in with SCRAM-SHA-256 and reads up to the first ReadyForQuery.
 async fn login(target: &Target) -> Result<Conn, String> {
-    use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
     let mut stream = TcpStream::connect(("127.0.0.1", target.port))
         .await
         .map_err(|e| format!("connect: {e}"))?;
@@ -272,7 +271,7 @@ async fn login(target: &Target) -> Result<Conn, String> {
         .write_all(&out)
         .await
         .map_err(|e| format!("startup: {e}"))?;
-    let mut scram = None::<ScramSha256>;
+    let mut scram = None;
     let mut conn = Conn {
         stream,
         pid: 0,
@@ -287,35 +286,12 @@ async fn login(target: &Target) -> Result<Conn, String> {
         };
         let mut out = BytesMut::new();
         match tag {
-            b'R' => {
-                let mut at = 0;
-                let code = i32_at(&body, &mut at);
-                let data = &body[4.min(body.len())..];
-                match code {
-                    0 => {}
-                    10 => {
-                        let s = ScramSha256::new(
-                            target.password.as_bytes(),
-                            ChannelBinding::unsupported(),
-                        );
-                        let mut payload = b"SCRAM-SHA-256\0".to_vec();
-                        payload.extend_from_slice(&(s.message().len() as i32).to_be_bytes());
-                        payload.extend_from_slice(s.message());
-                        rolegate::wire::put_message(&mut out, b'p', &payload);
-                        scram = Some(s);
-                    }
-                    11 | 12 => {
-                        let s = scram.as_mut().ok_or("SCRAM out of order")?;
-                        if code == 11 {
-                            s.update(data).map_err(|e| format!("SCRAM: {e}"))?;
-                            rolegate::wire::put_message(&mut out, b'p', s.message());
-                        } else {
-                            s.finish(data).map_err(|e| format!("SCRAM: {e}"))?;
-                        }
-                    }
-                    other => return Err(format!("unexpected authentication request {other}")),
-                }
-            }
+            b'R' => crate::support::answer_authentication(
+                &body,
+                &target.password,
+                &mut scram,
+                &mut out,
+            )?,
             b'K' => {
                 let mut at = 0;
                 conn.pid = i32_at(&body, &mut at);

@@ -604,40 +604,18 @@ impl RawClient {
 
     /// Connects and logs in with SCRAM-SHA-256; panics on failure.
     pub async fn login(port: u16, user: &str, password: &str, database: &str) -> RawClient {
-        use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
         let mut client = RawClient::connect(port).await;
         let mut out = bytes::BytesMut::new();
         rolegate::wire::put_startup(&mut out, &[("user", user), ("database", database)]);
         client.send(&out).await;
-        let mut scram = None::<ScramSha256>;
+        let mut scram = None;
         loop {
             let (tag, body) = client.read().await.expect("login: connection closed");
             match tag {
                 b'R' => {
-                    let code = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
-                    let data = &body[4..];
                     let mut out = bytes::BytesMut::new();
-                    match code {
-                        0 => {}
-                        10 => {
-                            let s = ScramSha256::new(
-                                password.as_bytes(),
-                                ChannelBinding::unsupported(),
-                            );
-                            let mut payload = b"SCRAM-SHA-256\0".to_vec();
-                            payload.extend_from_slice(&(s.message().len() as i32).to_be_bytes());
-                            payload.extend_from_slice(s.message());
-                            rolegate::wire::put_message(&mut out, b'p', &payload);
-                            scram = Some(s);
-                        }
-                        11 => {
-                            let s = scram.as_mut().unwrap();
-                            s.update(data).unwrap();
-                            rolegate::wire::put_message(&mut out, b'p', s.message());
-                        }
-                        12 => scram.as_mut().unwrap().finish(data).unwrap(),
-                        other => panic!("unexpected auth request {other}"),
-                    }
+                    answer_authentication(&body, password, &mut scram, &mut out)
+                        .unwrap_or_else(|e| panic!("login: {e}"));
                     if !out.is_empty() {
                         client.send(&out).await;
                     }
@@ -698,6 +676,44 @@ impl RawClient {
         }
         (tags, errors)
     }
+}
+
+/// The client's side of one Authentication request (`body`): SCRAM-SHA-256 with
+/// `password`, its state kept in `scram`; what to send goes into `out`.
+pub fn answer_authentication(
+    body: &[u8],
+    password: &str,
+    scram: &mut Option<postgres_protocol::authentication::sasl::ScramSha256>,
+    out: &mut bytes::BytesMut,
+) -> Result<(), String> {
+    use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+    let code = body
+        .get(..4)
+        .map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        .ok_or("short Authentication message")?;
+    let data = &body[4..];
+    match code {
+        0 => {}
+        10 => {
+            let s = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
+            let mut payload = b"SCRAM-SHA-256\0".to_vec();
+            payload.extend_from_slice(&(s.message().len() as i32).to_be_bytes());
+            payload.extend_from_slice(s.message());
+            rolegate::wire::put_message(out, b'p', &payload);
+            *scram = Some(s);
+        }
+        11 => {
+            let s = scram.as_mut().ok_or("SCRAM out of order")?;
+            s.update(data).map_err(|e| format!("SCRAM: {e}"))?;
+            rolegate::wire::put_message(out, b'p', s.message());
+        }
+        12 => {
+            let s = scram.as_mut().ok_or("SCRAM out of order")?;
+            s.finish(data).map_err(|e| format!("SCRAM: {e}"))?;
+        }
+        other => return Err(format!("unexpected authentication request {other}")),
+    }
+    Ok(())
 }
 
 /// Parse of statement `name` (no parameter types).
