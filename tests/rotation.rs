@@ -159,22 +159,7 @@ async fn three_rotations_under_load_lose_no_query() {
                 .expect("long-lived session within the drain");
         }
     }
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut failures = Vec::new();
-    for w in workers {
-        failures.extend(w.await.unwrap());
-    }
-    assert!(
-        failures.is_empty(),
-        "{} failed queries: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(5)]
-    );
-    assert!(
-        done.load(Ordering::Relaxed) > 100,
-        "the workers did too little to prove anything"
-    );
+    stop_workers_without_failures(&stop, workers, &done, 100).await;
     seen_logins.dedup();
     assert_eq!(
         seen_logins.len(),
@@ -656,22 +641,7 @@ async fn rotate_every_class_login_under_load(pool: &str) {
         assert!(out.contains("\"rotations\""), "{out}");
         seen.push(logins().await);
     }
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut failures = Vec::new();
-    for w in workers {
-        failures.extend(w.await.unwrap());
-    }
-    assert!(
-        failures.is_empty(),
-        "{} failed queries: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(5)]
-    );
-    assert!(
-        done.load(Ordering::Relaxed) > 50,
-        "too little work to prove anything"
-    );
+    stop_workers_without_failures(&stop, workers, &done, 50).await;
     for i in 0..3 {
         let mut names: Vec<_> = seen.iter().map(|s| s[i].0.clone()).collect();
         names.dedup();
@@ -735,4 +705,30 @@ async fn rotate_every_class_login_under_load(pool: &str) {
     .await;
     assert!(ok, "check after the rotations:\n{out}{err}");
     assert!(!rg.log_text().contains(&rotator_password));
+}
+
+/// Lets the workers run 700 ms more, stops them; none of their queries may have failed,
+/// and together they must have run more than `at_least` to prove anything.
+async fn stop_workers_without_failures<F: std::fmt::Debug>(
+    stop: &AtomicBool,
+    workers: Vec<tokio::task::JoinHandle<Vec<F>>>,
+    done: &AtomicU64,
+    at_least: u64,
+) {
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut failures = Vec::new();
+    for w in workers {
+        failures.extend(w.await.unwrap());
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failed queries: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(
+        done.load(Ordering::Relaxed) > at_least,
+        "the workers did too little to prove anything"
+    );
 }
