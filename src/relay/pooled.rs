@@ -154,9 +154,14 @@ impl ClientStatements {
     }
 
     fn remove(&mut self, name: &[u8]) {
-        if let Some(old) = self.named.remove(name) {
-            self.account(-((name.len() + old.text_and_tail.len()) as i64));
-        }
+        self.take(name);
+    }
+
+    /// Removes a statement from the view and gives it back.
+    fn take(&mut self, name: &[u8]) -> Option<ClientStatement> {
+        let old = self.named.remove(name)?;
+        self.account(-((name.len() + old.text_and_tail.len()) as i64));
+        Some(old)
     }
 
     fn clear(&mut self) {
@@ -753,8 +758,7 @@ impl Upstream<'_> {
         };
         match statement {
             Some(name) if !name.is_empty() => {
-                if let Some(closed) = statements.named.remove(&name) {
-                    statements.account(-((name.len() + closed.text_and_tail.len()) as i64));
+                if let Some(closed) = statements.take(&name) {
                     if let Some(last) = lease_state(shared).fixups.back_mut() {
                         last.reopens = Some((name, closed));
                     }
