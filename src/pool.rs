@@ -22,8 +22,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::backend::{self, BackendError, BackendSession, BackendTarget, SessionRole};
 use crate::config::PoolConfig;
-use crate::credentials::CredentialStore;
-use crate::metrics::{Metrics, PoolLabel};
+use crate::credentials::{CredentialStore, LoginCredential};
+use crate::metrics::{LatencyHistogram, Metrics, PoolLabel};
 use crate::sql::quote_literal;
 use crate::wire;
 
@@ -139,6 +139,9 @@ pub struct PoolStats {
     pub prepares: Counter,
     pub resets: Counter,
     pub client_statement_bytes: Gauge,
+    pub transaction_seconds: LatencyHistogram,
+    pub checkout_wait_seconds: LatencyHistogram,
+    pub backend_connect_seconds: LatencyHistogram,
     /// `rolegate_backend_connections`, shared with session mode.
     backends_open: Gauge,
 }
@@ -159,6 +162,9 @@ impl PoolStats {
             prepares: p.prepares.get_or_create(label).clone(),
             resets: p.resets.get_or_create(label).clone(),
             client_statement_bytes: p.client_statement_bytes.get_or_create(label).clone(),
+            transaction_seconds: p.transaction_seconds.get_or_create(label).clone(),
+            checkout_wait_seconds: p.checkout_wait_seconds.get_or_create(label).clone(),
+            backend_connect_seconds: p.backend_connect_seconds.get_or_create(label).clone(),
             backends_open: metrics.backend_connections.clone(),
         }
     }
@@ -258,6 +264,7 @@ impl Pool {
     /// A backend session for one transaction: an idle one of the current login, or a
     /// new one. Waits (first come, first served) at most `checkout_timeout`.
     pub async fn checkout(self: &Arc<Self>) -> Result<Lease, CheckoutError> {
+        let started = Instant::now();
         let permit = match self.permits.clone().try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => self.wait_for_permit().await?,
@@ -270,6 +277,7 @@ impl Pool {
             self.stats.backends_idle.dec();
             if conn.login.as_ref() == login.user && conn.is_alive() {
                 self.stats.backends_active.inc();
+                self.stats.checkout_wait_seconds.observe(started.elapsed());
                 return Ok(Lease {
                     conn: Some(conn),
                     pool: self.clone(),
@@ -281,15 +289,27 @@ impl Pool {
             self.close(conn);
         }
         let opening = GaugeGuard::inc(&self.stats.backends_opening);
-        let opened = backend::connect(&self.target, &login, &[], self.role()).await;
+        let opened = self.connect(&login).await;
         drop(opening);
         let session = opened?;
         self.stats.backends_active.inc();
+        self.stats.checkout_wait_seconds.observe(started.elapsed());
         Ok(Lease {
             conn: Some(self.open(session, &login.user)),
             pool: self.clone(),
             _permit: permit,
         })
+    }
+
+    async fn connect(&self, login: &LoginCredential) -> Result<BackendSession, BackendError> {
+        let started = Instant::now();
+        let opened = backend::connect(&self.target, login, &[], self.role()).await;
+        if opened.is_ok() {
+            self.stats
+                .backend_connect_seconds
+                .observe(started.elapsed());
+        }
+        opened
     }
 
     async fn wait_for_permit(&self) -> Result<OwnedSemaphorePermit, CheckoutError> {
@@ -387,7 +407,7 @@ impl Pool {
                 return;
             };
             let login = self.credentials.current();
-            match backend::connect(&self.target, &login, &[], self.role()).await {
+            match self.connect(&login).await {
                 Ok(session) => {
                     let conn = self.open(session, &login.user);
                     self.idle().push(conn);

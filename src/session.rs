@@ -11,10 +11,10 @@ use tokio::net::TcpStream;
 
 use crate::backend::{self, BackendError, BackendSession, SessionRole};
 use crate::config::{ClientClass, PoolMode};
-use crate::metrics::ClassLabel;
+use crate::metrics::{ClassLabel, PoolLabel};
 use crate::policy::fastpath::{self, LargeObjectFunctions};
 use crate::policy::Requester;
-use crate::pool::CheckoutError;
+use crate::pool::{CheckoutError, PoolKey};
 use crate::proxy::{CancelTarget, Proxy};
 use crate::relay::pooled::PooledClient;
 use crate::relay::{self, RelayContext};
@@ -176,6 +176,7 @@ async fn serve(
         role: &role_name,
         read_only,
     };
+    let connecting = Instant::now();
     let mut attempt = backend::connect(&proxy.backend, &login, &params, role).await;
     if attempt.is_err() {
         // A rotation may have swapped (and disabled or dropped) the login while this
@@ -185,6 +186,19 @@ async fn serve(
             login = current;
             attempt = backend::connect(&proxy.backend, &login, &params, role).await;
         }
+    }
+    if attempt.is_ok() {
+        let pool = PoolKey {
+            role: role_name.clone(),
+            read_only,
+        };
+        let label = PoolLabel { pool: pool.label() };
+        proxy
+            .metrics
+            .pool
+            .backend_connect_seconds
+            .get_or_create(&label)
+            .observe(connecting.elapsed());
     }
     let attempt = match attempt {
         Ok(mut backend) => match large_object_functions(proxy, &mut backend).await {

@@ -76,10 +76,126 @@ async fn metrics_health_and_status_move_with_the_traffic() {
         ) > 0.0
     );
 
+    // Session mode times its backend logins too, labelled like a transaction-mode pool.
+    let connects: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("rolegate_pool_backend_connect_seconds_count{pool="))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(connects, 1.0, "{text}");
+
     let (_, status_json) = http_get(admin_port, "/status").await;
     let status: serde_json::Value = serde_json::from_str(&status_json).unwrap();
     assert_eq!(status["login_role"], db.login.as_str());
     assert!(!status_json.contains(LOGIN_PASSWORD));
+    drop(web);
+}
+
+/// The series names a Prometheus query can use for each family rolegate exports, read
+/// off `# TYPE` lines: a counter's samples end in `_total`, a histogram's in `_bucket`,
+/// `_sum` and `_count`.
+fn exported_series(text: &str) -> std::collections::BTreeMap<String, String> {
+    let mut series = std::collections::BTreeMap::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("# TYPE ") else {
+            continue;
+        };
+        let (family, kind) = rest.split_once(' ').unwrap();
+        let names: Vec<String> = match kind {
+            "counter" => vec![format!("{family}_total")],
+            "histogram" => ["bucket", "sum", "count"]
+                .iter()
+                .map(|suffix| format!("{family}_{suffix}"))
+                .collect(),
+            _ => vec![family.to_owned()],
+        };
+        for name in names {
+            series.insert(name, family.to_owned());
+        }
+    }
+    series
+}
+
+/// Every `rolegate_…` name in a PromQL text.
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = expr;
+    while let Some(at) = rest.find("rolegate_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        names.push(tail[..end].to_owned());
+        rest = &tail[end..];
+    }
+    names
+}
+
+/// deploy/grafana/rolegate.json: every query (panels and variables) names a series a
+/// transaction-mode rolegate really exports, and every family it exports has a panel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grafana_dashboard_queries_only_metrics_rolegate_exports() {
+    let db = TestDb::create("dashboard").await;
+    let (rg, admin_port) = with_admin(&db, "[pool]\nmode = \"transaction\"\nsize = 2\n").await;
+    let web = rg.client("web", &db).await;
+    web.query_one("SELECT 1", &[]).await.unwrap();
+    let (_, text) = http_get(admin_port, "/metrics").await;
+    let exported = exported_series(&text);
+    // The histograms are there with samples, not only declared.
+    for histogram in [
+        "transaction_seconds",
+        "checkout_wait_seconds",
+        "backend_connect_seconds",
+    ] {
+        let count = format!("rolegate_pool_{histogram}_count{{pool=");
+        assert!(
+            text.lines().any(|l| l.starts_with(&count)),
+            "{count}\n{text}"
+        );
+    }
+
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/grafana/rolegate.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut queries = Vec::new();
+    let mut ids = std::collections::BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        assert!(
+            ids.insert(panel["id"].as_u64().unwrap()),
+            "duplicate id {panel}"
+        );
+        if panel["type"] == "row" {
+            continue;
+        }
+        let targets = panel["targets"].as_array().unwrap();
+        assert!(!targets.is_empty(), "{}", panel["title"]);
+        for target in targets {
+            assert_eq!(target["datasource"]["uid"], "${datasource}", "{target}");
+            queries.push(target["expr"].as_str().unwrap().to_owned());
+        }
+    }
+    for variable in dashboard["templating"]["list"].as_array().unwrap() {
+        if let Some(query) = variable["query"]["query"].as_str() {
+            queries.push(query.to_owned());
+        }
+    }
+    let mut shown = std::collections::BTreeSet::new();
+    for query in &queries {
+        let names = metric_names(query);
+        assert!(
+            !names.is_empty(),
+            "a query without a rolegate metric: {query}"
+        );
+        for name in names {
+            let family = exported
+                .get(&name)
+                .unwrap_or_else(|| panic!("{name} (in {query}) is not exported:\n{text}"));
+            shown.insert(family.clone());
+        }
+    }
+    let families: std::collections::BTreeSet<_> = exported.values().cloned().collect();
+    let missing: Vec<_> = families.difference(&shown).collect();
+    assert!(missing.is_empty(), "no panel shows {missing:?}");
     drop(web);
 }
 

@@ -139,6 +139,23 @@ async fn many_clients_share_few_backends_and_keep_their_own_state() {
         &format!("rolegate_pool_checkouts_total{{pool=\"{owner}\"}}"),
     );
     assert!(checkouts > 16.0 * 15.0, "{checkouts} checkouts\n{text}");
+    // Every checkout was timed, and so was every transaction: each checkout but the one
+    // that greeted each of the 16 clients of this pool lent a backend for one transaction
+    // (no client pins here).
+    let series = |name: &str| format!("rolegate_pool_{name}{{pool=\"{owner}\"}}");
+    let waits = metric(&text, &series("checkout_wait_seconds_count"));
+    assert_eq!(waits, checkouts, "{text}");
+    let transactions = metric(&text, &series("transaction_seconds_count"));
+    assert_eq!(transactions, checkouts - 16.0, "{text}");
+    let slowest_bucket =
+        format!("rolegate_pool_transaction_seconds_bucket{{le=\"+Inf\",pool=\"{owner}\"}}");
+    assert_eq!(metric(&text, &slowest_bucket), transactions, "{text}");
+    let spent = metric(&text, &series("transaction_seconds_sum"));
+    assert!(spent > 0.0 && spent < transactions * 5.0, "{spent}\n{text}");
+    // The pool's logins, each timed (a backend closed by its client's leaving is
+    // replaced, so a few more than the pool's 3).
+    let connects = metric(&text, &series("backend_connect_seconds_count"));
+    assert!((1.0..=8.0).contains(&connects), "{connects}\n{text}");
     // Each client prepared its two statements; backends lacking them got them on demand.
     let prepares = metric(
         &text,

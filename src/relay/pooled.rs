@@ -10,6 +10,7 @@
 //! recorded message that got no reply by the batch's ReadyForQuery did not run.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::time::Instant;
 
 use super::*;
 use crate::policy::SessionEffects;
@@ -965,6 +966,8 @@ pub async fn run(client: PooledClient<'_>, ctx: &RelayContext<'_>) -> (RelayStat
         if up.buf.first() == Some(&b'X') {
             break RelayEnd::ClientClosed;
         }
+        // The transaction starts, as the client sees it, with its first message.
+        let started = Instant::now();
         let checkout = tokio::select! {
             lease = pool.checkout() => lease,
             end = &mut closing => break 'session end,
@@ -1081,6 +1084,7 @@ pub async fn run(client: PooledClient<'_>, ctx: &RelayContext<'_>) -> (RelayStat
             }
         };
         pool.stats.clients_active.dec();
+        pool.stats.transaction_seconds.observe(started.elapsed());
         // No cancel of this client's may reach the backend session's next client.
         cancel.clear().await;
         let mut state = std::mem::take(&mut *lease_state(&shared));
