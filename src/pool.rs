@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use dashmap::DashMap;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -510,6 +510,10 @@ pub struct ServerConn {
     last_client: u64,
     left_sequences: bool,
     left_seed: bool,
+    /// The relay's large read buffers (client side, server side), lent with the session:
+    /// a pool has few backend sessions and may have many idle clients, which then hold
+    /// only a small buffer each (see `relay::pooled::lend_buffers`).
+    pub buffers: (BytesMut, BytesMut),
 }
 
 /// A number for each client, to know when a backend session changes hands.
@@ -530,6 +534,7 @@ impl ServerConn {
             last_client: 0,
             left_sequences: false,
             left_seed: false,
+            buffers: (BytesMut::new(), BytesMut::new()),
         }
     }
 

@@ -32,6 +32,11 @@ pub mod pooled;
 /// Size of the read buffers; a read fills at most what is free in them.
 const READ_CHUNK: usize = 16 * 1024;
 
+/// Size of the buffer an idle client in transaction mode is read into: the first message
+/// of a transaction (most fit), which then moves into the large buffer its backend
+/// session lends it.
+const IDLE_READ: usize = 512;
+
 /// What a session's relay needs to know.
 pub struct RelayContext<'a> {
     pub policy: &'a Policy,
@@ -467,7 +472,7 @@ impl<'a> Upstream<'a> {
     fn new(ctx: &'a RelayContext<'a>) -> Self {
         Upstream {
             ctx,
-            buf: BytesMut::with_capacity(READ_CHUNK),
+            buf: BytesMut::new(),
             out: BytesMut::new(),
             passthrough: 0,
             discard: 0,
@@ -544,8 +549,19 @@ impl<'a> Upstream<'a> {
         client: &mut R,
         shared: &Shared,
     ) -> Result<(), RelayEnd> {
-        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
-            self.buf.reserve(READ_CHUNK);
+        self.read_chunk(client, shared, READ_CHUNK).await
+    }
+
+    /// Reads into `buf`, first growing it by `chunk` if less than a quarter of that is
+    /// free.
+    async fn read_chunk<R: AsyncRead + Unpin>(
+        &mut self,
+        client: &mut R,
+        shared: &Shared,
+        chunk: usize,
+    ) -> Result<(), RelayEnd> {
+        if self.buf.capacity() - self.buf.len() < chunk / 4 {
+            self.buf.reserve(chunk);
         }
         match client.read_buf(&mut self.buf).await {
             Ok(0) => Err(RelayEnd::ClientClosed),

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use super::*;
 use crate::policy::SessionEffects;
-use crate::pool::{Lease, Pool, PreparedOnServer};
+use crate::pool::{Lease, Pool, PreparedOnServer, ServerConn};
 use crate::proxy::{CancelSlot, CancelTarget};
 
 const LOST: &str = "rolegate: the backend connection was lost; the transaction did not complete";
@@ -925,6 +925,50 @@ pub struct PooledClient<'a> {
     pub client_id: u64,
 }
 
+/// The large read buffers go with the backend session (a pool has few, it may have many
+/// idle clients): a lease starts with the bytes the client's small idle buffer holds moved
+/// into the session's client-side buffer, and with its server-side one.
+fn lend_buffers(up: &mut Upstream<'_>, down: &mut Downstream, conn: &mut ServerConn) {
+    let (client_side, server_side) = &mut conn.buffers;
+    if client_side.capacity() > up.buf.len() {
+        client_side.clear();
+        client_side.extend_from_slice(&up.buf);
+        up.buf.clear();
+        std::mem::swap(&mut up.buf, client_side);
+    }
+    if down.buf.is_empty() {
+        std::mem::swap(&mut down.buf, server_side);
+    }
+}
+
+/// At the end of a lease the large buffers go back with the backend session, unless one
+/// still holds bytes (of the client's next transaction): that one stays with the client.
+fn return_buffers(up: &mut Upstream<'_>, down: &mut Downstream, conn: &mut ServerConn) {
+    let (client_side, server_side) = &mut conn.buffers;
+    if up.buf.is_empty() {
+        std::mem::swap(&mut up.buf, client_side);
+    }
+    if down.buf.is_empty() {
+        std::mem::swap(&mut down.buf, server_side);
+    }
+}
+
+/// What an idle client holds: a read buffer of `IDLE_READ` bytes, no more (a large one
+/// stays with it only when its lease ended without giving it back).
+fn keep_idle_buffers_small(up: &mut Upstream<'_>, down: &mut Downstream) {
+    if up.buf.is_empty() && up.buf.capacity() > IDLE_READ {
+        up.buf = BytesMut::new();
+    }
+    if down.buf.is_empty() && down.buf.capacity() > 0 {
+        down.buf = BytesMut::new();
+    }
+    for out in [&mut up.out, &mut down.out] {
+        if out.is_empty() && out.capacity() > IDLE_READ {
+            *out = BytesMut::new();
+        }
+    }
+}
+
 /// Relays one client in transaction mode until it leaves.
 pub async fn run(client: PooledClient<'_>, ctx: &RelayContext<'_>) -> (RelayStats, RelayEnd) {
     let PooledClient {
@@ -945,10 +989,11 @@ pub async fn run(client: PooledClient<'_>, ctx: &RelayContext<'_>) -> (RelayStat
     let mut closing = PollWhenWoken::new(shared.closing(ctx.shutdown.clone(), ctx.idle_timeout));
     let end = 'session: loop {
         // No backend session: wait for the client. What needs none is answered here.
+        keep_idle_buffers_small(&mut up, &mut down);
         loop {
             while up.buf.is_empty() {
                 tokio::select! {
-                    read = up.read(&mut client_r, &shared) => {
+                    read = up.read_chunk(&mut client_r, &shared, IDLE_READ) => {
                         if let Err(end) = read {
                             break 'session end;
                         }
@@ -966,254 +1011,24 @@ pub async fn run(client: PooledClient<'_>, ctx: &RelayContext<'_>) -> (RelayStat
         if up.buf.first() == Some(&b'X') {
             break RelayEnd::ClientClosed;
         }
-        // The transaction starts, as the client sees it, with its first message.
-        let started = Instant::now();
-        let checkout = tokio::select! {
-            lease = pool.checkout() => lease,
-            end = &mut closing => break 'session end,
+        let mut turn = LeaseTurn {
+            pool,
+            up: &mut up,
+            down: &mut down,
+            client_r: &mut client_r,
+            client_w: &mut client_w,
+            shared: &shared,
+            closing: &mut closing,
+            settings: &mut settings,
+            cancel,
+            backend_addr: &backend_addr,
+            client_id,
         };
-        let mut lease = match checkout {
-            Ok(lease) => lease,
-            Err(e) => {
-                tracing::warn!(pool = pool.key.label(), error = %e, "no backend connection for a client");
-                let (code, message) = match e {
-                    crate::pool::CheckoutError::Timeout(_) => {
-                        ("53300", format!("rolegate: {e}; nothing was run"))
-                    }
-                    crate::pool::CheckoutError::Backend(_) => ("08006", format!("rolegate: {e}")),
-                };
-                if let Err(end) = up
-                    .answer_without_backend(&mut client_r, &mut client_w, &shared, code, &message)
-                    .await
-                {
-                    break end;
-                }
-                continue;
-            }
-        };
-        match lease.conn().apply_settings(&settings).await {
-            Ok(true) => {
-                pool.stats.resets.inc();
-            }
-            Ok(false) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, "could not give a backend connection the client's settings");
-                drop(lease);
-                let message = format!("rolegate: could not apply the session's settings: {e}");
-                if let Err(end) = up
-                    .answer_without_backend(
-                        &mut client_r,
-                        &mut client_w,
-                        &shared,
-                        "08006",
-                        &message,
-                    )
-                    .await
-                {
-                    break end;
-                }
-                continue;
-            }
-        }
-        {
-            let mut state = lease_state(&shared);
-            *state = LeaseState {
-                prepared: std::mem::take(&mut lease.conn().prepared),
-                client_names: std::mem::take(&mut state.client_names),
-                ..LeaseState::default()
-            };
-        }
-        if let Some(sql) = lease.conn().take_leftovers(client_id) {
-            up.queue_own_query(&sql, &shared);
-        }
-        let conn = lease.conn();
-        cancel.set(Some(CancelTarget {
-            addr: backend_addr.clone(),
-            pid: conn.session.pid,
-            secret: conn.session.secret,
-        }));
-        pool.stats.clients_active.inc();
-        let outcome = loop {
-            let outcome = relay_lease(
-                &mut up,
-                &mut down,
-                &mut client_r,
-                &mut client_w,
-                &mut lease,
-                &shared,
-                &mut closing,
-            )
-            .await;
-            // A function rolegate cannot look into may have LISTENed or taken a lock:
-            // the server says whether the client now holds something only this backend
-            // session has.
-            let check_pins = matches!(outcome, RelayEnd::Released)
-                && std::mem::take(&mut lease_state(&shared).pin_check);
-            let still_pinned = check_pins && !lease.conn().nothing_pinned().await;
-            if pass_notifications(lease.conn(), &mut client_w)
-                .await
-                .is_err()
-            {
-                break RelayEnd::ClientClosed;
-            }
-            if still_pinned {
-                let mut state = lease_state(&shared);
-                if !state.pinned {
-                    state.pinned = true;
-                    pool.stats.clients_pinned.inc();
-                }
-                continue;
-            }
-            if !matches!(outcome, RelayEnd::Released) || !lease_state(&shared).pinned {
-                break outcome;
-            }
-            // Idle, pinned, and the client sent something that may have undone its pins:
-            // the server says whether anything is left.
-            lease_state(&shared).unpin_candidate = false;
-            let unpinned = lease.conn().nothing_pinned().await;
-            if pass_notifications(lease.conn(), &mut client_w)
-                .await
-                .is_err()
-            {
-                break RelayEnd::ClientClosed;
-            }
-            if unpinned {
-                lease_state(&shared).pinned = false;
-                pool.stats.clients_pinned.dec();
-                break outcome;
-            }
-        };
-        pool.stats.clients_active.dec();
-        pool.stats.transaction_seconds.observe(started.elapsed());
-        // No cancel of this client's may reach the backend session's next client.
-        cancel.clear().await;
-        let mut state = std::mem::take(&mut *lease_state(&shared));
-        lease_state(&shared).client_names = std::mem::take(&mut state.client_names);
-        // (Parses and Closes still unanswered when the backend session was lost never
-        // ran either.)
-        let mut unparsed = std::mem::take(&mut state.unparsed);
-        let mut reopened = std::mem::take(&mut state.reopened);
-        for fixup in state.fixups.drain(..) {
-            unparsed.extend(fixup.client_name);
-            reopened.extend(fixup.reopens);
-        }
-        up.forget_statements(unparsed, reopened);
-        shared.has_fixups.store(false, Ordering::Relaxed);
-        let conn = lease.conn();
-        conn.prepared = state.prepared;
-        for (name, frame) in state.reported {
-            conn.session.set_parameter_status(name, frame);
-        }
-        if state.pinned {
-            pool.stats.clients_pinned.dec();
-        }
-        let idle = down.may_release_after_end(&shared);
-        if idle && conn.prepared.doubtful() {
-            // What DEALLOCATE ALL / DISCARD ALL left is made certain before anyone else
-            // borrows the session.
-            if conn.session.query("DEALLOCATE ALL").await.is_err() {
-                drop(lease);
-                if matches!(outcome, RelayEnd::Released) {
-                    continue;
-                }
-                break outcome;
-            }
-            conn.prepared = PreparedOnServer::default();
-        }
-        match outcome {
-            RelayEnd::Released => {
-                if state.settings_dirty {
-                    match conn
-                        .read_settings(&pool.key, up.custom_settings(), state.unseen)
-                        .await
-                    {
-                        Ok(now) => {
-                            up.set_parse_context(&now);
-                            settings = now;
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "could not read a backend connection's settings; closed");
-                            continue;
-                        }
-                    }
-                }
-                conn.note_leftovers(
-                    client_id,
-                    state.sequences || state.unseen,
-                    state.seed || state.unseen,
-                );
-                lease.release();
-            }
-            RelayEnd::ClientClosed if idle => {
-                // Pinned state (LISTEN, locks, temporary tables…) is undone before the
-                // backend session serves anyone else.
-                let ready = if state.pinned {
-                    conn.reset_session(&pool.key).await
-                } else {
-                    conn.note_leftovers(
-                        client_id,
-                        state.sequences || state.unseen,
-                        state.seed || state.unseen,
-                    );
-                    if state.settings_dirty {
-                        conn.reset_settings(&pool.key).await
-                    } else {
-                        Ok(())
-                    }
-                };
-                if ready.is_ok() {
-                    lease.release();
-                }
-                break RelayEnd::ClientClosed;
-            }
-            RelayEnd::ServerClosed | RelayEnd::ServerIo(_) | RelayEnd::ServerProtocol(_) => {
-                drop(lease);
-                // (rolegate's own role-restoring query is not the client's to hear about.)
-                let own = shared.own_queries().len() as u64;
-                let outstanding = up
-                    .sync_points
-                    .saturating_sub(down.ready_count)
-                    .saturating_sub(own);
-                let in_transaction = shared.status.load(Ordering::Relaxed) != b'I';
-                if state.pinned || up.mid_batch() || up.has_unsent() || down.passthrough > 0 {
-                    break RelayEnd::BackendLost;
-                }
-                // Only the transaction in flight is lost: the client hears an error for
-                // each Sync or Query it is waiting on, then goes on with a new backend.
-                let mut out = BytesMut::new();
-                for _ in 0..outstanding {
-                    wire::put_error(&mut out, &ErrorFields::error("08006", LOST));
-                    wire::put_ready_for_query(&mut out, b'I');
-                }
-                if client_w.write_all(&out).await.is_err() || client_w.flush().await.is_err() {
-                    break RelayEnd::ClientClosed;
-                }
-                down.forget_backend(&shared, up.sync_points);
-                up.discard_all_in_batch = false;
-                // Lost between two statements of a transaction: the client's next batch
-                // learns it, and runs nothing.
-                if outstanding == 0 && in_transaction {
-                    let waiting = up.buf.is_empty();
-                    if waiting {
-                        if let Err(end) = up.read(&mut client_r, &shared).await {
-                            break end;
-                        }
-                    }
-                    if let Err(end) = up
-                        .answer_without_backend(
-                            &mut client_r,
-                            &mut client_w,
-                            &shared,
-                            "08006",
-                            LOST,
-                        )
-                        .await
-                    {
-                        break end;
-                    }
-                }
-            }
-            other => break other,
+        // (Boxed in a statement of its own: a future built in the awaiting statement
+        // would still take room in this one's.)
+        let lease = Box::pin(one_lease(&mut turn));
+        if let Some(end) = lease.await {
+            break end;
         }
     };
     tell_client_why(&end, &mut client_w).await;
@@ -1224,6 +1039,279 @@ pub async fn run(client: PooledClient<'_>, ctx: &RelayContext<'_>) -> (RelayStat
         refused: up.refused,
     };
     (stats, end)
+}
+
+/// What one lease of a client's needs from its session (see `one_lease`).
+struct LeaseTurn<'a, 'c, F> {
+    pool: &'a std::sync::Arc<Pool>,
+    up: &'a mut Upstream<'c>,
+    down: &'a mut Downstream,
+    client_r: &'a mut tokio::io::ReadHalf<MaybeTls>,
+    client_w: &'a mut tokio::io::WriteHalf<MaybeTls>,
+    shared: &'a Shared,
+    closing: &'a mut F,
+    settings: &'a mut BTreeMap<String, String>,
+    cancel: &'a CancelSlot,
+    backend_addr: &'a String,
+    client_id: u64,
+}
+
+/// One transaction (or a pinned client's run of them) from checkout to the backend
+/// session's return. Boxed by its caller: its future is the largest part of a client's,
+/// and only clients with a transaction in flight need it, not the many idle ones.
+/// `None`: the client goes on; `Some`: its session ends so.
+async fn one_lease<F>(t: &mut LeaseTurn<'_, '_, F>) -> Option<RelayEnd>
+where
+    F: std::future::Future<Output = RelayEnd> + Unpin,
+{
+    let LeaseTurn {
+        pool,
+        up,
+        down,
+        client_r,
+        client_w,
+        shared,
+        closing,
+        settings,
+        cancel,
+        backend_addr,
+        client_id,
+    } = t;
+    let (up, down, client_r, client_w, closing, settings) = (
+        &mut **up,
+        &mut **down,
+        &mut **client_r,
+        &mut **client_w,
+        &mut **closing,
+        &mut **settings,
+    );
+    let (shared, client_id) = (*shared, *client_id);
+    // The transaction starts, as the client sees it, with its first message.
+    let started = Instant::now();
+    let checkout = tokio::select! {
+        lease = pool.checkout() => lease,
+        end = &mut *closing => return Some(end),
+    };
+    let mut lease = match checkout {
+        Ok(lease) => lease,
+        Err(e) => {
+            tracing::warn!(pool = pool.key.label(), error = %e, "no backend connection for a client");
+            let (code, message) = match e {
+                crate::pool::CheckoutError::Timeout(_) => {
+                    ("53300", format!("rolegate: {e}; nothing was run"))
+                }
+                crate::pool::CheckoutError::Backend(_) => ("08006", format!("rolegate: {e}")),
+            };
+            if let Err(end) = up
+                .answer_without_backend(client_r, client_w, shared, code, &message)
+                .await
+            {
+                return Some(end);
+            }
+            return None;
+        }
+    };
+    match lease.conn().apply_settings(settings).await {
+        Ok(true) => {
+            pool.stats.resets.inc();
+        }
+        Ok(false) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "could not give a backend connection the client's settings");
+            drop(lease);
+            let message = format!("rolegate: could not apply the session's settings: {e}");
+            if let Err(end) = up
+                .answer_without_backend(client_r, client_w, shared, "08006", &message)
+                .await
+            {
+                return Some(end);
+            }
+            return None;
+        }
+    }
+    {
+        let mut state = lease_state(shared);
+        *state = LeaseState {
+            prepared: std::mem::take(&mut lease.conn().prepared),
+            client_names: std::mem::take(&mut state.client_names),
+            ..LeaseState::default()
+        };
+    }
+    lend_buffers(up, down, lease.conn());
+    if let Some(sql) = lease.conn().take_leftovers(client_id) {
+        up.queue_own_query(&sql, shared);
+    }
+    let conn = lease.conn();
+    cancel.set(Some(CancelTarget {
+        addr: backend_addr.clone(),
+        pid: conn.session.pid,
+        secret: conn.session.secret,
+    }));
+    pool.stats.clients_active.inc();
+    let outcome = loop {
+        let outcome = relay_lease(up, down, client_r, client_w, &mut lease, shared, closing).await;
+        // A function rolegate cannot look into may have LISTENed or taken a lock:
+        // the server says whether the client now holds something only this backend
+        // session has.
+        let check_pins = matches!(outcome, RelayEnd::Released)
+            && std::mem::take(&mut lease_state(shared).pin_check);
+        let still_pinned = check_pins && !lease.conn().nothing_pinned().await;
+        if pass_notifications(lease.conn(), client_w).await.is_err() {
+            break RelayEnd::ClientClosed;
+        }
+        if still_pinned {
+            let mut state = lease_state(shared);
+            if !state.pinned {
+                state.pinned = true;
+                pool.stats.clients_pinned.inc();
+            }
+            continue;
+        }
+        if !matches!(outcome, RelayEnd::Released) || !lease_state(shared).pinned {
+            break outcome;
+        }
+        // Idle, pinned, and the client sent something that may have undone its pins:
+        // the server says whether anything is left.
+        lease_state(shared).unpin_candidate = false;
+        let unpinned = lease.conn().nothing_pinned().await;
+        if pass_notifications(lease.conn(), client_w).await.is_err() {
+            break RelayEnd::ClientClosed;
+        }
+        if unpinned {
+            lease_state(shared).pinned = false;
+            pool.stats.clients_pinned.dec();
+            break outcome;
+        }
+    };
+    pool.stats.clients_active.dec();
+    pool.stats.transaction_seconds.observe(started.elapsed());
+    // No cancel of this client's may reach the backend session's next client.
+    cancel.clear().await;
+    let mut state = std::mem::take(&mut *lease_state(shared));
+    lease_state(shared).client_names = std::mem::take(&mut state.client_names);
+    // (Parses and Closes still unanswered when the backend session was lost never
+    // ran either.)
+    let mut unparsed = std::mem::take(&mut state.unparsed);
+    let mut reopened = std::mem::take(&mut state.reopened);
+    for fixup in state.fixups.drain(..) {
+        unparsed.extend(fixup.client_name);
+        reopened.extend(fixup.reopens);
+    }
+    up.forget_statements(unparsed, reopened);
+    shared.has_fixups.store(false, Ordering::Relaxed);
+    let conn = lease.conn();
+    conn.prepared = state.prepared;
+    for (name, frame) in state.reported {
+        conn.session.set_parameter_status(name, frame);
+    }
+    if state.pinned {
+        pool.stats.clients_pinned.dec();
+    }
+    let idle = down.may_release_after_end(shared);
+    if idle && conn.prepared.doubtful() {
+        // What DEALLOCATE ALL / DISCARD ALL left is made certain before anyone else
+        // borrows the session.
+        if conn.session.query("DEALLOCATE ALL").await.is_err() {
+            drop(lease);
+            if matches!(outcome, RelayEnd::Released) {
+                return None;
+            }
+            return Some(outcome);
+        }
+        conn.prepared = PreparedOnServer::default();
+    }
+    match outcome {
+        RelayEnd::Released => {
+            if state.settings_dirty {
+                match conn
+                    .read_settings(&pool.key, up.custom_settings(), state.unseen)
+                    .await
+                {
+                    Ok(now) => {
+                        up.set_parse_context(&now);
+                        *settings = now;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not read a backend connection's settings; closed");
+                        return None;
+                    }
+                }
+            }
+            conn.note_leftovers(
+                client_id,
+                state.sequences || state.unseen,
+                state.seed || state.unseen,
+            );
+            return_buffers(up, down, conn);
+            lease.release();
+        }
+        RelayEnd::ClientClosed if idle => {
+            // Pinned state (LISTEN, locks, temporary tables…) is undone before the
+            // backend session serves anyone else.
+            let ready = if state.pinned {
+                conn.reset_session(&pool.key).await
+            } else {
+                conn.note_leftovers(
+                    client_id,
+                    state.sequences || state.unseen,
+                    state.seed || state.unseen,
+                );
+                if state.settings_dirty {
+                    conn.reset_settings(&pool.key).await
+                } else {
+                    Ok(())
+                }
+            };
+            if ready.is_ok() {
+                return_buffers(up, down, lease.conn());
+                lease.release();
+            }
+            return Some(RelayEnd::ClientClosed);
+        }
+        RelayEnd::ServerClosed | RelayEnd::ServerIo(_) | RelayEnd::ServerProtocol(_) => {
+            drop(lease);
+            // (rolegate's own role-restoring query is not the client's to hear about.)
+            let own = shared.own_queries().len() as u64;
+            let outstanding = up
+                .sync_points
+                .saturating_sub(down.ready_count)
+                .saturating_sub(own);
+            let in_transaction = shared.status.load(Ordering::Relaxed) != b'I';
+            if state.pinned || up.mid_batch() || up.has_unsent() || down.passthrough > 0 {
+                return Some(RelayEnd::BackendLost);
+            }
+            // Only the transaction in flight is lost: the client hears an error for
+            // each Sync or Query it is waiting on, then goes on with a new backend.
+            let mut out = BytesMut::new();
+            for _ in 0..outstanding {
+                wire::put_error(&mut out, &ErrorFields::error("08006", LOST));
+                wire::put_ready_for_query(&mut out, b'I');
+            }
+            if client_w.write_all(&out).await.is_err() || client_w.flush().await.is_err() {
+                return Some(RelayEnd::ClientClosed);
+            }
+            down.forget_backend(shared, up.sync_points);
+            up.discard_all_in_batch = false;
+            // Lost between two statements of a transaction: the client's next batch
+            // learns it, and runs nothing.
+            if outstanding == 0 && in_transaction {
+                let waiting = up.buf.is_empty();
+                if waiting {
+                    if let Err(end) = up.read(client_r, shared).await {
+                        return Some(end);
+                    }
+                }
+                if let Err(end) = up
+                    .answer_without_backend(client_r, client_w, shared, "08006", LOST)
+                    .await
+                {
+                    return Some(end);
+                }
+            }
+        }
+        other => return Some(other),
+    }
+    None
 }
 
 impl Downstream {
@@ -1260,7 +1348,7 @@ impl Downstream {
 
 /// Notifications that came while rolegate asked the server something are the client's.
 async fn pass_notifications<W: AsyncWrite + Unpin>(
-    conn: &mut crate::pool::ServerConn,
+    conn: &mut ServerConn,
     client_w: &mut W,
 ) -> std::io::Result<()> {
     if conn.session.notifications.is_empty() {
