@@ -12,6 +12,7 @@ pub mod config;
 pub mod credentials;
 pub mod demo;
 pub mod listener;
+pub mod memory;
 pub mod metrics;
 pub mod policy;
 pub mod pool;

@@ -120,7 +120,11 @@ impl Proxy {
         if proxy.config().pool.mode == crate::config::PoolMode::Transaction {
             tokio::spawn(proxy.pools.clone().maintain());
         }
-        Ok(Arc::new(proxy))
+        let proxy = Arc::new(proxy);
+        tokio::spawn(crate::memory::trim_after_clients_leave(Arc::downgrade(
+            &proxy,
+        )));
+        Ok(proxy)
     }
 
     fn new(config: Config) -> anyhow::Result<Proxy> {
