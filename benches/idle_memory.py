@@ -18,7 +18,8 @@ open files are back to what they were. The backend connections each proxy's logi
 the clients sat idle show whether logging in touches PostgreSQL.
 
 Environment: IDLE_CLIENTS, IDLE_SETTLE, IDLE_CONCURRENCY (logins in flight at once, default
-50), TARGETS (comma list of the names above, default all), PEERS_DIR. The clients and each
+50), IDLE_WAVES (default 1; 2 or more let the clients come back to the same process, which tells
+memory kept for reuse from memory lost), TARGETS (comma list of the names above, default all), PEERS_DIR. The clients and each
 proxy need IDLE_CLIENTS open files: the soft limit is raised to the hard one (at most 65,536).
 """
 import asyncio
@@ -36,6 +37,7 @@ import pgbench_compare as pc  # noqa: E402  (helpers only; its main() runs only 
 N = int(os.environ.get("IDLE_CLIENTS", "10000"))
 SETTLE = float(os.environ.get("IDLE_SETTLE", "5"))
 CONCURRENCY = int(os.environ.get("IDLE_CONCURRENCY", "50"))
+WAVES = int(os.environ.get("IDLE_WAVES", "1"))
 ALL_TARGETS = ("rolegate", "rolegate tls", "pgbouncer", "pgbouncer tls", *pc.PEERS)
 
 
@@ -65,34 +67,37 @@ async def measure(name, pid, port, user, password, tls, admin_url, login):
             return await asyncpg.connect(host="127.0.0.1", port=port, user=user, password=password,
                                          database="bench", ssl=context if tls else False, timeout=60)
 
-    started = time.monotonic()
-    outcomes = await asyncio.gather(*(login_one() for _ in range(N)), return_exceptions=True)
-    login_seconds = time.monotonic() - started
-    conns = [c for c in outcomes if not isinstance(c, BaseException)]
-    failures = [c for c in outcomes if isinstance(c, BaseException)]
-    if failures:
-        print(f"{name}: {len(failures)} of {N} logins failed, first: {failures[0]!r}", file=sys.stderr)
-    await asyncio.sleep(2)
-    held = pc.rss_kib(pid)
-    backends = backend_connections(admin_url, login)
-    started = time.monotonic()
-    await asyncio.gather(*(c.close(timeout=10) for c in conns), return_exceptions=True)
-    closed = time.monotonic()
-    deadline = closed + 60
-    while open_files(pid) > files_at_rest + pc.POOL_SIZE and time.monotonic() < deadline:
-        await asyncio.sleep(0.2)
-    print(f"{name}: closing took {closed - started:.1f} s, then {time.monotonic() - closed:.1f} s until the "
-          f"proxy's open files were back ({open_files(pid)}, {files_at_rest} at rest)", file=sys.stderr)
-    await asyncio.sleep(SETTLE)
-    after = pc.rss_kib(pid)
-    row = dict(name=name, rest=rest, held=held, clients=len(conns), after=after, backends=backends,
-               login_seconds=login_seconds, nofile=pc.open_files_limit(pid),
-               per_client=(held - rest) / len(conns) if conns else float("nan"))
-    print(f"{name}: at rest {rest:,} KiB, with {len(conns):,} idle clients {held:,} KiB "
-          f"({row['per_client']:.1f} KiB per client), {SETTLE:g} s after they left {after:,} KiB; "
-          f"backend connections while idle {backends}; logins took {login_seconds:.1f} s; "
-          f"open files limit {row['nofile']}", file=sys.stderr)
-    return row
+    waves = []
+    for wave in range(WAVES):
+        started = time.monotonic()
+        outcomes = await asyncio.gather(*(login_one() for _ in range(N)), return_exceptions=True)
+        login_seconds = time.monotonic() - started
+        conns = [c for c in outcomes if not isinstance(c, BaseException)]
+        failures = [c for c in outcomes if isinstance(c, BaseException)]
+        if failures:
+            print(f"{name}: {len(failures)} of {N} logins failed, first: {failures[0]!r}", file=sys.stderr)
+        await asyncio.sleep(2)
+        held = pc.rss_kib(pid)
+        backends = backend_connections(admin_url, login)
+        started = time.monotonic()
+        await asyncio.gather(*(c.close(timeout=10) for c in conns), return_exceptions=True)
+        closed = time.monotonic()
+        deadline = closed + 60
+        while open_files(pid) > files_at_rest + pc.POOL_SIZE and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        print(f"{name}: closing took {closed - started:.1f} s, then {time.monotonic() - closed:.1f} s until "
+              f"the proxy's open files were back ({open_files(pid)}, {files_at_rest} at rest)", file=sys.stderr)
+        await asyncio.sleep(SETTLE)
+        after = pc.rss_kib(pid)
+        waves.append(dict(held=held, clients=len(conns), after=after, backends=backends))
+        print(f"{name}: at rest {rest:,} KiB, wave {wave + 1}: with {len(conns):,} idle clients {held:,} KiB "
+              f"({(held - rest) / max(len(conns), 1):.1f} KiB per client over rest), {SETTLE:g} s after they "
+              f"left {after:,} KiB; backend connections while idle {backends}; logins took "
+              f"{login_seconds:.1f} s; open files limit {pc.open_files_limit(pid)}", file=sys.stderr)
+    first = waves[0]
+    return dict(name=name, rest=rest, waves=waves, held=first["held"], clients=first["clients"],
+                after=first["after"], backends=max(w["backends"] for w in waves),
+                per_client=(first["held"] - rest) / first["clients"] if first["clients"] else float("nan"))
 
 
 def make_certificate(directory):
@@ -183,13 +188,15 @@ def main():
 
         print(f"\nidle clients, each proxy in a fresh process, transaction pooling (pool {pc.POOL_SIZE}), "
               f"{N:,} clients, {os.cpu_count()} cores\n")
+        again = "".join(f" | wave {w + 1}: with clients KiB | wave {w + 1}: after KiB" for w in range(1, WAVES))
         print(f"| target | RSS at rest KiB | RSS with {N:,} idle clients KiB | KiB per client "
-              f"| RSS {SETTLE:g} s after they left KiB | backend connections while idle |")
-        print("|---|---|---|---|---|---|")
+              f"| RSS {SETTLE:g} s after they left KiB{again} | backend connections while idle |")
+        print("|---" * (6 + 2 * (WAVES - 1)) + "|")
         for r in rows:
             clients = "" if r["clients"] == N else f" ({r['clients']:,} logged in)"
+            again = "".join(f" | {w['held']:,} | {w['after']:,}" for w in r["waves"][1:])
             print(f"| {r['name']} | {r['rest']:,} | {r['held']:,}{clients} | {r['per_client']:.1f} "
-                  f"| {r['after']:,} | {r['backends']} |")
+                  f"| {r['after']:,}{again} | {r['backends']} |")
     finally:
         if proc:
             stop(proc)
