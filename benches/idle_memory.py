@@ -19,7 +19,8 @@ the clients sat idle show whether logging in touches PostgreSQL.
 
 Environment: IDLE_CLIENTS, IDLE_SETTLE, IDLE_CONCURRENCY (logins in flight at once, default
 50), IDLE_WAVES (default 1; 2 or more let the clients come back to the same process, which tells
-memory kept for reuse from memory lost), TARGETS (comma list of the names above, default all), PEERS_DIR. The clients and each
+memory kept for reuse from memory lost), ROLEGATE (another rolegate binary to measure, e.g. one
+built from another commit; default target/release/rolegate), TARGETS (comma list of the names above, default all), PEERS_DIR. The clients and each
 proxy need IDLE_CLIENTS open files: the soft limit is raised to the hard one (at most 65,536).
 """
 import asyncio
@@ -133,7 +134,7 @@ def main():
         admin_password = "bench-admin"
         pc.start_cluster(bindir, work, pg_port, admin_password, 100)
         admin_url = f"host=127.0.0.1 port={pg_port} user=postgres password={admin_password} dbname=postgres"
-        rolegate = f"{pc.ROOT}/target/release/rolegate"
+        rolegate = os.environ.get("ROLEGATE", f"{pc.ROOT}/target/release/rolegate")
         max_clients = N + 100
         rg_port = pc.free_port()
         plain_config = pc.rolegate_config(rolegate, rg_port, pg_port, max_clients, pooled=True)
