@@ -1,5 +1,6 @@
 """Whole-path benchmark: pgbench against direct PostgreSQL, rolegate (app class, policy
-enforcing), PgBouncer (session mode) and a bare tokio byte relay, in alternation.
+enforcing), PgBouncer (session mode) and a bare tokio byte relay, in alternation (under
+POOL=transaction: rolegate, PgBouncer, PgDog and pg_doorman, all pooling transactions).
 
 Run through benches/pgbench.sh, which builds the binaries first. Everything runs on a
 private cluster in a temp dir; nothing is left behind.
@@ -9,15 +10,28 @@ IDLE_CLIENTS (default 1000), SCENARIOS and TARGETS (comma lists, default all), B
 rolegate binary, e.g. one built from main before a change: it joins the alternation as
 "baseline" with the same config, so a change is measured against its parent in one run),
 CALLGRIND (transactions per client: instead of the timed runs, count each proxy's user-space
-instructions per transaction under valgrind's callgrind; see count_instructions).
+instructions per transaction under valgrind's callgrind; see count_instructions), PEERS_DIR.
 
-POOL=transaction: transaction pooling instead. PostgreSQL gets max_connections = 100, rolegate
-`[pool] mode = "transaction"` and PgBouncer `pool_mode = transaction`, both with 20 backend
-connections; CLIENTS (default 400) pgbench clients run against both. Direct PostgreSQL cannot
-take that many clients and the bare relay is 1:1, so both sit out; PgBouncer 1.18 (Debian's)
-cannot pool protocol-level prepared statements, so the prepared scenario is rolegate's alone.
-The most backend connections rolegate's login had open during its runs is reported.
+POOL=transaction: transaction pooling instead. PostgreSQL gets max_connections = 100 (plus 20
+per peer pooler), rolegate `[pool] mode = "transaction"` and PgBouncer `pool_mode = transaction`,
+all with 20 backend connections; CLIENTS (default 400; a comma list such as 100,400,1000 repeats
+every scenario for each count) pgbench clients run against each. Direct PostgreSQL cannot take
+that many clients and the bare relay is 1:1, so both sit out; PgBouncer 1.18 (Debian's) cannot
+pool protocol-level prepared statements, so it skips the prepared scenario. When PEERS_DIR
+(default <repo>/../shared/peers) holds peers.sh and the PgDog and pg_doorman binaries, both run
+beside PgBouncer as targets "pgdog" and "pg_doorman" (transaction pooling, pool 20, prepared
+statements pooled, each logging in as a login of its own). The most backend connections each
+pooler's login had open during its runs is reported.
+
+Every timed run writes pgbench's per-transaction log (-l) into the temp dir (deleted once
+read). TPS, latency (mean, p50, p99) and the proxy's CPU and context switches per transaction
+are taken over a window of about DURATION seconds that opens once pgbench has connected all its
+clients (see timed_run): logging in is not in them, except in the -C scenario. Each cell is the
+median over the rounds. The memory of idle clients in a fresh process (rolegate plain and TLS,
+PgBouncer, the peers) is benches/idle_memory.py's.
 """
+import glob
+import math
 import os
 import shutil
 import signal
@@ -36,8 +50,11 @@ IDLE_CLIENTS = int(os.environ.get("IDLE_CLIENTS", "1000"))
 BASELINE = os.environ.get("BASELINE")
 CALLGRIND = int(os.environ.get("CALLGRIND", "0"))
 POOLED = os.environ.get("POOL") == "transaction"
-CLIENTS = int(os.environ.get("CLIENTS", "400"))
+CLIENT_COUNTS = [int(c) for c in os.environ.get("CLIENTS", "400").split(",") if c.strip()]
 POOL_SIZE = 20
+PEERS_DIR = os.environ.get("PEERS_DIR", os.path.join(os.path.dirname(ROOT), "shared", "peers"))
+PEERS = ("pgdog", "pg_doorman")
+POOLERS = ("rolegate", "baseline", *PEERS)  # targets that get the ratios to PgBouncer
 AS_ROOT = os.geteuid() == 0
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -61,7 +78,12 @@ def as_postgres(cmd):
 
 
 def run(cmd, **kw):
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
+    done = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if done.returncode != 0:
+        print(f"{' '.join(cmd)} exited {done.returncode}:\n{done.stdout[-2000:]}{done.stderr[-2000:]}",
+              file=sys.stderr)
+        done.check_returncode()
+    return done
 
 
 def wait_port(port, timeout=30):
@@ -205,22 +227,24 @@ def count_instructions(bindir, work, rg_config, pg_port, login_password, rg_list
 
 
 class BackendWatcher:
-    """Samples how many backend connections a login has open, every 50 ms, until stopped."""
+    """Samples how many backend connections each of some logins has open, every 50 ms, until
+    stopped."""
 
-    def __init__(self, pg_port, password, login):
+    def __init__(self, pg_port, password, logins):
         import threading
         import psycopg
         self.conn = psycopg.connect(f"host=127.0.0.1 port={pg_port} user=postgres "
                                     f"password={password} dbname=postgres", autocommit=True)
-        self.login, self.most, self.done = login, 0, threading.Event()
+        self.logins, self.most, self.done = list(logins), {}, threading.Event()
         self.thread = threading.Thread(target=self.run)
         self.thread.start()
 
     def run(self):
         while not self.done.wait(0.05):
-            n = self.conn.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = %s",
-                                  (self.login,)).fetchone()[0]
-            self.most = max(self.most, n)
+            for login, n in self.conn.execute(
+                    "SELECT usename, count(*) FROM pg_stat_activity WHERE usename = ANY(%s) "
+                    "GROUP BY usename", (self.logins,)).fetchall():
+                self.most[login] = max(self.most.get(login, 0), n)
 
     def stop(self):
         self.done.set()
@@ -229,33 +253,72 @@ class BackendWatcher:
         return self.most
 
 
-def main():
-    bindir = pg_bin()
-    if shutil.which("pgbouncer") is None:
-        print("installing pgbouncer from the distribution", file=sys.stderr)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "pgbouncer"], check=True,
-                       env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
-    work = tempfile.mkdtemp(prefix="rolegate-bench-")
-    os.chmod(work, 0o755)
-    procs = []
-    try:
-        pg_port, rg_port, pb_port, bare_port, base_port = (free_port() for _ in range(5))
-        admin_password = "bench-admin"
-        with open(f"{work}/pw", "w") as f:
-            f.write(admin_password)
-        if AS_ROOT:
-            run(["chown", "-R", "postgres:postgres", work])
-        run(as_postgres([f"{bindir}/initdb", "-D", f"{work}/data", "-U", "postgres",
-                         "--auth=scram-sha-256", f"--pwfile={work}/pw", "-E", "UTF8", "--locale=C"]))
-        run(as_postgres([f"{bindir}/pg_ctl", "-D", f"{work}/data", "-l", f"{work}/pg.log", "-w", "-o",
-                         f"-p {pg_port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={work} "
-                         f"-c max_connections={100 if POOLED else IDLE_CLIENTS + 100} -c shared_buffers=256MB "
-                         "-c fsync=off -c synchronous_commit=off", "start"]))
-        rolegate = f"{ROOT}/target/release/rolegate"
-        verifier = lambda pw: run([rolegate, "hash-password"], input=pw).stdout.strip()
-        config = f"""listen = "127.0.0.1:{rg_port}"
+def nofile_limit():
+    """The open-files limit to give the proxies: 65,536, or the hard limit if that is lower."""
+    import resource
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return 65536 if hard == resource.RLIM_INFINITY else min(65536, hard)
+
+
+def raise_nofile():
+    """Raises this process's soft open-files limit (children inherit it)."""
+    import resource
+    n = nofile_limit()
+    resource.setrlimit(resource.RLIMIT_NOFILE, (n, max(n, resource.getrlimit(resource.RLIMIT_NOFILE)[1])))
+
+
+def pgbouncer_command(ini):
+    """PgBouncer as the postgres user with a high open-files limit. runuser's PAM session
+    (pam_limits) sets the soft limit back to 1,024, too few for 1,000 clients, so the limit is
+    raised by prlimit inside it, up to the hard limit, which runuser keeps."""
+    n = nofile_limit()
+    return as_postgres(["prlimit", f"--nofile={n}:{n}", "pgbouncer", ini])
+
+
+def open_files_limit(pid):
+    with open(f"/proc/{pid}/limits") as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                return line.split()[3]
+    return "?"
+
+
+def pgbouncer_pid(ini):
+    for _ in range(50):
+        out = subprocess.run(["pgrep", "-f", f"^pgbouncer {ini}"], capture_output=True, text=True).stdout
+        if out.split():
+            return int(out.split()[-1])
+        time.sleep(0.1)
+    sys.exit(f"no PgBouncer process for {ini}")
+
+
+def start_cluster(bindir, work, pg_port, admin_password, max_connections):
+    """initdb + start of a private cluster in work/data (SCRAM; superuser postgres)."""
+    with open(f"{work}/pw", "w") as f:
+        f.write(admin_password)
+    if AS_ROOT:
+        run(["chown", "-R", "postgres:postgres", work])
+    run(as_postgres([f"{bindir}/initdb", "-D", f"{work}/data", "-U", "postgres",
+                     "--auth=scram-sha-256", f"--pwfile={work}/pw", "-E", "UTF8", "--locale=C"]))
+    run(as_postgres([f"{bindir}/pg_ctl", "-D", f"{work}/data", "-l", f"{work}/pg.log", "-w", "-o",
+                     f"-p {pg_port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={work} "
+                     f"-c max_connections={max_connections} -c shared_buffers=256MB "
+                     "-c fsync=off -c synchronous_commit=off", "start"]))
+
+
+def stop_cluster(bindir, work):
+    subprocess.run(as_postgres([f"{bindir}/pg_ctl", "-D", f"{work}/data", "-m", "immediate", "stop"]),
+                   capture_output=True)
+
+
+def rolegate_config(rolegate, rg_port, pg_port, max_clients, pooled, tls=None):
+    """rolegate's bench config: clients bench (app) and migrator, database bench. tls: None, or
+    (cert, key) paths for `[tls] mode = "require"`."""
+    verifier = lambda pw: run([rolegate, "hash-password"], input=pw).stdout.strip()
+    tls_section = (f'mode = "require"\ncert = "{tls[0]}"\nkey = "{tls[1]}"' if tls else 'mode = "disable"')
+    config = f"""listen = "127.0.0.1:{rg_port}"
 [tls]
-mode = "disable"
+{tls_section}
 [backend]
 host = "127.0.0.1"
 port = {pg_port}
@@ -272,11 +335,245 @@ user = "migrator"
 password = "{verifier('migrator')}"
 class = "migrator"
 [limits]
-max_client_connections = {max(IDLE_CLIENTS, CLIENTS) + 100}
+max_client_connections = {max_clients}
 """
-        if POOLED:
-            config += f'[pool]\nmode = "transaction"\nsize = {POOL_SIZE}\n'
+    if pooled:
+        config += f'[pool]\nmode = "transaction"\nsize = {POOL_SIZE}\n'
+    return config
 
+
+def create_login(admin_url, login, password):
+    """A login of its own for a proxy other than rolegate, so that each proxy's backend
+    connections can be told apart in pg_stat_activity; it works as bench_owner."""
+    import psycopg
+    with psycopg.connect(admin_url.replace("dbname=postgres", "dbname=bench"), autocommit=True) as c:
+        c.execute(f"DROP ROLE IF EXISTS {login}")
+        c.execute(f"CREATE ROLE {login} LOGIN PASSWORD '{password}' IN ROLE bench_owner")
+        c.execute(f"ALTER ROLE {login} SET role = bench_owner")
+
+
+def pgbouncer_ini(work, name, pg_port, pb_port, login_password, pool_mode, max_client_conn, pool_size,
+                  extra=""):
+    """Writes work/name.ini (and work/userlist.txt: client bench, password bench)."""
+    with open(f"{work}/userlist.txt", "w") as f:
+        f.write('"bench" "bench"\n')
+    path = f"{work}/{name}.ini"
+    with open(path, "w") as f:
+        f.write(f"""[databases]
+bench = host=127.0.0.1 port={pg_port} dbname=bench user=bench_pgbouncer password={login_password}
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {pb_port}
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = {work}/userlist.txt
+pool_mode = {pool_mode}
+max_client_conn = {max_client_conn}
+default_pool_size = {pool_size}
+logfile = {work}/{name}.log
+{extra}""")
+    return path
+
+
+def peers_available():
+    """The peer poolers PEERS_DIR has (peers.sh and the binary)."""
+    if not os.access(f"{PEERS_DIR}/peers.sh", os.X_OK):
+        return []
+    bin_dir = os.environ.get("PEERS_BIN", f"{PEERS_DIR}/bin")
+    return [p for p in PEERS if os.access(f"{bin_dir}/{p}", os.X_OK)]
+
+
+def start_peer(name, bindir, pg_port, port, login, password, peer_dir, admin_password, max_clients):
+    """peers.sh start: the pooler in front of database bench, pool POOL_SIZE; returns its pid."""
+    env = dict(os.environ, PG_BIN=bindir, PG_SUPERUSER="postgres", PG_SUPERPASS=admin_password,
+               PEERS_MAX_CLIENTS=str(max_clients), PEERS_NOFILE=str(nofile_limit()),
+               PEERS_LOG_LEVEL="warn")
+    done = subprocess.run([f"{PEERS_DIR}/peers.sh", "start", name, str(pg_port), str(port), login, password,
+                           "bench", str(POOL_SIZE), peer_dir], capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        sys.exit(f"{name} did not start:\n{done.stdout}{done.stderr}")
+    print(done.stdout.strip(), file=sys.stderr)
+    with open(f"{peer_dir}/{name}.pid") as f:
+        return int(f.read().strip())
+
+
+def stop_peer(name, peer_dir):
+    subprocess.run([f"{PEERS_DIR}/peers.sh", "stop", name, peer_dir], capture_output=True)
+
+
+def show_logs(work):
+    """The last lines of every log in work (PostgreSQL's, the proxies'), to stderr: the temp
+    dir is removed on the way out, so after a failure these are all that is left of it."""
+    for path in sorted(glob.glob(f"{work}/*.log") + glob.glob(f"{work}/peers/*.log")):
+        with open(path, errors="replace") as f:
+            lines = f.readlines()[-15:]
+        if lines:
+            print(f"--- {path} (last {len(lines)} lines)\n{''.join(lines)}", file=sys.stderr)
+
+
+def percentile(sorted_values, q):
+    """Nearest-rank percentile of an ascending list."""
+    if not sorted_values:
+        return None
+    return sorted_values[max(0, math.ceil(q * len(sorted_values)) - 1)]
+
+
+def log_transactions(prefix):
+    """(completion time, latency ms) of every transaction in pgbench's per-transaction logs
+    prefix.* (one per thread: client, transaction, latency in microseconds, script, then the
+    completion time as epoch seconds and microseconds; failed or skipped transactions are
+    left out); the files are deleted."""
+    txs = []
+    for path in glob.glob(f"{prefix}.*"):
+        with open(path) as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 5 and fields[2].isdigit():
+                    txs.append((int(fields[4]) + int(fields[5]) / 1e6, int(fields[2]) / 1000))
+        os.unlink(path)
+    return txs
+
+
+def open_sockets(pid):
+    """How many sockets the process has open (0 once it is gone)."""
+    n = 0
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                n += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+            except OSError:
+                pass
+    except OSError:
+        pass
+    return n
+
+
+# Seconds pgbench took to connect its clients, by (target, clients): the next run's -T is
+# DURATION plus that, so that every run measures about DURATION seconds.
+CONNECT_SECONDS = {}
+
+
+def timed_run(bindir, target, port, user, password, args, pid, log_prefix):
+    """timed_run_once, run again (at most twice) when the logins took so long that the window
+    was shorter than half of DURATION: the next -T allows for the time they took."""
+    for attempt in range(3):
+        measured = timed_run_once(bindir, target, port, user, password, args, pid, log_prefix,
+                                  last=attempt == 2)
+        if measured:
+            return measured
+
+
+def timed_run_once(bindir, target, port, user, password, args, pid, log_prefix, last):
+    """One pgbench run; returns (TPS, mean latency ms, p50 ms, p99 ms, proxy CPU ms per tx, of
+    which user, proxy context switches per 1,000 tx, the window's seconds, the seconds the
+    logins took, the proxy's CPU ms per login).
+
+    Everything is measured over a window that opens once pgbench has all its clients
+    connected (it holds one socket per client) and closes 0.1 s before its -T ends: the
+    transactions are those the per-transaction log says completed inside it, the proxy's CPU
+    and context switches are read from /proc at both ends. Logging in (SCRAM, one PBKDF2 per
+    login on each side unless a side keeps a verifier; 400 clients take seconds on a busy
+    machine) is not in the numbers. With -C (a connection per transaction) the window is
+    the whole run and the logins are in."""
+    clients = int(args[args.index("-c") + 1])
+    per_connection = "-C" in args
+    # pgbench's -T is whole seconds and counts from before the logins.
+    duration = DURATION if per_connection else \
+        math.ceil(DURATION + CONNECT_SECONDS.get((target, clients), 0.5 + 0.01 * clients))
+    cpu_launch = cpu_seconds(pid) if pid else None
+    proc = subprocess.Popen([f"{bindir}/pgbench", "-n", "-T", str(duration),
+                             "-h", "127.0.0.1", "-p", str(port), "-U", user, "-l", f"--log-prefix={log_prefix}",
+                             *args, "bench"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PGPASSWORD=password))
+    launched = time.time()
+    if not per_connection:
+        while proc.poll() is None and open_sockets(proc.pid) < clients:
+            time.sleep(0.02)
+    start = time.time()
+    cpu_start = cpu_seconds(pid) if pid else None
+    switches_start = context_switches(pid) if pid else None
+    connect = start - launched
+    if not per_connection:
+        CONNECT_SECONDS[(target, clients)] = max(CONNECT_SECONDS.get((target, clients), 0), connect * 1.2 + 0.3)
+    end = launched + duration - 0.1
+    while proc.poll() is None and time.time() < end:
+        time.sleep(min(0.1, max(0.0, end - time.time())))
+    end = min(end, time.time())
+    cpu_end = cpu_seconds(pid) if pid else None
+    switches_end = context_switches(pid) if pid else None
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        sys.exit(f"pgbench against {target} ({' '.join(args)}) exited {proc.returncode}:\n{out}{err}")
+    txs = log_transactions(log_prefix)
+    latencies = sorted(lat for done, lat in txs if start <= done <= end)
+    window = end - start
+    if not latencies or window < DURATION / 2:
+        print(f"{target} {' '.join(args)}: the window was {window:.2f} s after {connect:.2f} s of logins "
+              f"({len(latencies)} transactions in it){'' if last else '; again'}", file=sys.stderr)
+        if not last:
+            return None
+        if not latencies or window <= 0:
+            sys.exit(f"pgbench against {target} ({' '.join(args)}): no transaction completed in the window")
+    n = len(latencies)
+    cpu = user = switches = None
+    if pid:
+        user = (cpu_end[0] - cpu_start[0]) / n * 1000
+        cpu = user + (cpu_end[1] - cpu_start[1]) / n * 1000
+        switches = (switches_end - switches_start) / n * 1000
+    login_cpu = (sum(cpu_start) - sum(cpu_launch)) / clients * 1000 if pid and not per_connection else None
+    return (n / window, sum(latencies) / n, percentile(latencies, 0.50), percentile(latencies, 0.99),
+            cpu, user, switches, window, None if per_connection else connect, login_cpu)
+
+
+def pgbench_scenarios():
+    if not POOLED:
+        return [
+            ("select simple c1", ["-S", "-M", "simple", "-c", "1", "-j", "1"]),
+            ("select simple c20", ["-S", "-M", "simple", "-c", "20", "-j", "2"]),
+            ("select extended c1", ["-S", "-M", "extended", "-c", "1", "-j", "1"]),
+            ("select extended c20", ["-S", "-M", "extended", "-c", "20", "-j", "2"]),
+            ("select prepared c1", ["-S", "-M", "prepared", "-c", "1", "-j", "1"]),
+            ("select prepared c20", ["-S", "-M", "prepared", "-c", "20", "-j", "2"]),
+            ("tpcb-like c1", ["-b", "tpcb-like", "-c", "1", "-j", "1"]),
+            ("tpcb-like c20", ["-b", "tpcb-like", "-c", "20", "-j", "2"]),
+            ("select simple c20 -C", ["-S", "-M", "simple", "-c", "20", "-j", "2", "-C"]),
+        ]
+    scenarios = []
+    for n in CLIENT_COUNTS:
+        c = ["-c", str(n), "-j", "2"]
+        scenarios += [
+            (f"select simple c{n}", ["-S", "-M", "simple", *c]),
+            (f"select extended c{n}", ["-S", "-M", "extended", *c]),
+            (f"select prepared c{n}", ["-S", "-M", "prepared", *c]),
+            (f"tpcb-like extended c{n}", ["-b", "tpcb-like", "-M", "extended", *c]),
+        ]
+    return scenarios
+
+
+def main():
+    bindir = pg_bin()
+    if shutil.which("pgbouncer") is None:
+        print("installing pgbouncer from the distribution", file=sys.stderr)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "pgbouncer"], check=True,
+                       env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+    raise_nofile()
+    wanted_targets = os.environ.get("TARGETS")
+    wanted_targets = wanted_targets.split(",") if wanted_targets else None
+    peers = [p for p in peers_available() if wanted_targets is None or p in wanted_targets] \
+        if POOLED and not CALLGRIND else []
+    most_clients = max(IDLE_CLIENTS, *CLIENT_COUNTS) + 100
+    work = tempfile.mkdtemp(prefix="rolegate-bench-")
+    os.chmod(work, 0o755)
+    peer_dir = f"{work}/peers"
+    procs, started_peers = [], []
+    try:
+        pg_port, rg_port, pb_port, bare_port, base_port = (free_port() for _ in range(5))
+        admin_password = "bench-admin"
+        start_cluster(bindir, work, pg_port, admin_password,
+                      100 + POOL_SIZE * len(peers) if POOLED else IDLE_CLIENTS + 100)
+        rolegate = f"{ROOT}/target/release/rolegate"
+        config = rolegate_config(rolegate, rg_port, pg_port, most_clients, POOLED)
         with open(f"{work}/rolegate.toml", "w") as f:
             f.write(config)
         admin_url = f"host=127.0.0.1 port={pg_port} user=postgres password={admin_password} dbname=postgres"
@@ -292,36 +589,19 @@ max_client_connections = {max(IDLE_CLIENTS, CLIENTS) + 100}
         run([f"{bindir}/pgbench", "-i", "-q", "-s", str(SCALE), "-h", "127.0.0.1", "-p", str(rg_port),
              "-U", "migrator", "bench"], env=env)
 
-        # PgBouncer logs in as a login of its own, so that the backend connections of
-        # each proxy can be told apart in pg_stat_activity.
-        import psycopg
-        with psycopg.connect(admin_url.replace("dbname=postgres", "dbname=bench"), autocommit=True) as c:
-            c.execute("DROP ROLE IF EXISTS bench_pgbouncer")
-            c.execute(f"CREATE ROLE bench_pgbouncer LOGIN PASSWORD '{login_password}' IN ROLE bench_owner")
-            c.execute("ALTER ROLE bench_pgbouncer SET role = bench_owner")
-        with open(f"{work}/userlist.txt", "w") as f:
-            f.write('"bench" "bench"\n')
-        with open(f"{work}/pgbouncer.ini", "w") as f:
-            f.write(f"""[databases]
-bench = host=127.0.0.1 port={pg_port} dbname=bench user=bench_pgbouncer password={login_password}
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = {pb_port}
-unix_socket_dir =
-auth_type = scram-sha-256
-auth_file = {work}/userlist.txt
-pool_mode = {"transaction" if POOLED else "session"}
-max_client_conn = {max(IDLE_CLIENTS, CLIENTS) + 100}
-default_pool_size = {POOL_SIZE if POOLED else 100}
-logfile = {work}/pgbouncer.log
-""")
+        # PgBouncer (and each peer) logs in as a login of its own, so that the backend
+        # connections of each proxy can be told apart in pg_stat_activity.
+        create_login(admin_url, "bench_pgbouncer", login_password)
+        ini = pgbouncer_ini(work, "pgbouncer", pg_port, pb_port, login_password,
+                            "transaction" if POOLED else "session", most_clients,
+                            POOL_SIZE if POOLED else 100)
         if AS_ROOT:
             run(["chown", "-R", "postgres:postgres", work])
-        pb = subprocess.Popen(as_postgres(["pgbouncer", f"{work}/pgbouncer.ini"]),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        pb = subprocess.Popen(pgbouncer_command(ini), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(pb)
         wait_port(pb_port)
-        pb_pid = int(run(["pgrep", "-f", f"pgbouncer {work}/pgbouncer.ini"]).stdout.split()[-1])
+        pb_pid = pgbouncer_pid(ini)
+        print(f"pgbouncer pid {pb_pid}: open files limit {open_files_limit(pb_pid)}", file=sys.stderr)
         bare = subprocess.Popen([f"{ROOT}/target/release/examples/bare_relay",
                                  f"127.0.0.1:{bare_port}", f"127.0.0.1:{pg_port}"])
         procs.append(bare)
@@ -344,92 +624,98 @@ logfile = {work}/pgbouncer.log
         }
         if BASELINE:
             targets["baseline"] = (base_port, "bench", "bench", base.pid)
+        # The backend login each pooler's connections use.
+        logins = {"rolegate": "bench_login_0001", "baseline": "bench_login_0001",
+                  "pgbouncer": "bench_pgbouncer"}
+        for peer in peers:
+            login = f"bench_{peer}"
+            create_login(admin_url, login, login_password)
+            port = free_port()
+            started_peers.append(peer)
+            pid = start_peer(peer, bindir, pg_port, port, login, login_password, peer_dir, admin_password,
+                             most_clients)
+            print(f"{peer} pid {pid}: open files limit {open_files_limit(pid)}", file=sys.stderr)
+            targets[peer] = (port, login, login_password, pid)
+            logins[peer] = login
         if CALLGRIND:
             count_instructions(bindir, work, config, pg_port, login_password,
                                f'listen = "127.0.0.1:{rg_port}"')
             return
-        scenarios = [
-            ("select simple c1", ["-S", "-M", "simple", "-c", "1", "-j", "1"]),
-            ("select simple c20", ["-S", "-M", "simple", "-c", "20", "-j", "2"]),
-            ("select extended c1", ["-S", "-M", "extended", "-c", "1", "-j", "1"]),
-            ("select extended c20", ["-S", "-M", "extended", "-c", "20", "-j", "2"]),
-            ("select prepared c1", ["-S", "-M", "prepared", "-c", "1", "-j", "1"]),
-            ("select prepared c20", ["-S", "-M", "prepared", "-c", "20", "-j", "2"]),
-            ("tpcb-like c1", ["-b", "tpcb-like", "-c", "1", "-j", "1"]),
-            ("tpcb-like c20", ["-b", "tpcb-like", "-c", "20", "-j", "2"]),
-            ("select simple c20 -C", ["-S", "-M", "simple", "-c", "20", "-j", "2", "-C"]),
-        ]
+        scenarios = pgbench_scenarios()
         if POOLED:
-            c = ["-c", str(CLIENTS), "-j", "2"]
-            scenarios = [
-                (f"select simple c{CLIENTS}", ["-S", "-M", "simple", *c]),
-                (f"select extended c{CLIENTS}", ["-S", "-M", "extended", *c]),
-                (f"select prepared c{CLIENTS}", ["-S", "-M", "prepared", *c]),
-                (f"tpcb-like extended c{CLIENTS}", ["-b", "tpcb-like", "-M", "extended", *c]),
-            ]
-            targets = {t: v for t, v in targets.items() if t in ("rolegate", "pgbouncer", "baseline")}
+            targets = {t: v for t, v in targets.items() if t in ("rolegate", "pgbouncer", "baseline", *PEERS)}
         wanted = os.environ.get("SCENARIOS")
         if wanted:
             scenarios = [s for s in scenarios if s[0] in wanted.split(",")]
-        wanted = os.environ.get("TARGETS")
-        if wanted:
-            targets = {t: v for t, v in targets.items() if t in wanted.split(",")}
+        if wanted_targets:
+            targets = {t: v for t, v in targets.items() if t in wanted_targets}
 
         results = {}
-        most_backends = 0
+        most_backends = {}
+        log_prefix = f"{work}/txlog"
         for name, args in scenarios:
             for _ in range(ROUNDS):
                 for target, (port, user, password, pid) in targets.items():
                     if POOLED and target == "pgbouncer" and "-M prepared" in " ".join(args):
                         continue  # PgBouncer 1.18 cannot pool prepared statements
                     watcher = None
-                    if POOLED and target == "rolegate":
-                        watcher = BackendWatcher(pg_port, admin_password, "bench_login_0001")
-                    before = cpu_seconds(pid) if pid else None
-                    switches_before = context_switches(pid) if pid else None
-                    out = run([f"{bindir}/pgbench", "-n", "-T", str(DURATION), "-h", "127.0.0.1",
-                               "-p", str(port), "-U", user, *args, "bench"],
-                              env=dict(os.environ, PGPASSWORD=password)).stdout
-                    if watcher:
-                        most_backends = max(most_backends, watcher.stop())
-                    tps = float(next(l for l in out.splitlines() if l.startswith("tps")).split()[2])
-                    lat = float(next(l for l in out.splitlines() if "latency average" in l).split()[3])
-                    txs = int(next(l for l in out.splitlines() if "transactions actually processed" in l)
-                              .split(":")[1].split("/")[0])
-                    if pid:
-                        after = cpu_seconds(pid)
-                        user = (after[0] - before[0]) / txs * 1000
-                        cpu = user + (after[1] - before[1]) / txs * 1000
-                        switches = (context_switches(pid) - switches_before) / txs * 1000
-                    else:
-                        user = cpu = switches = None
-                    results.setdefault((name, target), []).append((tps, lat, cpu, user, switches))
+                    if POOLED:
+                        watcher = BackendWatcher(pg_port, admin_password, [logins[target]])
+                    try:
+                        measured = timed_run(bindir, target, port, user, password, args, pid, log_prefix)
+                    finally:
+                        if watcher:
+                            seen = watcher.stop().get(logins[target], 0)
+                            most_backends[target] = max(most_backends.get(target, 0), seen)
+                    results.setdefault((name, target), []).append(measured)
 
         print(f"\npgbench, {DURATION}s x {ROUNDS} rounds per cell (median), scale {SCALE}, "
               f"{os.cpu_count()} cores, PostgreSQL {os.path.basename(os.path.dirname(bindir))}\n")
-        header = ("| scenario | target | TPS | latency ms | proxy CPU s / 1k tx | of which user "
-                  "| proxy context switches / 1k tx | vs PgBouncer | vs direct |")
+        header = ("| scenario | target | TPS | latency ms | p50 ms | p99 ms | proxy CPU s / 1k tx | of which user "
+                  "| proxy context switches / 1k tx | vs PgBouncer | CPU vs PgBouncer | vs direct |")
         print(header)
-        print("|" + "---|" * 9)
+        print("|" + "---|" * header.count(" | ") + "---|")
+        fmt = lambda v, spec: format(v, spec) if v is not None else "-"
         for name, _ in scenarios:
             med = {t: tuple(statistics.median(x[i] for x in results[(name, t)] if x[i] is not None)
                             if any(x[i] is not None for x in results[(name, t)]) else None
-                            for i in range(5)) for t in targets if (name, t) in results}
+                            for i in range(10)) for t in targets if (name, t) in results}
+            pb_med = med.get("pgbouncer")
             for t in med:
-                tps, lat, cpu, user, switches = med[t]
-                vs_pb = (f"{tps / med['pgbouncer'][0]:.2f}x"
-                         if t in ("rolegate", "baseline") and "pgbouncer" in med else "")
+                tps, lat, p50, p99, cpu, user, switches = med[t][:7]
+                vs_pb = f"{tps / pb_med[0]:.2f}x" if t in POOLERS and pb_med else ""
+                cpu_vs_pb = (f"{cpu / pb_med[4]:.2f}x"
+                             if t in POOLERS and pb_med and cpu is not None and pb_med[4] else "")
                 vs_direct = f"{tps / med['direct'][0]:.2f}x" if t != "direct" and "direct" in med else ""
-                cpu_text = f"{cpu:.4f}" if cpu is not None else "-"
-                user_text = f"{user:.4f}" if user is not None else "-"
-                switches_text = f"{switches:,.0f}" if switches is not None else "-"
-                print(f"| {name} | {t} | {tps:,.0f} | {lat:.3f} | {cpu_text} | {user_text} | {switches_text} "
-                      f"| {vs_pb} | {vs_direct} |")
+                print(f"| {name} | {t} | {tps:,.0f} | {lat:.3f} | {fmt(p50, '.3f')} | {fmt(p99, '.3f')} "
+                      f"| {fmt(cpu, '.4f')} | {fmt(user, '.4f')} | {fmt(switches, ',.0f')} "
+                      f"| {vs_pb} | {cpu_vs_pb} | {vs_direct} |")
+
+        # What the logins cost, out of the window: per (client count, target), medians.
+        logins = {}
+        for (name, t), runs in results.items():
+            count = name.rsplit(" c", 1)[-1].split()[0]
+            if runs[0][8] is not None:
+                logins.setdefault((count, t), []).extend(runs)
+        if logins and POOLED:
+            print("\nlogins before each window (medians over the runs): seconds pgbench took to connect "
+                  "its clients, the proxy's CPU in that time per login (an upper bound: one pgbench "
+                  "thread's clients may start their transactions while the other's still log in)\n")
+            print("| clients | target | logins s | proxy CPU ms / login |")
+            print("|---|---|---|---|")
+            for (count, t), runs in logins.items():
+                cpu = [r[9] for r in runs if r[9] is not None]
+                print(f"| {count} | {t} | {statistics.median(r[8] for r in runs):.2f} "
+                      f"| {fmt(statistics.median(cpu) if cpu else None, '.3f')} |")
 
         if POOLED:
-            print(f"\nmost backend connections of rolegate's login during its runs: {most_backends} "
-                  f"(pool size {POOL_SIZE}; PostgreSQL max_connections 100, {CLIENTS} clients)")
-        # Memory of idle authenticated clients.
+            seen = ", ".join(f"{t} {n}" for t, n in most_backends.items())
+            print(f"\nmost backend connections of each pooler's login during its runs: {seen} "
+                  f"(pool size {POOL_SIZE}; clients {','.join(map(str, CLIENT_COUNTS))})")
+        # Memory of idle authenticated clients, after the runs (benches/idle_memory.py
+        # measures a fresh process).
+        if "rolegate" not in targets:
+            return
         print()
         import psycopg
         base = rss_kib(rg.pid)
@@ -443,11 +729,16 @@ logfile = {work}/pgbouncer.log
                   f"({(rss - base) / n:.1f} KiB per client over the {base} KiB at rest)")
         for c in conns:
             c.close()
+    except BaseException:
+        show_logs(work)
+        raise
     finally:
+        for peer in started_peers:
+            stop_peer(peer, peer_dir)
         stop_all(procs, timeout=10)
-        subprocess.run(as_postgres([f"{bindir}/pg_ctl", "-D", f"{work}/data", "-m", "immediate", "stop"]),
-                       capture_output=True)
+        stop_cluster(bindir, work)
         shutil.rmtree(work, ignore_errors=True)
 
 
-main()
+if __name__ == "__main__":
+    main()
