@@ -1011,7 +1011,7 @@ pub async fn run(client: PooledClient<'_>, ctx: &RelayContext<'_>) -> (RelayStat
         if up.buf.first() == Some(&b'X') {
             break RelayEnd::ClientClosed;
         }
-        let mut turn = LeaseTurn {
+        let turn = LeaseTurn {
             pool,
             up: &mut up,
             down: &mut down,
@@ -1026,7 +1026,7 @@ pub async fn run(client: PooledClient<'_>, ctx: &RelayContext<'_>) -> (RelayStat
         };
         // (Boxed in a statement of its own: a future built in the awaiting statement
         // would still take room in this one's.)
-        let lease = Box::pin(one_lease(&mut turn));
+        let lease = Box::pin(one_lease(turn));
         if let Some(end) = lease.await {
             break end;
         }
@@ -1060,7 +1060,7 @@ struct LeaseTurn<'a, 'c, F> {
 /// session's return. Boxed by its caller: its future is the largest part of a client's,
 /// and only clients with a transaction in flight need it, not the many idle ones.
 /// `None`: the client goes on; `Some`: its session ends so.
-async fn one_lease<F>(t: &mut LeaseTurn<'_, '_, F>) -> Option<RelayEnd>
+async fn one_lease<F>(turn: LeaseTurn<'_, '_, F>) -> Option<RelayEnd>
 where
     F: std::future::Future<Output = RelayEnd> + Unpin,
 {
@@ -1076,16 +1076,7 @@ where
         cancel,
         backend_addr,
         client_id,
-    } = t;
-    let (up, down, client_r, client_w, closing, settings) = (
-        &mut **up,
-        &mut **down,
-        &mut **client_r,
-        &mut **client_w,
-        &mut **closing,
-        &mut **settings,
-    );
-    let (shared, client_id) = (*shared, *client_id);
+    } = turn;
     // The transaction starts, as the client sees it, with its first message.
     let started = Instant::now();
     let checkout = tokio::select! {
