@@ -466,6 +466,9 @@ struct Upstream<'a> {
     resume: bool,
     /// CopyData was sent and no CopyDone or CopyFail yet.
     copy_data_open: bool,
+    /// Transaction pooling: the frame at the front of `buf` names a statement whose
+    /// meaning an earlier batch still decides (see `pooled::waits_for_earlier_batch`).
+    held: bool,
 }
 
 impl<'a> Upstream<'a> {
@@ -501,6 +504,7 @@ impl<'a> Upstream<'a> {
             terminate: false,
             resume: false,
             copy_data_open: false,
+            held: false,
         }
     }
 
@@ -529,6 +533,14 @@ impl<'a> Upstream<'a> {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
+        if self.held {
+            if self.waits_for_earlier_batch(shared) {
+                // The server's answers to the earlier batch wake the relay again.
+                return std::future::pending().await;
+            }
+            self.held = false;
+            self.resume = true;
+        }
         if !std::mem::take(&mut self.resume) && !self.has_unsent() {
             if let Err(end) = self.read(client, shared).await {
                 return Some(end);
@@ -659,6 +671,16 @@ impl<'a> Upstream<'a> {
         }
     }
 
+    /// The frame being judged runs whatever the server answered before it: nothing of
+    /// an extended batch (whose error would skip it) or of a COPY (which it would end
+    /// with an error) is in front of it.
+    fn runs_for_certain(&self, shared: &Shared) -> bool {
+        !self.unsynced
+            && !self.copy_data_open
+            && shared.copy_ins.load(Ordering::Relaxed) <= self.copy_ins_ended
+            && !shared.ambiguous.load(Ordering::Relaxed)
+    }
+
     fn make_ambiguous(&self, shared: &Shared, why: &str) {
         if !shared.ambiguous.swap(true, Ordering::Relaxed) {
             tracing::info!(
@@ -689,6 +711,15 @@ impl<'a> Upstream<'a> {
         while let Some((tag, len)) = wire::peek_header(&self.buf[pos..]) {
             let size = wire::frame_size(len, self.ctx.max_message_bytes)?;
             let available = self.buf.len() - pos;
+            if self.pooled.is_some()
+                && matches!(tag, b'P' | b'B' | b'D' | b'C')
+                && available >= size
+                && names_a_statement(tag, &self.buf[pos + 5..pos + size])
+                && self.waits_for_earlier_batch(shared)
+            {
+                self.held = true;
+                break;
+            }
             self.note_order(tag, shared);
             // Bind and Close are read only while a statement needs a look at its Bind
             // (rare): everything else of the extended protocol passes by its header.
@@ -850,7 +881,10 @@ impl<'a> Upstream<'a> {
             }
             b'C' => {
                 if let Some(name) = body.strip_prefix(b"S").and_then(|n| n.strip_suffix(&[0])) {
-                    forget_statement_check(&mut self.statement_checks, name);
+                    if self.runs_for_certain(shared) {
+                        let name = name.to_vec();
+                        forget_statement_check(&mut self.statement_checks, &name);
+                    }
                 }
                 if self.pooled.is_some() {
                     return self.pooled_close(pos, size, shared);
@@ -943,9 +977,13 @@ impl<'a> Upstream<'a> {
                 Ok(pass) => pass,
                 Err(refusal) => return Decision::Refuse(Box::new(refusal)),
             };
+        // Whether this text replaces what `name` had: only a Query certain to run (see
+        // `runs_for_certain`); a Parse may fail (a name in use, a syntax error, a failed
+        // transaction) or be skipped, and the old statement stays.
+        let replaces = tag == b'Q' && self.runs_for_certain(shared);
         let Some(pass) = pass.actions() else {
             self.last_effects = Default::default();
-            if !self.statement_checks.is_empty() {
+            if replaces && !self.statement_checks.is_empty() {
                 forget_statement_check(&mut self.statement_checks, name);
             }
             return Decision::Forward {
@@ -980,11 +1018,18 @@ impl<'a> Upstream<'a> {
         } else {
             None
         };
+        // (A Parse of a name the pooled client has already fails: the check stays as is.)
+        let duplicate = tag == b'P'
+            && !name.is_empty()
+            && self
+                .pooled
+                .as_ref()
+                .is_some_and(|statements| statements.has_named(name));
         match check {
-            Some(check) if tag == b'P' => {
+            Some(check) if tag == b'P' && !duplicate => {
                 add_statement_check(&mut self.statement_checks, name, check)
             }
-            _ if !self.statement_checks.is_empty() => {
+            _ if replaces && !self.statement_checks.is_empty() => {
                 forget_statement_check(&mut self.statement_checks, name)
             }
             _ => {}
@@ -1124,11 +1169,13 @@ enum StatementCheck {
 
 type StatementChecks = std::collections::HashMap<Vec<u8>, StatementCheck>;
 
-/// A Parse, Query or Close that replaces or closes statement `name`. rolegate cannot
-/// tell yet whether the server will carry it out (a duplicate name, or an earlier error
-/// that skips to Sync, leaves the old statement in place), so the Bind checks of a
-/// statement with a bound `set_config` argument stay: at worst a later statement of the
-/// same name has a bound value judged that did not need it.
+/// A Query or Close certain to run (see `Upstream::runs_for_certain`) replaced or closed
+/// statement `name`. Even then the Bind checks of a statement with a bound `set_config`
+/// argument stay: at worst a later statement of the same name has a bound value judged
+/// that did not need it. A Parse never removes a check: rolegate cannot tell yet whether
+/// the server will carry it out (a duplicate name, a syntax error, a failed transaction,
+/// or an earlier error that skips to Sync leave the old statement in place), so a name
+/// that may hold DISCARD ALL is treated as DISCARD ALL until closed.
 fn forget_statement_check(checks: &mut StatementChecks, name: &[u8]) {
     if matches!(checks.get(name), Some(StatementCheck::DiscardAll)) {
         checks.remove(name);
@@ -1205,6 +1252,23 @@ fn malformed_refusal(what: &str) -> Refusal {
 fn parse_statement_name(body: &[u8]) -> Option<Vec<u8>> {
     let end = body.iter().position(|&b| b == 0)?;
     Some(body[..end].to_vec())
+}
+
+/// Whether a Parse, Bind, Describe or Close body names a prepared statement other than
+/// the unnamed one.
+fn names_a_statement(tag: u8, body: &[u8]) -> bool {
+    let name = match tag {
+        b'P' => body,
+        b'B' => match body.iter().position(|&b| b == 0) {
+            Some(end) => &body[end + 1..],
+            None => return false,
+        },
+        _ => match body.strip_prefix(b"S") {
+            Some(rest) => rest,
+            None => return false,
+        },
+    };
+    name.first().is_some_and(|&b| b != 0)
 }
 
 /// The query text of a Parse body, if the body is well formed.
@@ -1365,7 +1429,8 @@ impl Downstream {
             let own = shared.has_own_queries.load(Ordering::Relaxed)
                 && !matches!(tag, b'A' | b'N' | b'S')
                 && shared.own_queries().front() == Some(&(self.ready_count + 1));
-            let fixup = matches!(tag, b'1' | b'3') && shared.has_fixups.load(Ordering::Relaxed);
+            let fixup =
+                matches!(tag, b'1' | b'3' | b'C') && shared.has_fixups.load(Ordering::Relaxed);
             let inspected = own || fixup || matches!(tag, b'Z' | b'S' | b'E' | b'G');
             if available < size {
                 if inspected {
@@ -1381,11 +1446,20 @@ impl Downstream {
                 pos = 0;
                 continue;
             }
-            if fixup {
+            if fixup && tag == b'C' {
+                pooled::note_command_complete(shared, &self.buf[pos..pos + size]);
+            } else if fixup {
                 let kept = match self.fix_up(tag, shared) {
                     pooled::Reply::Forward => None,
                     pooled::Reply::Drop => Some(&[][..]),
                     pooled::Reply::ParseComplete => Some(&b"1\0\0\0\x04"[..]),
+                    pooled::Reply::Unexpected => {
+                        shared.ambiguous.store(true, Ordering::Relaxed);
+                        self.end = Some(RelayEnd::ServerProtocol(WireError::Unexpected(
+                            tag as char,
+                        )));
+                        return Ok(pos);
+                    }
                 };
                 if let Some(replacement) = kept {
                     self.out.extend_from_slice(&self.buf[..pos]);

@@ -58,6 +58,25 @@ pub struct LeaseState {
     /// Client statement names whose Parse did not run (an earlier error skipped it):
     /// they leave the client's view, as they never were on the server.
     unparsed: Vec<Vec<u8>>,
+    /// DEALLOCATE ALL / DISCARD ALL sent, and not answered yet: the statements they took
+    /// out of the client's view go back if they did not run (a failed transaction, an
+    /// error before them).
+    drops: Vec<PendingDrop>,
+}
+
+struct PendingDrop {
+    /// The sync point whose ReadyForQuery ends the batch it is in.
+    batch: u64,
+    statements: Vec<(Vec<u8>, ClientStatement)>,
+    /// Its CommandComplete came.
+    ran: bool,
+}
+
+impl LeaseState {
+    /// Replies are still to be matched with what rolegate sent.
+    fn has_pending(&self) -> bool {
+        !self.fixups.is_empty() || !self.drops.is_empty()
+    }
 }
 
 struct Fixup {
@@ -71,6 +90,21 @@ struct Fixup {
     /// The client's statement this Close removes from its view: back in the view if
     /// the server skipped the Close (an error earlier in the batch), as it keeps it then.
     reopens: Option<(Vec<u8>, ClientStatement)>,
+}
+
+impl Fixup {
+    /// Whether its outcome changes the client's statements or what the backend session
+    /// has prepared.
+    fn decides_names(&self) -> bool {
+        self.client_name.is_some()
+            || self.reopens.is_some()
+            || matches!(
+                self.action,
+                FixupAction::Forward { prepares: true }
+                    | FixupAction::Swallow { prepares: true }
+                    | FixupAction::Evicted
+            )
+    }
 }
 
 enum FixupAction {
@@ -87,6 +121,12 @@ enum FixupAction {
     Evicted,
     /// A Close of rolegate's own whose reply stays here, whatever happened.
     Drop,
+    /// The client's Parse of a name it has already, sent under the server name of the
+    /// statement that name has, which the backend session has: the server fails it as
+    /// it would have failed the client's (a syntax error, 25P02 in a failed
+    /// transaction, 42P05), or skips it. A ParseComplete would mean the shared
+    /// statement now has the client's text: the backend session is closed.
+    Duplicate,
 }
 
 /// What becomes of one ParseComplete / CloseComplete.
@@ -94,6 +134,8 @@ pub(super) enum Reply {
     Forward,
     Drop,
     ParseComplete,
+    /// A reply that cannot be right: the backend session's state is not known.
+    Unexpected,
 }
 
 /// The client's prepared statements, as it sees them.
@@ -124,10 +166,33 @@ struct ClientStatement {
     server_name: Bytes,
     /// The parse context `server_name` was made for (see `ClientStatements::context`).
     context: u64,
+    /// Mixed into the context for a second name of one text: each of the client's names
+    /// then has a server name of its own, and an error names the right one.
+    salt: u64,
     /// The Parse body after the name: text (as judged and maybe rewritten), types.
     text_and_tail: Bytes,
     /// What running it leaves in the session.
     effects: SessionEffects,
+}
+
+impl ClientStatement {
+    /// Its server name in parse context `context` (settings changed since its Parse:
+    /// prepared again as they are now).
+    fn server_name_in(&self, context: u64) -> Bytes {
+        if self.context == context {
+            self.server_name.clone()
+        } else {
+            crate::pool::statement_name(&self.text_and_tail, context ^ self.salt)
+        }
+    }
+}
+
+/// The salt for a client statement name (never 0: 0 means none).
+fn salt_for(name: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::hash::DefaultHasher::new();
+    name.hash(&mut hasher);
+    hasher.finish() | 1
 }
 
 /// At most this many custom setting names are followed per client.
@@ -144,6 +209,10 @@ impl ClientStatements {
         let mut statements = ClientStatements::default();
         statements.bytes_gauge = Some(pool.stats.client_statement_bytes.clone());
         statements
+    }
+
+    pub(super) fn has_named(&self, name: &[u8]) -> bool {
+        self.named.contains_key(name)
     }
 
     fn insert(&mut self, name: Vec<u8>, statement: ClientStatement) {
@@ -168,6 +237,13 @@ impl ClientStatements {
     fn clear(&mut self) {
         self.named.clear();
         self.account(-(self.bytes as i64));
+    }
+
+    /// Takes every named statement out of the view.
+    fn take_all(&mut self) -> Vec<(Vec<u8>, ClientStatement)> {
+        let all: Vec<_> = self.named.drain().collect();
+        self.account(-(self.bytes as i64));
+        all
     }
 
     fn account(&mut self, delta: i64) {
@@ -321,9 +397,33 @@ pub(super) fn batch_answered(shared: &Shared, ready: u64) {
         }
         lease.reopened.extend(fixup.reopens);
     }
+    let mut i = 0;
+    while i < lease.drops.len() {
+        if lease.drops[i].batch <= ready {
+            let drop = lease.drops.remove(i);
+            if !drop.ran {
+                lease.reopened.extend(drop.statements);
+            }
+        } else {
+            i += 1;
+        }
+    }
     shared
         .has_fixups
-        .store(!lease.fixups.is_empty(), Ordering::Relaxed);
+        .store(lease.has_pending(), Ordering::Relaxed);
+}
+
+/// A CommandComplete while a DEALLOCATE ALL or DISCARD ALL waits for its answer: if it is
+/// that answer, the statements it took out of the client's view are gone on the server.
+pub(super) fn note_command_complete(shared: &Shared, frame: &[u8]) {
+    let body = &frame[5..];
+    if body != b"DISCARD ALL\0" && body != b"DEALLOCATE ALL\0" {
+        return;
+    }
+    let mut lease = lease_state(shared);
+    if let Some(drop) = lease.drops.iter_mut().find(|d| !d.ran) {
+        drop.ran = true;
+    }
 }
 
 impl Downstream {
@@ -344,11 +444,12 @@ impl Downstream {
         };
         shared
             .has_fixups
-            .store(!lease.fixups.is_empty(), Ordering::Relaxed);
+            .store(lease.has_pending(), Ordering::Relaxed);
         match fixup.action {
             FixupAction::Forward { .. } => Reply::Forward,
             FixupAction::Swallow { .. } | FixupAction::Evicted | FixupAction::Drop => Reply::Drop,
             FixupAction::AsParseComplete => Reply::ParseComplete,
+            FixupAction::Duplicate => Reply::Unexpected,
         }
     }
 
@@ -357,7 +458,7 @@ impl Downstream {
     pub(super) fn may_release(&self, shared: &Shared) -> bool {
         self.may_release_after_end(shared) && {
             let lease = lease_state(shared);
-            (!lease.pinned || lease.unpin_candidate) && lease.fixups.is_empty()
+            (!lease.pinned || lease.unpin_candidate) && !lease.has_pending()
         }
     }
 }
@@ -442,6 +543,29 @@ impl Upstream<'_> {
             .map_or(&NONE, |statements| &statements.custom_settings)
     }
 
+    /// Whether a frame naming a prepared statement must wait for the server's answers to
+    /// an earlier batch: a Parse or Close in it may not have run (an error before it
+    /// skips to Sync), and until that is known neither the client's view of its names
+    /// nor the list of what the backend session has prepared can be trusted. Not while
+    /// a COPY runs or the replies are not known anyway: the server may then wait for the
+    /// client.
+    pub(super) fn waits_for_earlier_batch(&self, shared: &Shared) -> bool {
+        if !shared.has_fixups.load(Ordering::Relaxed)
+            || self.copy_data_open
+            || shared.copy_ins.load(Ordering::Relaxed) > self.copy_ins_ended
+            || shared.ambiguous.load(Ordering::Relaxed)
+        {
+            return false;
+        }
+        let batch = self.sync_points + 1;
+        let lease = lease_state(shared);
+        lease
+            .fixups
+            .iter()
+            .any(|f| f.batch < batch && f.decides_names())
+            || lease.drops.iter().any(|d| d.batch < batch)
+    }
+
     /// Drops from the client's view the statements whose Parse did not run.
     fn forget_unparsed(&mut self, shared: &Shared) {
         let (unparsed, reopened) = {
@@ -498,6 +622,7 @@ impl Upstream<'_> {
         let statement = ClientStatement {
             server_name: Bytes::new(),
             context: 0,
+            salt: 0,
             text_and_tail,
             effects: self.last_effects,
         };
@@ -534,21 +659,43 @@ impl Upstream<'_> {
                 );
             }
         }
-        if self
-            .pooled
-            .as_ref()
-            .is_some_and(|s| s.named.contains_key(&name))
-        {
-            return refusal(
-                "42P05",
-                format!(
-                    "prepared statement \"{}\" already exists",
-                    String::from_utf8_lossy(&name)
-                ),
-            );
+        if let Some(existing) = self.pooled.as_ref().and_then(|s| s.named.get(&name)) {
+            // PostgreSQL parses and analyses the new text before it finds the name taken:
+            // the server is asked the same, under the name the statement has there.
+            let context = self.parse_context(&lease);
+            let server_name = existing.server_name_in(context);
+            note_client_name(&mut lease, &server_name, &name);
+            let mut out = BytesMut::new();
+            if !lease.prepared.contains(&server_name) {
+                let existing_text = existing.text_and_tail.clone();
+                self.prepare_on_server(
+                    shared,
+                    &mut lease,
+                    &mut out,
+                    &server_name,
+                    &existing_text,
+                    true,
+                );
+            }
+            put_parse(&mut out, &server_name, &statement.text_and_tail);
+            self.record(shared, &mut lease, b'1', FixupAction::Duplicate);
+            return Decision::Replace {
+                frame: out,
+                restore_role: false,
+            };
         }
         let context = self.parse_context(&lease);
-        let server_name = crate::pool::statement_name(&statement.text_and_tail, context);
+        // A second name for one text gets a server name of its own (errors name it).
+        let unsalted = crate::pool::statement_name(&statement.text_and_tail, context);
+        let salt = match lease.client_names.get(&unsalted) {
+            Some(other) if *other != name => salt_for(&name),
+            _ => 0,
+        };
+        let server_name = if salt == 0 {
+            unsalted
+        } else {
+            crate::pool::statement_name(&statement.text_and_tail, context ^ salt)
+        };
         note_client_name(&mut lease, &server_name, &name);
         let mut out = BytesMut::new();
         if lease.prepared.contains(&server_name) {
@@ -576,6 +723,7 @@ impl Upstream<'_> {
                 ClientStatement {
                     server_name,
                     context,
+                    salt,
                     ..statement
                 },
             );
@@ -694,11 +842,7 @@ impl Upstream<'_> {
         } else {
             let context = self.parse_context(&lease);
             // (Settings changed since the client's Parse: prepared again as they are now.)
-            let server_name = if statement.context == context {
-                statement.server_name.clone()
-            } else {
-                crate::pool::statement_name(&statement.text_and_tail, context)
-            };
+            let server_name = statement.server_name_in(context);
             note_client_name(&mut lease, &server_name, name);
             if !lease.prepared.contains(&server_name) {
                 self.prepare_on_server(
@@ -814,10 +958,19 @@ impl Upstream<'_> {
         lease.unpin_candidate |= effects.unpins && lease.pinned;
         if effects.drops_prepared {
             lease.prepared.forget_all();
-            drop(lease);
-            if let Some(statements) = self.pooled.as_mut() {
-                statements.clear();
-            }
+            // Out of the client's view now (what follows in the batch runs only if it
+            // ran); back when its batch is answered without its CommandComplete.
+            let statements = self
+                .pooled
+                .as_mut()
+                .map(|statements| statements.take_all())
+                .unwrap_or_default();
+            lease.drops.push(PendingDrop {
+                batch: self.sync_points + 1,
+                statements,
+                ran: false,
+            });
+            shared.has_fixups.store(true, Ordering::Relaxed);
         }
     }
 
@@ -1187,6 +1340,11 @@ where
     for fixup in state.fixups.drain(..) {
         unparsed.extend(fixup.client_name);
         reopened.extend(fixup.reopens);
+    }
+    for drop in state.drops.drain(..) {
+        if !drop.ran {
+            reopened.extend(drop.statements);
+        }
     }
     up.forget_statements(unparsed, reopened);
     shared.has_fixups.store(false, Ordering::Relaxed);
