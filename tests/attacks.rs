@@ -475,3 +475,96 @@ async fn prepared_now_of_another_client() {
         "B prepared after {before_b:?} and got {of_b:?}, A's moment {of_a:?}"
     );
 }
+
+fn sync(out: &mut bytes::BytesMut) {
+    put_frame(out, b'S', b"");
+}
+
+fn close_statement(out: &mut bytes::BytesMut, name: &str) {
+    let mut body = b"S".to_vec();
+    body.extend_from_slice(name.as_bytes());
+    body.push(0);
+    put_frame(out, b'C', &body);
+}
+
+/// `current_user` as the client sees it.
+async fn current_user(client: &mut RawClient) -> String {
+    let mut out = bytes::BytesMut::new();
+    query(&mut out, "SELECT current_user::text");
+    client.send(&out).await;
+    client.data_values().await.join(",")
+}
+
+/// A statement name that holds DISCARD ALL on the server keeps its check however
+/// rolegate is told the name changed when the server did not change it: a second Parse
+/// of the name (42P05), a Close or a simple Query that an earlier error made the server
+/// skip. Each batch is sent after the one before was answered. The check is what a user
+/// sees: anything after DISCARD ALL's Execute before Sync is refused (25001), as rolegate
+/// must set the role again right after it (PostgreSQL keeps the role too, as rolegate
+/// passes it at startup: this is the first of the two lines). On the code before this
+/// test, the Bind ran unchecked and the pipeline after it went through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_that_holds_discard_all_keeps_its_check() {
+    let db = TestDb::create("att_discard_name").await;
+    for (mode, options) in [("session", Options::default()), ("transaction", pooled(1))] {
+        let rg = Rolegate::start_with(&db, options).await;
+        let then_more = |out: &mut bytes::BytesMut, name: &str| {
+            bind_execute(out, name, &[]);
+            extended(out, "SELECT current_user", &[]);
+            sync(out);
+        };
+        let mut attacks: Vec<(&str, Vec<bytes::BytesMut>)> = Vec::new();
+        let (mut a, mut b, mut c) = Default::default();
+        parse(&mut a, "s_discard", "DISCARD ALL");
+        sync(&mut a);
+        parse(&mut b, "s_discard", "SELECT 1");
+        sync(&mut b);
+        then_more(&mut c, "s_discard");
+        attacks.push(("a failed second Parse", vec![a, b, c]));
+        let (mut a, mut b, mut c) = Default::default();
+        parse(&mut a, "s_discard", "DISCARD ALL");
+        sync(&mut a);
+        extended(&mut b, "SELECT 1 / 0", &[]);
+        close_statement(&mut b, "s_discard");
+        sync(&mut b);
+        then_more(&mut c, "s_discard");
+        attacks.push(("a skipped Close", vec![a, b, c]));
+        if mode == "session" {
+            // (Transaction mode re-parses the unnamed statement from its own record.)
+            let (mut a, mut b, mut c) = Default::default();
+            parse(&mut a, "", "DISCARD ALL");
+            sync(&mut a);
+            parse(&mut b, "s_fail", "SELECT 1 / 0");
+            bind_execute(&mut b, "s_fail", &[]);
+            query(&mut b, "SELECT 1");
+            sync(&mut b);
+            then_more(&mut c, "");
+            attacks.push(("a skipped Query", vec![a, b, c]));
+        }
+        for (attack, batches) in attacks {
+            let mut client = RawClient::login(rg.port, "web", "web-pw", &db.name).await;
+            let role = current_user(&mut client).await;
+            let mut last_errors = Vec::new();
+            for batch in batches {
+                client.send(&batch).await;
+                last_errors = client.until_ready().await.1;
+            }
+            let codes: Vec<&str> = last_errors
+                .iter()
+                .flatten()
+                .filter(|(field, _)| *field == b'C')
+                .map(|(_, code)| code.as_str())
+                .collect();
+            assert_eq!(
+                codes,
+                ["25001"],
+                "{mode} mode, {attack}: what follows DISCARD ALL is refused"
+            );
+            assert_eq!(
+                current_user(&mut client).await,
+                role,
+                "{mode} mode, {attack}: the session keeps its role"
+            );
+        }
+    }
+}

@@ -711,10 +711,12 @@ impl<'a> Upstream<'a> {
         while let Some((tag, len)) = wire::peek_header(&self.buf[pos..]) {
             let size = wire::frame_size(len, self.ctx.max_message_bytes)?;
             let available = self.buf.len() - pos;
+            // (A Query may be DEALLOCATE ALL or DISCARD ALL.)
             if self.pooled.is_some()
-                && matches!(tag, b'P' | b'B' | b'D' | b'C')
-                && available >= size
-                && names_a_statement(tag, &self.buf[pos + 5..pos + size])
+                && (tag == b'Q'
+                    || matches!(tag, b'P' | b'B' | b'D' | b'C')
+                        && available >= size
+                        && names_a_statement(tag, &self.buf[pos + 5..pos + size]))
                 && self.waits_for_earlier_batch(shared)
             {
                 self.held = true;
@@ -1446,9 +1448,8 @@ impl Downstream {
                 pos = 0;
                 continue;
             }
-            if fixup && tag == b'C' {
-                pooled::note_command_complete(shared, &self.buf[pos..pos + size]);
-            } else if fixup {
+            // (Of CommandCompletes, only DEALLOCATE ALL's and DISCARD ALL's are recorded.)
+            if fixup && (tag != b'C' || pooled::drops_all(&self.buf[pos..pos + size])) {
                 let kept = match self.fix_up(tag, shared) {
                     pooled::Reply::Forward => None,
                     pooled::Reply::Drop => Some(&[][..]),

@@ -53,29 +53,29 @@ pub struct LeaseState {
     /// The client's name for each server-side statement name it used, so that the
     /// server's errors name the client's statement (kept from lease to lease).
     client_names: HashMap<Bytes, Vec<u8>>,
-    /// Client statements whose Close did not run: back in the client's view.
-    reopened: Vec<(Vec<u8>, ClientStatement)>,
-    /// Client statement names whose Parse did not run (an earlier error skipped it):
-    /// they leave the client's view, as they never were on the server.
-    unparsed: Vec<Vec<u8>>,
-    /// DEALLOCATE ALL / DISCARD ALL sent, and not answered yet: the statements they took
-    /// out of the client's view go back if they did not run (a failed transaction, an
-    /// error before them).
-    drops: Vec<PendingDrop>,
+    /// What the server did not do of what the client's view already shows, oldest
+    /// first: undone newest first (a skipped Parse and Close of one name leave it as it
+    /// was, in either order).
+    undo: Vec<Undo>,
 }
 
-struct PendingDrop {
-    /// The sync point whose ReadyForQuery ends the batch it is in.
-    batch: u64,
-    statements: Vec<(Vec<u8>, ClientStatement)>,
-    /// Its CommandComplete came.
-    ran: bool,
+/// One change to the client's view of its statements that did not happen on the server.
+enum Undo {
+    /// A Parse did not run: the name was never the server's.
+    Unparse(Vec<u8>),
+    /// A Close, DEALLOCATE ALL or DISCARD ALL did not run: the statements are back.
+    Reopen(Vec<(Vec<u8>, ClientStatement)>),
 }
 
 impl LeaseState {
-    /// Replies are still to be matched with what rolegate sent.
-    fn has_pending(&self) -> bool {
-        !self.fixups.is_empty() || !self.drops.is_empty()
+    /// What a recorded message that got no reply did not do.
+    fn undo(&mut self, fixup: Fixup) {
+        if let Some(name) = fixup.client_name {
+            self.undo.push(Undo::Unparse(name));
+        }
+        if !fixup.reopens.is_empty() {
+            self.undo.push(Undo::Reopen(fixup.reopens));
+        }
     }
 }
 
@@ -87,9 +87,10 @@ struct Fixup {
     action: FixupAction,
     /// The client's statement this Parse (or stand-in) creates.
     client_name: Option<Vec<u8>>,
-    /// The client's statement this Close removes from its view: back in the view if
-    /// the server skipped the Close (an error earlier in the batch), as it keeps it then.
-    reopens: Option<(Vec<u8>, ClientStatement)>,
+    /// The client's statements this Close (or DEALLOCATE ALL, DISCARD ALL) removes from
+    /// its view: back in the view if the server skipped it (an error earlier in the
+    /// batch, a failed transaction), as it keeps them then.
+    reopens: Vec<(Vec<u8>, ClientStatement)>,
 }
 
 impl Fixup {
@@ -97,7 +98,7 @@ impl Fixup {
     /// has prepared.
     fn decides_names(&self) -> bool {
         self.client_name.is_some()
-            || self.reopens.is_some()
+            || !self.reopens.is_empty()
             || matches!(
                 self.action,
                 FixupAction::Forward { prepares: true }
@@ -121,6 +122,8 @@ enum FixupAction {
     Evicted,
     /// A Close of rolegate's own whose reply stays here, whatever happened.
     Drop,
+    /// The client's DEALLOCATE ALL or DISCARD ALL: answered by its CommandComplete.
+    DropsAll,
     /// The client's Parse of a name it has already, sent under the server name of the
     /// statement that name has, which the backend session has: the server fails it as
     /// it would have failed the client's (a syntax error, 25P02 in a failed
@@ -392,38 +395,17 @@ pub(super) fn batch_answered(shared: &Shared, ready: u64) {
             | FixupAction::Evicted => lease.prepared.forget_all(),
             _ => {}
         }
-        if let Some(name) = fixup.client_name {
-            lease.unparsed.push(name);
-        }
-        lease.reopened.extend(fixup.reopens);
-    }
-    let mut i = 0;
-    while i < lease.drops.len() {
-        if lease.drops[i].batch <= ready {
-            let drop = lease.drops.remove(i);
-            if !drop.ran {
-                lease.reopened.extend(drop.statements);
-            }
-        } else {
-            i += 1;
-        }
+        lease.undo(fixup);
     }
     shared
         .has_fixups
-        .store(lease.has_pending(), Ordering::Relaxed);
+        .store(!lease.fixups.is_empty(), Ordering::Relaxed);
 }
 
-/// A CommandComplete while a DEALLOCATE ALL or DISCARD ALL waits for its answer: if it is
-/// that answer, the statements it took out of the client's view are gone on the server.
-pub(super) fn note_command_complete(shared: &Shared, frame: &[u8]) {
+/// Whether a CommandComplete is that of DEALLOCATE ALL or DISCARD ALL.
+pub(super) fn drops_all(frame: &[u8]) -> bool {
     let body = &frame[5..];
-    if body != b"DISCARD ALL\0" && body != b"DEALLOCATE ALL\0" {
-        return;
-    }
-    let mut lease = lease_state(shared);
-    if let Some(drop) = lease.drops.iter_mut().find(|d| !d.ran) {
-        drop.ran = true;
-    }
+    body == b"DISCARD ALL\0" || body == b"DEALLOCATE ALL\0"
 }
 
 impl Downstream {
@@ -444,9 +426,9 @@ impl Downstream {
         };
         shared
             .has_fixups
-            .store(lease.has_pending(), Ordering::Relaxed);
+            .store(!lease.fixups.is_empty(), Ordering::Relaxed);
         match fixup.action {
-            FixupAction::Forward { .. } => Reply::Forward,
+            FixupAction::Forward { .. } | FixupAction::DropsAll => Reply::Forward,
             FixupAction::Swallow { .. } | FixupAction::Evicted | FixupAction::Drop => Reply::Drop,
             FixupAction::AsParseComplete => Reply::ParseComplete,
             FixupAction::Duplicate => Reply::Unexpected,
@@ -458,7 +440,7 @@ impl Downstream {
     pub(super) fn may_release(&self, shared: &Shared) -> bool {
         self.may_release_after_end(shared) && {
             let lease = lease_state(shared);
-            (!lease.pinned || lease.unpin_candidate) && !lease.has_pending()
+            (!lease.pinned || lease.unpin_candidate) && lease.fixups.is_empty()
         }
     }
 }
@@ -477,7 +459,7 @@ impl Upstream<'_> {
             reply,
             action,
             client_name: None,
-            reopens: None,
+            reopens: Vec::new(),
         });
         shared.has_fixups.store(true, Ordering::Relaxed);
     }
@@ -558,41 +540,30 @@ impl Upstream<'_> {
             return false;
         }
         let batch = self.sync_points + 1;
-        let lease = lease_state(shared);
-        lease
+        lease_state(shared)
             .fixups
             .iter()
             .any(|f| f.batch < batch && f.decides_names())
-            || lease.drops.iter().any(|d| d.batch < batch)
     }
 
-    /// Drops from the client's view the statements whose Parse did not run.
+    /// Undoes in the client's view what the server did not do.
     fn forget_unparsed(&mut self, shared: &Shared) {
-        let (unparsed, reopened) = {
-            let mut lease = lease_state(shared);
-            (
-                std::mem::take(&mut lease.unparsed),
-                std::mem::take(&mut lease.reopened),
-            )
-        };
-        self.forget_statements(unparsed, reopened);
+        let undo = std::mem::take(&mut lease_state(shared).undo);
+        self.forget_statements(undo);
     }
 
-    /// What the server did not do, undone in the client's view: Parses that did not
-    /// run, then Closes that did not run (in that order: a skipped Close and Parse of
-    /// one name leave the statement as it was).
-    fn forget_statements(
-        &mut self,
-        unparsed: Vec<Vec<u8>>,
-        reopened: Vec<(Vec<u8>, ClientStatement)>,
-    ) {
-        if let Some(statements) = self.pooled.as_mut() {
-            for name in unparsed {
-                statements.remove(&name);
-            }
-            for (name, statement) in reopened {
-                if !statements.named.contains_key(&name) {
-                    statements.insert(name, statement);
+    /// Undoes `undo` (oldest first) in the client's view, newest first.
+    fn forget_statements(&mut self, undo: Vec<Undo>) {
+        let Some(statements) = self.pooled.as_mut() else {
+            return;
+        };
+        for step in undo.into_iter().rev() {
+            match step {
+                Undo::Unparse(name) => statements.remove(&name),
+                Undo::Reopen(reopened) => {
+                    for (name, statement) in reopened {
+                        statements.insert(name, statement);
+                    }
                 }
             }
         }
@@ -905,7 +876,7 @@ impl Upstream<'_> {
             Some(name) if !name.is_empty() => {
                 if let Some(closed) = statements.take(&name) {
                     if let Some(last) = lease_state(shared).fixups.back_mut() {
-                        last.reopens = Some((name, closed));
+                        last.reopens = vec![(name, closed)];
                     }
                 }
                 let mut out = BytesMut::new();
@@ -960,17 +931,11 @@ impl Upstream<'_> {
             lease.prepared.forget_all();
             // Out of the client's view now (what follows in the batch runs only if it
             // ran); back when its batch is answered without its CommandComplete.
-            let statements = self
-                .pooled
-                .as_mut()
-                .map(|statements| statements.take_all())
-                .unwrap_or_default();
-            lease.drops.push(PendingDrop {
-                batch: self.sync_points + 1,
-                statements,
-                ran: false,
-            });
-            shared.has_fixups.store(true, Ordering::Relaxed);
+            self.record(shared, &mut lease, b'C', FixupAction::DropsAll);
+            if let (Some(statements), Some(last)) = (self.pooled.as_mut(), lease.fixups.back_mut())
+            {
+                last.reopens = statements.take_all();
+            }
         }
     }
 
@@ -1335,18 +1300,10 @@ where
     lease_state(shared).client_names = std::mem::take(&mut state.client_names);
     // (Parses and Closes still unanswered when the backend session was lost never
     // ran either.)
-    let mut unparsed = std::mem::take(&mut state.unparsed);
-    let mut reopened = std::mem::take(&mut state.reopened);
-    for fixup in state.fixups.drain(..) {
-        unparsed.extend(fixup.client_name);
-        reopened.extend(fixup.reopens);
+    while let Some(fixup) = state.fixups.pop_front() {
+        state.undo(fixup);
     }
-    for drop in state.drops.drain(..) {
-        if !drop.ran {
-            reopened.extend(drop.statements);
-        }
-    }
-    up.forget_statements(unparsed, reopened);
+    up.forget_statements(std::mem::take(&mut state.undo));
     shared.has_fixups.store(false, Ordering::Relaxed);
     let conn = lease.conn();
     conn.prepared = state.prepared;
