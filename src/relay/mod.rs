@@ -27,7 +27,10 @@ use crate::policy::{PassActions, Policy, Refusal, Requester, SessionVerdicts};
 use crate::tls::MaybeTls;
 use crate::wire::{self, ErrorFields, WireError};
 
+mod checks;
 pub mod pooled;
+
+use checks::{StatementCheck, StatementChecks};
 
 /// Size of the read buffers; a read fills at most what is free in them.
 const READ_CHUNK: usize = 16 * 1024;
@@ -671,6 +674,24 @@ impl<'a> Upstream<'a> {
         }
     }
 
+    /// Transaction pooling: a Bind too large to hold whose head (portal and statement
+    /// names) has arrived, and that needs no look at its parameters: how many bytes of it
+    /// (from `pos`) to judge it by.
+    fn large_bind_head(&self, tag: u8, pos: usize, size: usize, available: usize) -> Option<usize> {
+        const LARGE_BIND: usize = 64 * 1024;
+        if tag != b'B' || size < LARGE_BIND || self.pooled.is_none() || self.discard_all_in_batch {
+            return None;
+        }
+        let body = &self.buf[pos + 5..pos + available];
+        let portal_end = body.iter().position(|&b| b == 0)?;
+        let name_len = body[portal_end + 1..].iter().position(|&b| b == 0)?;
+        let name = &body[portal_end + 1..portal_end + 1 + name_len];
+        if self.statement_checks.get(name).is_some() {
+            return None;
+        }
+        Some(5 + portal_end + 1 + name_len + 1)
+    }
+
     /// The frame being judged runs whatever the server answered before it: nothing of
     /// an extended batch (whose error would skip it) or of a COPY (which it would end
     /// with an error) is in front of it.
@@ -742,6 +763,7 @@ impl<'a> Upstream<'a> {
                     b'X' if self.pooled.is_some() => return Ok((pos - size, true)),
                     b'S' => {
                         self.unsynced = false;
+                        self.statement_checks.end_batch();
                         self.sync_points += 1;
                         self.syncs_since_execute += 1;
                         if std::mem::take(&mut self.discard_all_in_batch) {
@@ -783,11 +805,16 @@ impl<'a> Upstream<'a> {
             // A statement longer than the policy judges is refused without buffering it.
             let oversized = matches!(tag, b'Q' | b'P')
                 && size - 5 > self.ctx.policy.max_statement_bytes() + 1024;
-            if available < size && !oversized {
+            let head = (available < size && !oversized)
+                .then(|| self.large_bind_head(tag, pos, size, available))
+                .flatten();
+            if available < size && !oversized && head.is_none() {
                 break;
             }
             let decision = if oversized {
                 Decision::Refuse(Box::new(oversized_refusal(size - 5)))
+            } else if head.is_some() {
+                self.pooled_use(tag, pos, size, head, shared)
             } else {
                 self.decide(tag, pos, size, shared)
             };
@@ -800,6 +827,7 @@ impl<'a> Upstream<'a> {
                     if matches!(tag, b'Q' | b'F') {
                         self.sync_points += 1;
                         self.syncs_since_execute = 0;
+                        self.statement_checks.end_batch();
                     }
                     if restore_role {
                         self.restore_role_after(pos, shared);
@@ -817,10 +845,21 @@ impl<'a> Upstream<'a> {
                     if tag == b'Q' {
                         self.sync_points += 1;
                         self.syncs_since_execute = 0;
+                        self.statement_checks.end_batch();
                     }
                     if restore_role {
                         self.restore_role_after(0, shared);
                     }
+                }
+                Decision::ReplaceHead { frame, consumed } => {
+                    self.out.extend_from_slice(&self.buf[..pos]);
+                    self.out.extend_from_slice(&frame);
+                    self.buf.advance(pos + consumed);
+                    let rest = size - consumed;
+                    let here = rest.min(self.buf.len());
+                    self.passthrough = rest - here;
+                    pos = here;
+                    break;
                 }
                 Decision::Refuse(refusal) => {
                     // Everything before the refused frame goes out first, via `out`.
@@ -883,9 +922,10 @@ impl<'a> Upstream<'a> {
             }
             b'C' => {
                 if let Some(name) = body.strip_prefix(b"S").and_then(|n| n.strip_suffix(&[0])) {
-                    if self.runs_for_certain(shared) {
+                    if !self.statement_checks.is_empty() {
                         let name = name.to_vec();
-                        forget_statement_check(&mut self.statement_checks, &name);
+                        let certain = self.runs_for_certain(shared);
+                        self.statement_checks.replace(&name, None, certain);
                     }
                 }
                 if self.pooled.is_some() {
@@ -893,36 +933,32 @@ impl<'a> Upstream<'a> {
                 }
                 FORWARD
             }
-            b'D' => self.pooled_use(tag, pos, size, shared),
+            b'D' => self.pooled_use(tag, pos, size, None, shared),
             b'B' => {
                 let Some(BindParts { statement, params }) = bind_parts(body) else {
                     return Decision::Refuse(Box::new(malformed_refusal("Bind")));
                 };
                 let refusal = match self.statement_checks.get(statement) {
-                    Some(StatementCheck::DiscardAll)
-                        if shared.ambiguous.load(Ordering::Relaxed) =>
+                    Some(check)
+                        if check.discard_all && shared.ambiguous.load(Ordering::Relaxed) =>
                     {
                         Some(ambiguous_discard_refusal())
                     }
-                    Some(StatementCheck::DiscardAll) => {
-                        self.discard_all_in_batch = true;
-                        None
-                    }
-                    Some(StatementCheck::Bound {
-                        setting_names,
-                        encodings,
-                    }) => {
+                    Some(check) => {
+                        self.discard_all_in_batch |= check.discard_all;
                         // NULL or missing: the server refuses it itself ("SET requires
                         // parameter name", or a parameter count mismatch).
                         let bound = |n: &u16| params.get(usize::from(*n) - 1).copied().flatten();
                         let policy = self.ctx.policy;
                         let who = &self.ctx.requester;
-                        setting_names
+                        check
+                            .setting_names
                             .iter()
                             .filter_map(bound)
                             .find_map(|name| policy.check_bound_setting(who, name))
                             .or_else(|| {
-                                encodings
+                                check
+                                    .encodings
                                     .iter()
                                     .filter_map(bound)
                                     .find_map(|value| policy.check_bound_encoding(who, value))
@@ -932,7 +968,7 @@ impl<'a> Upstream<'a> {
                 };
                 match refusal {
                     Some(r) => Decision::Refuse(Box::new(r)),
-                    None if self.pooled.is_some() => self.pooled_use(tag, pos, size, shared),
+                    None if self.pooled.is_some() => self.pooled_use(tag, pos, size, None, shared),
                     None => FORWARD,
                 }
             }
@@ -979,14 +1015,15 @@ impl<'a> Upstream<'a> {
                 Ok(pass) => pass,
                 Err(refusal) => return Decision::Refuse(Box::new(refusal)),
             };
-        // Whether this text replaces what `name` had: only a Query certain to run (see
-        // `runs_for_certain`); a Parse may fail (a name in use, a syntax error, a failed
-        // transaction) or be skipped, and the old statement stays.
-        let replaces = tag == b'Q' && self.runs_for_certain(shared);
+        // Whether the server certainly carries it out (see `runs_for_certain`): a Query,
+        // or a Parse of the unnamed statement (PostgreSQL drops that first thing, even if
+        // the new text then fails), in front of which nothing can fail. A Parse of a
+        // named statement may fail (a name in use, a syntax error, a failed transaction).
+        let certain = (tag == b'Q' || name.is_empty()) && self.runs_for_certain(shared);
         let Some(pass) = pass.actions() else {
             self.last_effects = Default::default();
-            if replaces && !self.statement_checks.is_empty() {
-                forget_statement_check(&mut self.statement_checks, name);
+            if !self.statement_checks.is_empty() {
+                self.statement_checks.replace(name, None, certain);
             }
             return Decision::Forward {
                 restore_role: false,
@@ -1010,16 +1047,14 @@ impl<'a> Upstream<'a> {
                 }
             }
         }
-        let check = if discard_all {
-            Some(StatementCheck::DiscardAll)
-        } else if !bound_setting_names.is_empty() || !bound_encodings.is_empty() {
-            Some(StatementCheck::Bound {
-                setting_names: bound_setting_names,
-                encodings: bound_encodings,
-            })
-        } else {
-            None
-        };
+        // (A Query's DISCARD ALL sets the role again itself, see `restore_role`.)
+        let check = (tag == b'P'
+            && (discard_all || !bound_setting_names.is_empty() || !bound_encodings.is_empty()))
+        .then_some(StatementCheck {
+            discard_all,
+            setting_names: bound_setting_names,
+            encodings: bound_encodings,
+        });
         // (A Parse of a name the pooled client has already fails: the check stays as is.)
         let duplicate = tag == b'P'
             && !name.is_empty()
@@ -1027,14 +1062,8 @@ impl<'a> Upstream<'a> {
                 .pooled
                 .as_ref()
                 .is_some_and(|statements| statements.has_named(name));
-        match check {
-            Some(check) if tag == b'P' && !duplicate => {
-                add_statement_check(&mut self.statement_checks, name, check)
-            }
-            _ if replaces && !self.statement_checks.is_empty() => {
-                forget_statement_check(&mut self.statement_checks, name)
-            }
-            _ => {}
+        if !duplicate {
+            self.statement_checks.replace(name, check, certain);
         }
         let restore_role = tag == b'Q' && discard_all;
         if discard_all && shared.ambiguous.load(Ordering::Relaxed) {
@@ -1144,6 +1173,12 @@ enum Decision {
     },
     /// Boxed: refusals are rare, and a small `Decision` keeps the common path cheap.
     Refuse(Box<Refusal>),
+    /// Transaction pooling, a large Bind judged by its head: send `frame`, skip the first
+    /// `consumed` bytes of the client's frame and pass the rest through.
+    ReplaceHead {
+        frame: BytesMut,
+        consumed: usize,
+    },
 }
 
 /// What goes to the server in place of a refused frame: a statement that fails in the
@@ -1155,61 +1190,6 @@ enum StandIn {
     OwnParse,
     /// A simple Query (the refused frame was a Query or FunctionCall).
     Query,
-}
-
-/// A prepared statement whose Bind rolegate looks at.
-enum StatementCheck {
-    /// DISCARD ALL: nothing may follow its Execute before Sync.
-    DiscardAll,
-    /// `set_config`'s setting name, or the client_encoding it sets, comes from these
-    /// parameters ($n).
-    Bound {
-        setting_names: Vec<u16>,
-        encodings: Vec<u16>,
-    },
-}
-
-type StatementChecks = std::collections::HashMap<Vec<u8>, StatementCheck>;
-
-/// A Query or Close certain to run (see `Upstream::runs_for_certain`) replaced or closed
-/// statement `name`. Even then the Bind checks of a statement with a bound `set_config`
-/// argument stay: at worst a later statement of the same name has a bound value judged
-/// that did not need it. A Parse never removes a check: rolegate cannot tell yet whether
-/// the server will carry it out (a duplicate name, a syntax error, a failed transaction,
-/// or an earlier error that skips to Sync leave the old statement in place), so a name
-/// that may hold DISCARD ALL is treated as DISCARD ALL until closed.
-fn forget_statement_check(checks: &mut StatementChecks, name: &[u8]) {
-    if matches!(checks.get(name), Some(StatementCheck::DiscardAll)) {
-        checks.remove(name);
-    }
-}
-
-/// A Parse of `name` with a check: bound-argument checks add up (see
-/// [`forget_statement_check`]); DISCARD ALL's does not replace them.
-fn add_statement_check(checks: &mut StatementChecks, name: &[u8], check: StatementCheck) {
-    match (checks.get_mut(name), check) {
-        (
-            Some(StatementCheck::Bound {
-                setting_names,
-                encodings,
-            }),
-            StatementCheck::Bound {
-                setting_names: more_names,
-                encodings: more_encodings,
-            },
-        ) => {
-            setting_names.extend(more_names);
-            setting_names.sort_unstable();
-            setting_names.dedup();
-            encodings.extend(more_encodings);
-            encodings.sort_unstable();
-            encodings.dedup();
-        }
-        (Some(StatementCheck::Bound { .. }), StatementCheck::DiscardAll) => {}
-        (_, check) => {
-            checks.insert(name.to_vec(), check);
-        }
-    }
 }
 
 /// DISCARD ALL needs rolegate's own query right after it (the role set again), whose
@@ -1456,9 +1436,8 @@ impl Downstream {
                     pooled::Reply::ParseComplete => Some(&b"1\0\0\0\x04"[..]),
                     pooled::Reply::Unexpected => {
                         shared.ambiguous.store(true, Ordering::Relaxed);
-                        self.end = Some(RelayEnd::ServerProtocol(WireError::Unexpected(
-                            tag as char,
-                        )));
+                        self.end =
+                            Some(RelayEnd::ServerProtocol(WireError::Unexpected(tag as char)));
                         return Ok(pos);
                     }
                 };

@@ -57,6 +57,9 @@ pub struct LeaseState {
     /// first: undone newest first (a skipped Parse and Close of one name leave it as it
     /// was, in either order).
     undo: Vec<Undo>,
+    /// DEALLOCATE ALL / DISCARD ALL sent and not answered: until then no statement is
+    /// known to be on the backend session (see `has_prepared`).
+    drops_pending: u32,
 }
 
 /// One change to the client's view of its statements that did not happen on the server.
@@ -68,6 +71,11 @@ enum Undo {
 }
 
 impl LeaseState {
+    /// Whether the backend session has statement `name` prepared (as far as known).
+    fn has_prepared(&mut self, name: &[u8]) -> bool {
+        self.drops_pending == 0 && self.prepared.contains(name)
+    }
+
     /// What a recorded message that got no reply did not do.
     fn undo(&mut self, fixup: Fixup) {
         if let Some(name) = fixup.client_name {
@@ -91,6 +99,8 @@ struct Fixup {
     /// its view: back in the view if the server skipped it (an error earlier in the
     /// batch, a failed transaction), as it keeps them then.
     reopens: Vec<(Vec<u8>, ClientStatement)>,
+    /// The server-side statement this Parse prepares (or this eviction closes).
+    server_name: Option<Bytes>,
 }
 
 impl Fixup {
@@ -104,6 +114,7 @@ impl Fixup {
                 FixupAction::Forward { prepares: true }
                     | FixupAction::Swallow { prepares: true }
                     | FixupAction::Evicted
+                    | FixupAction::DropsAll
             )
     }
 }
@@ -387,12 +398,18 @@ pub(super) fn batch_answered(shared: &Shared, ready: u64) {
         let Some(fixup) = lease.fixups.pop_front() else {
             break;
         };
-        match fixup.action {
-            // Skipped after an error: a later message of the same write may already
-            // have been sent believing otherwise, so no name is certain any more.
-            FixupAction::Forward { prepares: true }
-            | FixupAction::Swallow { prepares: true }
-            | FixupAction::Evicted => lease.prepared.forget_all(),
+        // Skipped, or failed: the backend session is as it was. (What was sent after it
+        // believing otherwise was skipped too: frames of later batches that name a
+        // statement wait for this answer, see `waits_for_earlier_batch`.)
+        match (&fixup.action, &fixup.server_name) {
+            (
+                FixupAction::Forward { prepares: true } | FixupAction::Swallow { prepares: true },
+                Some(name),
+            ) => lease.prepared.remove(name),
+            (FixupAction::Evicted, Some(name)) => lease.prepared.insert(name.clone()),
+            (FixupAction::DropsAll, _) => {
+                lease.drops_pending = lease.drops_pending.saturating_sub(1)
+            }
             _ => {}
         }
         lease.undo(fixup);
@@ -427,6 +444,11 @@ impl Downstream {
         shared
             .has_fixups
             .store(!lease.fixups.is_empty(), Ordering::Relaxed);
+        if matches!(fixup.action, FixupAction::DropsAll) {
+            // It ran: what was prepared before it is gone.
+            lease.drops_pending = lease.drops_pending.saturating_sub(1);
+            lease.prepared.forget_all();
+        }
         match fixup.action {
             FixupAction::Forward { .. } | FixupAction::DropsAll => Reply::Forward,
             FixupAction::Swallow { .. } | FixupAction::Evicted | FixupAction::Drop => Reply::Drop,
@@ -460,6 +482,7 @@ impl Upstream<'_> {
             action,
             client_name: None,
             reopens: Vec::new(),
+            server_name: None,
         });
         shared.has_fixups.store(true, Ordering::Relaxed);
     }
@@ -583,7 +606,7 @@ impl Upstream<'_> {
         let frame: &[u8] = match &decision {
             Decision::Forward { .. } => &self.buf[pos..pos + size],
             Decision::Replace { frame, .. } => frame,
-            Decision::Refuse(_) => return decision,
+            Decision::Refuse(_) | Decision::ReplaceHead { .. } => return decision,
         };
         let Some((name, _, _)) = parse_parts(&frame[5..]) else {
             return decision;
@@ -637,7 +660,7 @@ impl Upstream<'_> {
             let server_name = existing.server_name_in(context);
             note_client_name(&mut lease, &server_name, &name);
             let mut out = BytesMut::new();
-            if !lease.prepared.contains(&server_name) {
+            if !lease.has_prepared(&server_name) {
                 let existing_text = existing.text_and_tail.clone();
                 self.prepare_on_server(
                     shared,
@@ -669,7 +692,7 @@ impl Upstream<'_> {
         };
         note_client_name(&mut lease, &server_name, &name);
         let mut out = BytesMut::new();
-        if lease.prepared.contains(&server_name) {
+        if lease.has_prepared(&server_name) {
             put_close_statement(&mut out, NO_STATEMENT);
             self.record(shared, &mut lease, b'3', FixupAction::AsParseComplete);
         } else {
@@ -717,7 +740,7 @@ impl Upstream<'_> {
         own: bool,
     ) {
         let pool = self.pool();
-        if lease.prepared.doubtful() {
+        if lease.prepared.doubtful() || lease.drops_pending > 0 {
             // After DEALLOCATE ALL / DISCARD ALL (which may or may not have run) the
             // statement may or may not exist: close it first, whichever it is.
             put_close_statement(out, server_name);
@@ -728,6 +751,9 @@ impl Upstream<'_> {
                 lease.prepared.remove(&old);
                 put_close_statement(out, &old);
                 self.record(shared, lease, b'3', FixupAction::Evicted);
+                if let Some(last) = lease.fixups.back_mut() {
+                    last.server_name = Some(old);
+                }
             }
         }
         put_parse(out, server_name, text_and_tail);
@@ -738,23 +764,31 @@ impl Upstream<'_> {
             FixupAction::Forward { prepares: true }
         };
         self.record(shared, lease, b'1', action);
+        if let Some(last) = lease.fixups.back_mut() {
+            last.server_name = Some(server_name.clone());
+        }
         pool.stats.prepares.inc();
     }
 
     /// A Bind or Describe: the statement under its server name, prepared first on a
     /// backend session that lacks it.
+    ///
+    /// `head`: when only the first `head` bytes of a large Bind are read, the decision is
+    /// made on them ([`Decision::ReplaceHead`]) and the rest of the frame passes through
+    /// unread: a large parameter is never held whole.
     pub(super) fn pooled_use(
         &mut self,
         tag: u8,
         pos: usize,
         size: usize,
+        head: Option<usize>,
         shared: &Shared,
     ) -> Decision {
         const FORWARD: Decision = Decision::Forward {
             restore_role: false,
         };
         self.forget_unparsed(shared);
-        let body = &self.buf[pos + 5..pos + size];
+        let body = &self.buf[pos + 5..pos + head.unwrap_or(size)];
         // Bind: portal \0 statement \0 rest. Describe: 'S' statement \0 (a portal: as is).
         let prefix_len = match tag {
             b'B' => match body.iter().position(|&b| b == 0) {
@@ -809,13 +843,21 @@ impl Upstream<'_> {
                     FixupAction::Swallow { prepares: false },
                 );
             }
-            out.extend_from_slice(&self.buf[pos..pos + size]);
+            if head.is_none() {
+                out.extend_from_slice(&self.buf[pos..pos + size]);
+            }
         } else {
-            let context = self.parse_context(&lease);
-            // (Settings changed since the client's Parse: prepared again as they are now.)
-            let server_name = statement.server_name_in(context);
+            // (Settings changed since the client's Parse: prepared again as they are now;
+            // but not in a failed transaction, where no Parse runs, when the backend
+            // session has it as it was.)
+            let aborted = shared.status.load(Ordering::Relaxed) == b'E';
+            let server_name = if aborted && lease.has_prepared(&statement.server_name) {
+                statement.server_name.clone()
+            } else {
+                statement.server_name_in(self.parse_context(&lease))
+            };
             note_client_name(&mut lease, &server_name, name);
-            if !lease.prepared.contains(&server_name) {
+            if !lease.has_prepared(&server_name) {
                 self.prepare_on_server(
                     shared,
                     &mut lease,
@@ -825,12 +867,21 @@ impl Upstream<'_> {
                     true,
                 );
             }
-            let body = &self.buf[pos + 5..pos + size];
-            let mut renamed = BytesMut::with_capacity(size + server_name.len());
-            renamed.put_slice(&body[..prefix_len]);
-            renamed.put_slice(&server_name);
-            renamed.put_slice(&body[prefix_len + name_end..]);
-            wire::put_message(&mut out, tag, &renamed);
+            let body = &self.buf[pos + 5..pos + head.unwrap_or(size)];
+            if head.is_some() {
+                // The head with the frame's new length; the rest follows as it comes.
+                let rest = size - 5 - prefix_len - name_end;
+                out.put_u8(tag);
+                out.put_i32((4 + prefix_len + server_name.len() + rest) as i32);
+                out.put_slice(&body[..prefix_len]);
+                out.put_slice(&server_name);
+            } else {
+                let mut renamed = BytesMut::with_capacity(size + server_name.len());
+                renamed.put_slice(&body[..prefix_len]);
+                renamed.put_slice(&server_name);
+                renamed.put_slice(&body[prefix_len + name_end..]);
+                wire::put_message(&mut out, tag, &renamed);
+            }
         }
         drop(lease);
         if reparse {
@@ -840,6 +891,17 @@ impl Upstream<'_> {
         }
         if tag == b'B' {
             self.apply_effects(effects, shared);
+        }
+        if head.is_some() {
+            let consumed = if unnamed {
+                0
+            } else {
+                5 + prefix_len + name_end
+            };
+            return Decision::ReplaceHead {
+                frame: out,
+                consumed,
+            };
         }
         if out.len() == size && unnamed {
             return FORWARD;
@@ -928,7 +990,7 @@ impl Upstream<'_> {
         }
         lease.unpin_candidate |= effects.unpins && lease.pinned;
         if effects.drops_prepared {
-            lease.prepared.forget_all();
+            lease.drops_pending += 1;
             // Out of the client's view now (what follows in the batch runs only if it
             // ran); back when its batch is answered without its CommandComplete.
             self.record(shared, &mut lease, b'C', FixupAction::DropsAll);
@@ -1301,6 +1363,10 @@ where
     // (Parses and Closes still unanswered when the backend session was lost never
     // ran either.)
     while let Some(fixup) = state.fixups.pop_front() {
+        // (Whether it ran is not known: the connection is not kept then anyway.)
+        if matches!(fixup.action, FixupAction::DropsAll) {
+            state.prepared.forget_all();
+        }
         state.undo(fixup);
     }
     up.forget_statements(std::mem::take(&mut state.undo));
