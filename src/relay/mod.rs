@@ -537,7 +537,7 @@ impl<'a> Upstream<'a> {
         W: AsyncWrite + Unpin,
     {
         if self.held {
-            if self.waits_for_earlier_batch(shared) {
+            if self.held_frame_waits(shared) {
                 // The server's answers to the earlier batch wake the relay again.
                 return std::future::pending().await;
             }
@@ -659,6 +659,10 @@ impl<'a> Upstream<'a> {
     fn note_order(&mut self, tag: u8, shared: &Shared) {
         let copy_running =
             self.copy_data_open || shared.copy_ins.load(Ordering::Relaxed) > self.copy_ins_ended;
+        if matches!(tag, b'd' | b'c' | b'f') && self.server_at_rest(shared) {
+            // The server drops these outside COPY: nothing changes.
+            return;
+        }
         match tag {
             b'd' => self.copy_data_open = true,
             b'c' | b'f' => self.copy_data_open = false,
@@ -690,6 +694,33 @@ impl<'a> Upstream<'a> {
             return None;
         }
         Some(5 + portal_end + 1 + name_len + 1)
+    }
+
+    /// Whether the held frame (at the front of `buf`) must still wait.
+    fn held_frame_waits(&self, shared: &Shared) -> bool {
+        let Some((tag, len)) = wire::peek_header(&self.buf) else {
+            return false;
+        };
+        let Ok(size) = wire::frame_size(len, self.ctx.max_message_bytes) else {
+            return false;
+        };
+        match tag {
+            b'Q' => self.waits_for_earlier_batch(None, shared),
+            _ => self
+                .buf
+                .get(5..size)
+                .and_then(|body| statement_name_of(tag, body))
+                .is_some_and(|name| self.waits_for_earlier_batch(Some(name), shared)),
+        }
+    }
+
+    /// Everything sent was answered, no COPY runs or may be starting: a CopyData,
+    /// CopyDone or CopyFail now is one the server drops.
+    fn server_at_rest(&self, shared: &Shared) -> bool {
+        !self.unsynced
+            && !self.copy_data_open
+            && shared.ready_received.load(Ordering::Relaxed) == self.sync_points
+            && shared.copy_ins.load(Ordering::Relaxed) <= self.copy_ins_ended
     }
 
     /// The frame being judged runs whatever the server answered before it: nothing of
@@ -733,15 +764,17 @@ impl<'a> Upstream<'a> {
             let size = wire::frame_size(len, self.ctx.max_message_bytes)?;
             let available = self.buf.len() - pos;
             // (A Query may be DEALLOCATE ALL or DISCARD ALL.)
-            if self.pooled.is_some()
-                && (tag == b'Q'
-                    || matches!(tag, b'P' | b'B' | b'D' | b'C')
-                        && available >= size
-                        && names_a_statement(tag, &self.buf[pos + 5..pos + size]))
-                && self.waits_for_earlier_batch(shared)
-            {
-                self.held = true;
-                break;
+            if self.pooled.is_some() && matches!(tag, b'Q' | b'P' | b'B' | b'D' | b'C') {
+                let held = match tag {
+                    b'Q' => self.waits_for_earlier_batch(None, shared),
+                    _ if available < size => false,
+                    _ => statement_name_of(tag, &self.buf[pos + 5..pos + size])
+                        .is_some_and(|name| self.waits_for_earlier_batch(Some(name), shared)),
+                };
+                if held {
+                    self.held = true;
+                    break;
+                }
             }
             self.note_order(tag, shared);
             // Bind and Close are read only while a statement needs a look at its Bind
@@ -780,6 +813,8 @@ impl<'a> Upstream<'a> {
                     // starts at the last Execute or Query: they get no ReadyForQuery.
                     // Only after a real CopyInResponse: a CopyDone outside COPY (the
                     // server ignores it) must not make a Sync look answered.
+                    // (Outside COPY the server drops it: see `note_order`.)
+                    b'c' | b'f' if !self.copy_data_open && self.server_at_rest(shared) => {}
                     b'c' | b'f' => {
                         let ignored = std::mem::take(&mut self.syncs_since_execute);
                         if shared.copy_ins.load(Ordering::Relaxed) > self.copy_ins_ended {
@@ -1236,21 +1271,16 @@ fn parse_statement_name(body: &[u8]) -> Option<Vec<u8>> {
     Some(body[..end].to_vec())
 }
 
-/// Whether a Parse, Bind, Describe or Close body names a prepared statement other than
-/// the unnamed one.
-fn names_a_statement(tag: u8, body: &[u8]) -> bool {
-    let name = match tag {
+/// The prepared statement a Parse, Bind, Describe or Close body names, if not the
+/// unnamed one.
+fn statement_name_of(tag: u8, body: &[u8]) -> Option<&[u8]> {
+    let rest = match tag {
         b'P' => body,
-        b'B' => match body.iter().position(|&b| b == 0) {
-            Some(end) => &body[end + 1..],
-            None => return false,
-        },
-        _ => match body.strip_prefix(b"S") {
-            Some(rest) => rest,
-            None => return false,
-        },
+        b'B' => &body[body.iter().position(|&b| b == 0)? + 1..],
+        _ => body.strip_prefix(b"S")?,
     };
-    name.first().is_some_and(|&b| b != 0)
+    let name = &rest[..rest.iter().position(|&b| b == 0)?];
+    (!name.is_empty()).then_some(name)
 }
 
 /// The query text of a Parse body, if the body is well formed.
@@ -1411,8 +1441,10 @@ impl Downstream {
             let own = shared.has_own_queries.load(Ordering::Relaxed)
                 && !matches!(tag, b'A' | b'N' | b'S')
                 && shared.own_queries().front() == Some(&(self.ready_count + 1));
-            let fixup =
-                matches!(tag, b'1' | b'3' | b'C') && shared.has_fixups.load(Ordering::Relaxed);
+            // (Transaction mode: every ParseComplete and CloseComplete must answer a
+            // recorded Parse or Close.)
+            let fixup = (matches!(tag, b'1' | b'3') && shared.lease.is_some())
+                || (tag == b'C' && shared.has_fixups.load(Ordering::Relaxed));
             let inspected = own || fixup || matches!(tag, b'Z' | b'S' | b'E' | b'G');
             if available < size {
                 if inspected {

@@ -104,18 +104,27 @@ struct Fixup {
 }
 
 impl Fixup {
-    /// Whether its outcome changes the client's statements or what the backend session
-    /// has prepared.
-    fn decides_names(&self) -> bool {
-        self.client_name.is_some()
-            || !self.reopens.is_empty()
-            || matches!(
-                self.action,
-                FixupAction::Forward { prepares: true }
-                    | FixupAction::Swallow { prepares: true }
-                    | FixupAction::Evicted
-                    | FixupAction::DropsAll
-            )
+    /// Whether a frame of a later batch must wait for this message's answer: one naming
+    /// client statement `name` (`None`: a simple Query, which may be DEALLOCATE ALL).
+    /// The answer decides what that name holds, or what the backend session has
+    /// prepared (which any statement's Bind or Parse may rely on).
+    fn decides(&self, name: Option<&[u8]>) -> bool {
+        let holds = |n: &[u8]| {
+            self.client_name.as_deref() == Some(n) || self.reopens.iter().any(|(r, _)| r == n)
+        };
+        match name {
+            _ if matches!(self.action, FixupAction::DropsAll) => true,
+            None => self.client_name.is_some() || !self.reopens.is_empty(),
+            Some(name) => {
+                holds(name)
+                    || matches!(
+                        self.action,
+                        FixupAction::Forward { prepares: true }
+                            | FixupAction::Swallow { prepares: true }
+                            | FixupAction::Evicted
+                    )
+            }
+        }
     }
 }
 
@@ -436,7 +445,16 @@ impl Downstream {
             .iter()
             .position(|f| f.batch == batch && f.reply == tag)
         else {
-            return Reply::Forward;
+            // Every Parse and Close sent on a leased backend session is recorded (a
+            // refusal's stand-in always fails): one more answer than that is not the
+            // server rolegate believes it talks to. (Unless the replies could not be
+            // predicted anyway, see `Upstream::note_order`: that session is never lent
+            // to anyone else, and its batches may be numbered off by one.)
+            return if tag == b'C' || shared.ambiguous.load(Ordering::Relaxed) {
+                Reply::Forward
+            } else {
+                Reply::Unexpected
+            };
         };
         let Some(fixup) = lease.fixups.remove(i) else {
             return Reply::Forward;
@@ -554,7 +572,7 @@ impl Upstream<'_> {
     /// nor the list of what the backend session has prepared can be trusted. Not while
     /// a COPY runs or the replies are not known anyway: the server may then wait for the
     /// client.
-    pub(super) fn waits_for_earlier_batch(&self, shared: &Shared) -> bool {
+    pub(super) fn waits_for_earlier_batch(&self, name: Option<&[u8]>, shared: &Shared) -> bool {
         if !shared.has_fixups.load(Ordering::Relaxed)
             || self.copy_data_open
             || shared.copy_ins.load(Ordering::Relaxed) > self.copy_ins_ended
@@ -566,7 +584,7 @@ impl Upstream<'_> {
         lease_state(shared)
             .fixups
             .iter()
-            .any(|f| f.batch < batch && f.decides_names())
+            .any(|f| f.batch < batch && f.decides(name))
     }
 
     /// Undoes in the client's view what the server did not do.
@@ -681,10 +699,18 @@ impl Upstream<'_> {
         let context = self.parse_context(&lease);
         // A second name for one text gets a server name of its own (errors name it).
         let unsalted = crate::pool::statement_name(&statement.text_and_tail, context);
-        let salt = match lease.client_names.get(&unsalted) {
-            Some(other) if *other != name => salt_for(&name),
-            _ => 0,
-        };
+        // (Only while the other name still holds it: drivers such as tokio-postgres
+        // prepare a text under a new name for each query and close it after.)
+        let taken = lease.client_names.get(&unsalted).is_some_and(|other| {
+            *other != name
+                && self.pooled.as_ref().is_some_and(|statements| {
+                    statements
+                        .named
+                        .get(other)
+                        .is_some_and(|held| held.server_name == unsalted)
+                })
+        });
+        let salt = if taken { salt_for(&name) } else { 0 };
         let server_name = if salt == 0 {
             unsalted
         } else {

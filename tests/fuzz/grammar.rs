@@ -720,11 +720,9 @@ pub const FEATURES: &[(&str, &[&str])] = &[
 /// Left out in transaction mode when ROLEGATE_FUZZ_WITHOUT is not set (the fixed seeds
 /// `cargo test` runs): what transaction mode differs in by design, as the README says (a
 /// seed, `currval` and `lastval` hold only within a transaction; a custom setting another
-/// client used reads as '' rather than unknown), and named statements, whose bookkeeping
-/// after errors in pipelines still differs (issue 20, left open; the ignored
-/// `transaction_mode_known_diverging_seeds` keeps them in). tests/fuzz/run.sh sets it,
-/// empty by default.
-pub const TRANSACTION_MODE_DEFAULT_WITHOUT: &str = "seed,sequences,tenant,named,copysync,cancel";
+/// client used reads as '' rather than unknown), a Sync among CopyData (rolegate fails
+/// closed), and cancels (timing). tests/fuzz/run.sh sets it, empty by default.
+pub const TRANSACTION_MODE_DEFAULT_WITHOUT: &str = "seed,sequences,tenant,copysync,cancel";
 
 /// Left out in session mode when ROLEGATE_FUZZ_WITHOUT is not set: where rolegate fails
 /// closed on purpose, and cancels (a cancel re-sent until its statement answers can
