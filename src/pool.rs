@@ -773,6 +773,26 @@ impl ServerConn {
         )
     }
 
+    /// After a function rolegate cannot look into (which may have run `DEALLOCATE`):
+    /// whether the backend session still has every statement rolegate prepared on it.
+    /// If not (or the server cannot say), none is counted on: each is closed and
+    /// prepared again before use.
+    pub async fn check_prepared(&mut self) {
+        if self.prepared.doubtful() {
+            return;
+        }
+        const PREPARED_SQL: &str = "SELECT count(*) FROM pg_catalog.pg_prepared_statements \
+            WHERE NOT from_sql AND pg_catalog.starts_with(name, 'rolegate_s')";
+        let expected = self.prepared.len().to_string();
+        let intact = matches!(
+            self.session.query(PREPARED_SQL).await.as_deref(),
+            Ok([row]) if matches!(row.as_slice(), [Some(n)] if *n == expected)
+        );
+        if !intact {
+            self.prepared.forget_all();
+        }
+    }
+
     /// Undoes what a pinned client left behind (cursors, LISTEN, advisory locks,
     /// prepared statements, temporary tables, settings) without touching the role, and
     /// proves the session is still in it.

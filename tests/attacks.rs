@@ -5,6 +5,8 @@ mod support;
 
 use std::time::Duration;
 
+use bytes::BufMut;
+
 use support::*;
 
 fn pooled(size: usize) -> Options {
@@ -574,4 +576,290 @@ async fn a_name_that_holds_discard_all_keeps_its_check() {
             );
         }
     }
+}
+
+// From the outside attack review of the named-statement work (issue 20): the first three
+// broke a guarantee before they were fixed (a text in bytes the client encoding does not
+// allow fails before PostgreSQL drops anything; a function that runs DEALLOCATE ALL left
+// rolegate's list of prepared statements stale for the next client).
+
+/// Parse of `name` with raw (possibly non-UTF-8) text bytes.
+fn parse_bytes(out: &mut bytes::BytesMut, name: &str, sql: &[u8]) {
+    let mut body = bytes::BytesMut::new();
+    body.put_slice(name.as_bytes());
+    body.put_u8(0);
+    body.put_slice(sql);
+    body.put_u8(0);
+    body.put_i16(0);
+    rolegate::wire::put_message(out, b'P', &body);
+}
+
+fn codes(errors: &[Vec<(u8, String)>]) -> Vec<String> {
+    errors
+        .iter()
+        .flatten()
+        .filter(|(field, _)| *field == b'C')
+        .map(|(_, code)| code.clone())
+        .collect()
+}
+
+async fn batch(client: &mut RawClient, out: bytes::BytesMut) -> (Vec<u8>, Vec<String>) {
+    client.send(&out).await;
+    let (tags, errors) = client.until_ready().await;
+    (tags, codes(&errors))
+}
+
+/// Session mode: rolegate counts a Parse of the unnamed statement that is first in its
+/// batch as certain to replace the unnamed statement (and so to end a DISCARD ALL check).
+/// PostgreSQL reads and verifies the text's encoding (pq_getmsgstring) before it drops the
+/// unnamed statement: a text with bytes that are not UTF-8 (the policy reads them as
+/// Latin-1 and lets the SELECT through) fails with 22021 and the unnamed statement still
+/// holds DISCARD ALL, whose Bind then goes through unchecked, with a pipeline after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unnamed_discard_all_check_survives_encoding_error_parse() {
+    let db = TestDb::create("rev_enc").await;
+    let rg = Rolegate::start_with(&db, Options::default()).await;
+    let mut client = RawClient::login(rg.port, "web", "web-pw", &db.name).await;
+    let mut a = bytes::BytesMut::new();
+    parse(&mut a, "", "DISCARD ALL");
+    sync(&mut a);
+    let (_, errs) = batch(&mut client, a).await;
+    assert!(errs.is_empty(), "{errs:?}");
+    let mut b = bytes::BytesMut::new();
+    parse_bytes(&mut b, "", b"SELECT '\xff'");
+    sync(&mut b);
+    let (_, errs) = batch(&mut client, b).await;
+    assert_eq!(errs, ["22021"], "the server refuses the text's encoding");
+    let mut c = bytes::BytesMut::new();
+    bind_execute(&mut c, "", &[]);
+    extended(&mut c, "SELECT current_user", &[]);
+    sync(&mut c);
+    client.send(&c).await;
+    let mut tags = Vec::new();
+    let mut errs = Vec::new();
+    while let Some((tag, body)) = client.read().await {
+        tags.push(tag);
+        match tag {
+            b'D' => eprintln!("after DISCARD ALL: {:?}", String::from_utf8_lossy(&body)),
+            b'E' => errs.extend(codes(&[rolegate::wire::error_fields(&body)])),
+            b'Z' => break,
+            _ => {}
+        }
+    }
+    assert_eq!(
+        errs,
+        ["25001"],
+        "what follows DISCARD ALL in the pipeline is refused (tags {:?})",
+        String::from_utf8_lossy(&tags)
+    );
+}
+
+/// Same with a simple Query whose text is not valid UTF-8 (certain too, and failing
+/// before anything runs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unnamed_discard_all_check_survives_encoding_error_query() {
+    let db = TestDb::create("rev_encq").await;
+    let rg = Rolegate::start_with(&db, Options::default()).await;
+    let mut client = RawClient::login(rg.port, "web", "web-pw", &db.name).await;
+    let mut a = bytes::BytesMut::new();
+    parse(&mut a, "", "DISCARD ALL");
+    sync(&mut a);
+    let (_, errs) = batch(&mut client, a).await;
+    assert!(errs.is_empty(), "{errs:?}");
+    let mut b = bytes::BytesMut::new();
+    rolegate::wire::put_message(&mut b, b'Q', b"SELECT '\xff'\0");
+    let (_, errs) = batch(&mut client, b).await;
+    assert_eq!(errs, ["22021"], "the server refuses the text's encoding");
+    let mut c = bytes::BytesMut::new();
+    bind_execute(&mut c, "", &[]);
+    extended(&mut c, "SELECT current_user", &[]);
+    sync(&mut c);
+    client.send(&c).await;
+    let mut tags = Vec::new();
+    let mut errs = Vec::new();
+    while let Some((tag, body)) = client.read().await {
+        tags.push(tag);
+        match tag {
+            b'D' => eprintln!("after DISCARD ALL: {:?}", String::from_utf8_lossy(&body)),
+            b'E' => errs.extend(codes(&[rolegate::wire::error_fields(&body)])),
+            b'Z' => break,
+            _ => {}
+        }
+    }
+    assert_eq!(
+        errs,
+        ["25001"],
+        "what follows DISCARD ALL in the pipeline is refused (tags {:?})",
+        String::from_utf8_lossy(&tags)
+    );
+}
+
+async fn make_dealloc_function(db: &TestDb) {
+    let admin = admin(&db.name).await;
+    admin
+        .batch_execute(
+            "CREATE FUNCTION public.dealloc() RETURNS int LANGUAGE plpgsql AS \
+             $$BEGIN EXECUTE 'DEALLOCATE ALL'; RETURN 1; END$$",
+        )
+        .await
+        .unwrap();
+}
+
+/// Transaction mode, pool of one: client A calls a (database) function that runs
+/// DEALLOCATE ALL; rolegate still believes the backend connection has B's statement.
+/// B's Bind of its own statement must still answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn function_deallocate_all_breaks_other_clients_statements() {
+    let db = TestDb::create("rev_dealloc").await;
+    make_dealloc_function(&db).await;
+    let rg = Rolegate::start_with(&db, pooled(1)).await;
+    let mut b = RawClient::login(rg.port, "web", "web-pw", &db.name).await;
+    let mut a = RawClient::login(rg.port, "web", "web-pw", &db.name).await;
+    let mut out = bytes::BytesMut::new();
+    parse(&mut out, "b", "SELECT 'victim'::text");
+    sync(&mut out);
+    let (_, errs) = batch(&mut b, out).await;
+    assert!(errs.is_empty(), "{errs:?}");
+    let mut out = bytes::BytesMut::new();
+    query(&mut out, "SELECT public.dealloc()");
+    let (_, errs) = batch(&mut a, out).await;
+    assert!(errs.is_empty(), "{errs:?}");
+    let mut out = bytes::BytesMut::new();
+    bind_execute(&mut out, "b", &[]);
+    sync(&mut out);
+    b.send(&out).await;
+    let (_, errors) = b.until_ready().await;
+    assert!(
+        errors.is_empty(),
+        "B's statement answers after A's function call: {errors:?}"
+    );
+}
+
+/// Same setup, then A parses a second text under a name whose server name is that of
+/// B's (deallocated) statement: the server accepts it. B must still get its own text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn function_deallocate_all_then_duplicate_parse() {
+    let db = TestDb::create("rev_dealloc2").await;
+    make_dealloc_function(&db).await;
+    let rg = Rolegate::start_with(&db, pooled(1)).await;
+    let mut b = RawClient::login(rg.port, "web", "web-pw", &db.name).await;
+    let mut a = RawClient::login(rg.port, "web", "web-pw", &db.name).await;
+    let mut out = bytes::BytesMut::new();
+    parse(&mut out, "b", "SELECT 'victim'::text");
+    sync(&mut out);
+    let (_, errs) = batch(&mut b, out).await;
+    assert!(errs.is_empty(), "{errs:?}");
+    let mut out = bytes::BytesMut::new();
+    parse(&mut out, "a", "SELECT 'victim'::text");
+    sync(&mut out);
+    let (_, errs) = batch(&mut a, out).await;
+    assert!(errs.is_empty(), "{errs:?}");
+    let mut out = bytes::BytesMut::new();
+    query(&mut out, "SELECT public.dealloc()");
+    let (_, errs) = batch(&mut a, out).await;
+    assert!(errs.is_empty(), "{errs:?}");
+    let mut out = bytes::BytesMut::new();
+    parse(&mut out, "a", "SELECT 'attacker'::text");
+    sync(&mut out);
+    a.send(&out).await;
+    let mut seen = Vec::new();
+    while let Some((tag, _)) = a.read().await {
+        seen.push(tag);
+        if tag == b'Z' {
+            break;
+        }
+    }
+    eprintln!("attacker saw {:?}", String::from_utf8_lossy(&seen));
+    let mut out = bytes::BytesMut::new();
+    bind_execute(&mut out, "b", &[]);
+    sync(&mut out);
+    b.send(&out).await;
+    let mut values = Vec::new();
+    let mut errors = Vec::new();
+    while let Some((tag, body)) = b.read().await {
+        match tag {
+            b'D' => {
+                let len = i32::from_be_bytes([body[2], body[3], body[4], body[5]]) as usize;
+                values.push(String::from_utf8_lossy(&body[6..6 + len]).into_owned());
+            }
+            b'E' => errors.push(rolegate::wire::error_fields(&body)),
+            b'Z' => break,
+            _ => {}
+        }
+    }
+    assert_eq!(
+        values,
+        ["victim"],
+        "B runs its own text (errors {errors:?})"
+    );
+}
+
+/// A large Bind (>= 64 KiB, sent in pieces) of a statement whose set_config name is
+/// bound: the name is still judged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bind_of_set_config_is_judged() {
+    let db = TestDb::create("rev_bigbind").await;
+    for options in [pooled(1), Options::default()] {
+        let rg = Rolegate::start_with(&db, options).await;
+        let mut client = RawClient::login(rg.port, "web", "web-pw", &db.name).await;
+        let mut out = bytes::BytesMut::new();
+        parse(
+            &mut out,
+            "sc",
+            "SELECT set_config($1, 'none', false), length($2)",
+        );
+        sync(&mut out);
+        let (_, errs) = batch(&mut client, out).await;
+        assert!(errs.is_empty(), "{errs:?}");
+        let big = vec![b'x'; 200_000];
+        let mut out = bytes::BytesMut::new();
+        bind_execute(&mut out, "sc", &[(0, b"role"), (0, &big)]);
+        sync(&mut out);
+        for piece in out.chunks(20).take(3) {
+            client.send(piece).await;
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        client.send(&out[60..]).await;
+        let (_, errors) = client.until_ready().await;
+        assert_eq!(
+            codes(&errors),
+            ["42501"],
+            "a bound set_config('role', ...) is refused"
+        );
+    }
+}
+
+/// Transaction mode: a pipeline that prepares a statement, starts COPY FROM STDIN in the
+/// same batch, sends the copy data and then uses the statement, all in one write, must
+/// not hang (frames naming the statement wait for the first batch's answer, which itself
+/// waits for the copy data).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_copy_then_named_statement_does_not_hang() {
+    let db = TestDb::create("rev_copy").await;
+    let admin = admin(&db.name).await;
+    admin
+        .batch_execute(&format!(
+            "CREATE TABLE public.t (x text); ALTER TABLE public.t OWNER TO \"{}\"",
+            db.owner
+        ))
+        .await
+        .unwrap();
+    let rg = Rolegate::start_with(&db, pooled(1)).await;
+    let mut client = RawClient::login(rg.port, "web", "web-pw", &db.name).await;
+    let mut out = bytes::BytesMut::new();
+    parse(&mut out, "s", "SELECT count(*)::text FROM public.t");
+    extended(&mut out, "COPY public.t FROM STDIN", &[]);
+    sync(&mut out);
+    rolegate::wire::put_message(&mut out, b'd', b"a\n");
+    rolegate::wire::put_message(&mut out, b'c', b"");
+    bind_execute(&mut out, "s", &[]);
+    sync(&mut out);
+    client.send(&out).await;
+    // (The Sync inside COPY is ignored by PostgreSQL: one ReadyForQuery, at the end.)
+    let (tags1, errs1) = client.until_ready().await;
+    eprintln!("{:?} {errs1:?}", String::from_utf8_lossy(&tags1));
+    let mut out = bytes::BytesMut::new();
+    query(&mut out, "SELECT 'alive'");
+    client.send(&out).await;
+    assert_eq!(client.data_values().await, ["alive"]);
 }

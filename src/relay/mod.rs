@@ -708,7 +708,7 @@ impl<'a> Upstream<'a> {
             b'Q' => self.waits_for_earlier_batch(None, shared),
             _ => self
                 .buf
-                .get(5..size)
+                .get(5..size.min(self.buf.len()))
                 .and_then(|body| statement_name_of(tag, body))
                 .is_some_and(|name| self.waits_for_earlier_batch(Some(name), shared)),
         }
@@ -765,10 +765,11 @@ impl<'a> Upstream<'a> {
             let available = self.buf.len() - pos;
             // (A Query may be DEALLOCATE ALL or DISCARD ALL.)
             if self.pooled.is_some() && matches!(tag, b'Q' | b'P' | b'B' | b'D' | b'C') {
+                // (A large Bind is judged by its head: its name may be all there is yet.)
                 let held = match tag {
                     b'Q' => self.waits_for_earlier_batch(None, shared),
-                    _ if available < size => false,
-                    _ => statement_name_of(tag, &self.buf[pos + 5..pos + size])
+                    _ if available < size && tag != b'B' => false,
+                    _ => statement_name_of(tag, &self.buf[pos + 5..pos + size.min(available)])
                         .is_some_and(|name| self.waits_for_earlier_batch(Some(name), shared)),
                 };
                 if held {
@@ -959,7 +960,8 @@ impl<'a> Upstream<'a> {
                 if let Some(name) = body.strip_prefix(b"S").and_then(|n| n.strip_suffix(&[0])) {
                     if !self.statement_checks.is_empty() {
                         let name = name.to_vec();
-                        let certain = self.runs_for_certain(shared);
+                        // (A name in bytes the client encoding does not allow fails.)
+                        let certain = name.is_ascii() && self.runs_for_certain(shared);
                         self.statement_checks.replace(&name, None, certain);
                     }
                 }
@@ -1052,9 +1054,12 @@ impl<'a> Upstream<'a> {
             };
         // Whether the server certainly carries it out (see `runs_for_certain`): a Query,
         // or a Parse of the unnamed statement (PostgreSQL drops that first thing, even if
-        // the new text then fails), in front of which nothing can fail. A Parse of a
-        // named statement may fail (a name in use, a syntax error, a failed transaction).
-        let certain = (tag == b'Q' || name.is_empty()) && self.runs_for_certain(shared);
+        // the new text then fails), in front of which nothing can fail, and whose text is
+        // ASCII (bytes the client encoding does not allow fail before anything is
+        // dropped). A Parse of a named statement may fail (a name in use, a syntax error,
+        // a failed transaction).
+        let certain =
+            (tag == b'Q' || name.is_empty()) && sql.is_ascii() && self.runs_for_certain(shared);
         let Some(pass) = pass.actions() else {
             self.last_effects = Default::default();
             if !self.statement_checks.is_empty() {

@@ -1406,6 +1406,9 @@ where
         pool.stats.clients_pinned.dec();
     }
     let idle = down.may_release_after_end(shared);
+    if idle && state.unseen {
+        conn.check_prepared().await;
+    }
     if idle && conn.prepared.doubtful() {
         // What DEALLOCATE ALL / DISCARD ALL left is made certain before anyone else
         // borrows the session.
