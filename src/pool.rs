@@ -517,6 +517,42 @@ pub struct ServerConn {
 }
 
 /// A number for each client, to know when a backend session changes hands.
+/// A client's session settings (lower-case name → value), shared between clients that
+/// have the same: most clients of an application start with the same few, and an idle
+/// client then costs a pointer instead of a map of its own.
+pub type ClientSettings = Arc<BTreeMap<String, String>>;
+
+/// The one shared copy of `settings` (made now if no live client has it).
+pub fn shared_settings(settings: BTreeMap<String, String>) -> ClientSettings {
+    use std::hash::{Hash, Hasher};
+    type Interned = HashMap<u64, Vec<std::sync::Weak<BTreeMap<String, String>>>>;
+    static INTERNED: Mutex<Option<Interned>> = Mutex::new(None);
+    let mut hasher = std::hash::DefaultHasher::new();
+    settings.hash(&mut hasher);
+    let hash = hasher.finish();
+    let mut interned = INTERNED.lock().unwrap_or_else(|p| p.into_inner());
+    let interned = interned.get_or_insert_with(HashMap::new);
+    let same = interned.entry(hash).or_default();
+    same.retain(|weak| weak.strong_count() > 0);
+    if let Some(shared) = same
+        .iter()
+        .filter_map(std::sync::Weak::upgrade)
+        .find(|shared| **shared == settings)
+    {
+        return shared;
+    }
+    let shared = Arc::new(settings);
+    same.push(Arc::downgrade(&shared));
+    // (Maps no client has any more go now and then.)
+    if interned.len() > 1024 && interned.len().is_power_of_two() {
+        interned.retain(|_, same| {
+            same.retain(|weak| weak.strong_count() > 0);
+            !same.is_empty()
+        });
+    }
+    shared
+}
+
 pub fn next_client_id() -> u64 {
     static NEXT: AtomicU64 = AtomicU64::new(1);
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
@@ -892,6 +928,27 @@ impl PreparedOnServer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clients_with_the_same_settings_share_one_map() {
+        let map = |value: &str| {
+            BTreeMap::from([
+                ("client_encoding".to_owned(), "UTF8".to_owned()),
+                ("application_name".to_owned(), value.to_owned()),
+            ])
+        };
+        let a = shared_settings(map("web"));
+        let b = shared_settings(map("web"));
+        let c = shared_settings(map("worker"));
+        assert!(Arc::ptr_eq(&a, &b));
+        assert!(!Arc::ptr_eq(&a, &c));
+        assert_eq!(*c, map("worker"));
+        // Once no client has it, the next one gets a map of its own.
+        let weak = Arc::downgrade(&a);
+        drop((a, b));
+        assert_eq!(weak.strong_count(), 0);
+        assert_eq!(*shared_settings(map("web")), map("web"));
+    }
 
     #[test]
     fn least_recently_used_statement_goes_first() {

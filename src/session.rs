@@ -442,7 +442,7 @@ async fn serve_pooled(
     );
     let client = PooledClient {
         stream: client,
-        settings,
+        settings: crate::pool::shared_settings(settings),
         cancel: &cancel_key.slot,
         backend_addr: proxy.backend.addr(),
         client_id,

@@ -49,8 +49,12 @@ impl StatementCheck {
 /// uncertain (the checks only grow).
 const MAX_BATCH_CHANGES: usize = 1024;
 
+/// Boxed, and only once a statement needs a check: most sessions never have one.
 #[derive(Default)]
-pub(super) struct StatementChecks {
+pub(super) struct StatementChecks(Option<Box<Checks>>);
+
+#[derive(Default)]
+struct Checks {
     /// What each name holds as of the last batch's end.
     settled: std::collections::HashMap<Vec<u8>, StatementCheck>,
     /// Parses and Closes of checked names in the current batch, oldest first: the name,
@@ -60,15 +64,14 @@ pub(super) struct StatementChecks {
 
 impl StatementChecks {
     pub fn is_empty(&self) -> bool {
-        self.settled.is_empty() && self.batch.is_empty()
+        self.0
+            .as_ref()
+            .is_none_or(|checks| checks.settled.is_empty() && checks.batch.is_empty())
     }
 
     /// The check a Bind of `name` needs now.
     pub fn get(&self, name: &[u8]) -> Option<&StatementCheck> {
-        match self.batch.iter().rev().find(|(n, _, _)| n == name) {
-            Some((_, check, _)) => check.as_ref(),
-            None => self.settled.get(name),
-        }
+        self.0.as_ref()?.get(name)
     }
 
     /// A Parse (with the check its text needs), Query or Close of `name`; `certain`:
@@ -77,6 +80,30 @@ impl StatementChecks {
         if check.is_none() && self.get(name).is_none() {
             return;
         }
+        self.0
+            .get_or_insert_with(Default::default)
+            .replace(name, check, certain);
+    }
+
+    /// The batch ended (Sync, or a Query of its own).
+    pub fn end_batch(&mut self) {
+        if let Some(checks) = &mut self.0 {
+            if !checks.batch.is_empty() {
+                checks.settle_batch_as(true);
+            }
+        }
+    }
+}
+
+impl Checks {
+    fn get(&self, name: &[u8]) -> Option<&StatementCheck> {
+        match self.batch.iter().rev().find(|(n, _, _)| n == name) {
+            Some((_, check, _)) => check.as_ref(),
+            None => self.settled.get(name),
+        }
+    }
+
+    fn replace(&mut self, name: &[u8], check: Option<StatementCheck>, certain: bool) {
         if self.batch.len() >= MAX_BATCH_CHANGES {
             self.settle_batch_as(false);
         }
@@ -86,13 +113,6 @@ impl StatementChecks {
             None => check,
         };
         self.batch.push((name.to_vec(), check, certain));
-    }
-
-    /// The batch ended (Sync, or a Query of its own).
-    pub fn end_batch(&mut self) {
-        if !self.batch.is_empty() {
-            self.settle_batch_as(true);
-        }
     }
 
     /// Settles the batch's changes: those certain to have run replace the name's check

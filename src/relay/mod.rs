@@ -36,9 +36,10 @@ use checks::{StatementCheck, StatementChecks};
 const READ_CHUNK: usize = 16 * 1024;
 
 /// Size of the buffer an idle client in transaction mode is read into: the first message
-/// of a transaction (most fit), which then moves into the large buffer its backend
-/// session lends it.
-const IDLE_READ: usize = 512;
+/// of a transaction (most fit: pgbench's, a driver's Bind/Execute/Sync or a short
+/// Parse/Bind/Describe/Execute/Sync), which then moves into the large buffer its backend
+/// session lends it; a longer one takes one more read.
+const IDLE_READ: usize = 256;
 
 /// What a session's relay needs to know.
 pub struct RelayContext<'a> {

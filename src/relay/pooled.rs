@@ -169,7 +169,8 @@ pub struct ClientStatements {
     bytes: usize,
     /// The pool's gauge of that memory, for /metrics.
     bytes_gauge: Option<prometheus_client::metrics::gauge::Gauge>,
-    unnamed: Option<ClientStatement>,
+    /// (Boxed: an idle client need not hold its room; the box is reused.)
+    unnamed: Option<Box<ClientStatement>>,
     /// Custom settings (`app.tenant`) the client may have set: read back by name.
     custom_settings: BTreeSet<String>,
     /// A hash of the client's settings that change what a statement text means when
@@ -649,7 +650,10 @@ impl Upstream<'_> {
             drop(lease);
             let batch = self.sync_points + 1;
             if let Some(statements) = self.pooled.as_mut() {
-                statements.unnamed = Some(statement);
+                match &mut statements.unnamed {
+                    Some(unnamed) => **unnamed = statement,
+                    None => statements.unnamed = Some(Box::new(statement)),
+                }
                 statements.unnamed_batch = batch;
             }
             return decision;
@@ -834,7 +838,7 @@ impl Upstream<'_> {
             return FORWARD;
         };
         let statement = if name.is_empty() {
-            statements.unnamed.as_ref()
+            statements.unnamed.as_deref()
         } else {
             match statements.named.get(name) {
                 Some(statement) => Some(statement),
@@ -1123,7 +1127,7 @@ pub struct PooledClient<'a> {
     pub stream: MaybeTls,
     /// Its session-level settings (lower-case name → value), applied to each backend
     /// session it borrows.
-    pub settings: BTreeMap<String, String>,
+    pub settings: crate::pool::ClientSettings,
     /// Its cancel key's target, set while it holds a backend session.
     pub cancel: &'a CancelSlot,
     pub backend_addr: String,
@@ -1256,7 +1260,7 @@ struct LeaseTurn<'a, 'c, F> {
     client_w: &'a mut tokio::io::WriteHalf<MaybeTls>,
     shared: &'a Shared,
     closing: &'a mut F,
-    settings: &'a mut BTreeMap<String, String>,
+    settings: &'a mut crate::pool::ClientSettings,
     cancel: &'a CancelSlot,
     backend_addr: &'a String,
     client_id: u64,
@@ -1430,7 +1434,7 @@ where
                 {
                     Ok(now) => {
                         up.set_parse_context(&now);
-                        *settings = now;
+                        *settings = crate::pool::shared_settings(now);
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "could not read a backend connection's settings; closed");
