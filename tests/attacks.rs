@@ -609,15 +609,11 @@ async fn batch(client: &mut RawClient, out: bytes::BytesMut) -> (Vec<u8>, Vec<St
     (tags, codes(&errors))
 }
 
-/// Session mode: rolegate counts a Parse of the unnamed statement that is first in its
-/// batch as certain to replace the unnamed statement (and so to end a DISCARD ALL check).
-/// PostgreSQL reads and verifies the text's encoding (pq_getmsgstring) before it drops the
-/// unnamed statement: a text with bytes that are not UTF-8 (the policy reads them as
-/// Latin-1 and lets the SELECT through) fails with 22021 and the unnamed statement still
-/// holds DISCARD ALL, whose Bind then goes through unchecked, with a pipeline after it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unnamed_discard_all_check_survives_encoding_error_parse() {
-    let db = TestDb::create("rev_enc").await;
+/// Session mode: the unnamed statement holds DISCARD ALL; `not_utf8` (a Parse or Query of
+/// the unnamed statement whose text is not valid UTF-8) fails with 22021 before PostgreSQL
+/// drops anything; then the pipeline after DISCARD ALL's Execute must still be refused.
+async fn discard_all_check_survives(name: &str, not_utf8: bytes::BytesMut) {
+    let db = TestDb::create(name).await;
     let rg = Rolegate::start_with(&db, Options::default()).await;
     let mut client = RawClient::login(rg.port, "web", "web-pw", &db.name).await;
     let mut a = bytes::BytesMut::new();
@@ -625,76 +621,58 @@ async fn unnamed_discard_all_check_survives_encoding_error_parse() {
     sync(&mut a);
     let (_, errs) = batch(&mut client, a).await;
     assert!(errs.is_empty(), "{errs:?}");
+    let (_, errs) = batch(&mut client, not_utf8).await;
+    assert_eq!(errs, ["22021"], "the server refuses the text's encoding");
+    let mut c = bytes::BytesMut::new();
+    bind_execute(&mut c, "", &[]);
+    extended(&mut c, "SELECT current_user", &[]);
+    sync(&mut c);
+    let (tags, errs) = batch(&mut client, c).await;
+    assert_eq!(
+        errs,
+        ["25001"],
+        "what follows DISCARD ALL in the pipeline is refused (tags {:?})",
+        String::from_utf8_lossy(&tags)
+    );
+}
+
+/// rolegate counted a Parse of the unnamed statement first in its batch as certain to
+/// replace it (and so to end a DISCARD ALL check); PostgreSQL reads and verifies the
+/// text's encoding (pq_getmsgstring) before it drops the unnamed statement, and the policy
+/// read the bytes as Latin-1 and let the SELECT through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unnamed_discard_all_check_survives_encoding_error_parse() {
     let mut b = bytes::BytesMut::new();
     parse_bytes(&mut b, "", b"SELECT '\xff'");
     sync(&mut b);
-    let (_, errs) = batch(&mut client, b).await;
-    assert_eq!(errs, ["22021"], "the server refuses the text's encoding");
-    let mut c = bytes::BytesMut::new();
-    bind_execute(&mut c, "", &[]);
-    extended(&mut c, "SELECT current_user", &[]);
-    sync(&mut c);
-    client.send(&c).await;
-    let mut tags = Vec::new();
-    let mut errs = Vec::new();
-    while let Some((tag, body)) = client.read().await {
-        tags.push(tag);
-        match tag {
-            b'D' => eprintln!("after DISCARD ALL: {:?}", String::from_utf8_lossy(&body)),
-            b'E' => errs.extend(codes(&[rolegate::wire::error_fields(&body)])),
-            b'Z' => break,
-            _ => {}
-        }
-    }
-    assert_eq!(
-        errs,
-        ["25001"],
-        "what follows DISCARD ALL in the pipeline is refused (tags {:?})",
-        String::from_utf8_lossy(&tags)
-    );
+    discard_all_check_survives("rev_enc", b).await;
 }
 
-/// Same with a simple Query whose text is not valid UTF-8 (certain too, and failing
-/// before anything runs).
+/// Same with a simple Query (counted as certain too).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unnamed_discard_all_check_survives_encoding_error_query() {
-    let db = TestDb::create("rev_encq").await;
-    let rg = Rolegate::start_with(&db, Options::default()).await;
-    let mut client = RawClient::login(rg.port, "web", "web-pw", &db.name).await;
-    let mut a = bytes::BytesMut::new();
-    parse(&mut a, "", "DISCARD ALL");
-    sync(&mut a);
-    let (_, errs) = batch(&mut client, a).await;
-    assert!(errs.is_empty(), "{errs:?}");
     let mut b = bytes::BytesMut::new();
     rolegate::wire::put_message(&mut b, b'Q', b"SELECT '\xff'\0");
-    let (_, errs) = batch(&mut client, b).await;
-    assert_eq!(errs, ["22021"], "the server refuses the text's encoding");
-    let mut c = bytes::BytesMut::new();
-    bind_execute(&mut c, "", &[]);
-    extended(&mut c, "SELECT current_user", &[]);
-    sync(&mut c);
-    client.send(&c).await;
-    let mut tags = Vec::new();
-    let mut errs = Vec::new();
-    while let Some((tag, body)) = client.read().await {
-        tags.push(tag);
-        match tag {
-            b'D' => eprintln!("after DISCARD ALL: {:?}", String::from_utf8_lossy(&body)),
-            b'E' => errs.extend(codes(&[rolegate::wire::error_fields(&body)])),
-            b'Z' => break,
-            _ => {}
-        }
-    }
-    assert_eq!(
-        errs,
-        ["25001"],
-        "what follows DISCARD ALL in the pipeline is refused (tags {:?})",
-        String::from_utf8_lossy(&tags)
-    );
+    discard_all_check_survives("rev_encq", b).await;
 }
 
-async fn make_dealloc_function(db: &TestDb) {
+/// Bind and Execute of statement `name`, Sync: its values (panics on an error).
+async fn runs_statement(client: &mut RawClient, name: &str) -> Vec<String> {
+    let mut out = bytes::BytesMut::new();
+    bind_execute(&mut out, name, &[]);
+    sync(&mut out);
+    client.send(&out).await;
+    client.data_values().await
+}
+
+/// Transaction mode, pool of one: client A calls a (database) function that runs
+/// DEALLOCATE ALL, which rolegate cannot see. B's statement must still answer (B got 26000
+/// before the fix: rolegate's list of what the backend connection had prepared was
+/// stale). Then A parses a second text under a name whose statement has B's text: the
+/// server may accept it (it was deallocated), and B must still run its own text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_that_deallocates_all_never_reaches_another_client() {
+    let db = TestDb::create("rev_dealloc").await;
     let admin = admin(&db.name).await;
     admin
         .batch_execute(
@@ -703,95 +681,29 @@ async fn make_dealloc_function(db: &TestDb) {
         )
         .await
         .unwrap();
-}
-
-/// Transaction mode, pool of one: client A calls a (database) function that runs
-/// DEALLOCATE ALL; rolegate still believes the backend connection has B's statement.
-/// B's Bind of its own statement must still answer.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn function_deallocate_all_breaks_other_clients_statements() {
-    let db = TestDb::create("rev_dealloc").await;
-    make_dealloc_function(&db).await;
     let rg = Rolegate::start_with(&db, pooled(1)).await;
     let mut b = RawClient::login(rg.port, "web", "web-pw", &db.name).await;
     let mut a = RawClient::login(rg.port, "web", "web-pw", &db.name).await;
-    let mut out = bytes::BytesMut::new();
-    parse(&mut out, "b", "SELECT 'victim'::text");
-    sync(&mut out);
-    let (_, errs) = batch(&mut b, out).await;
-    assert!(errs.is_empty(), "{errs:?}");
+    for (client, name) in [(&mut b, "b"), (&mut a, "a")] {
+        let mut out = bytes::BytesMut::new();
+        parse(&mut out, name, "SELECT 'victim'::text");
+        sync(&mut out);
+        let (_, errs) = batch(client, out).await;
+        assert!(errs.is_empty(), "{errs:?}");
+    }
     let mut out = bytes::BytesMut::new();
     query(&mut out, "SELECT public.dealloc()");
     let (_, errs) = batch(&mut a, out).await;
     assert!(errs.is_empty(), "{errs:?}");
-    let mut out = bytes::BytesMut::new();
-    bind_execute(&mut out, "b", &[]);
-    sync(&mut out);
-    b.send(&out).await;
-    let (_, errors) = b.until_ready().await;
-    assert!(
-        errors.is_empty(),
-        "B's statement answers after A's function call: {errors:?}"
-    );
-}
-
-/// Same setup, then A parses a second text under a name whose server name is that of
-/// B's (deallocated) statement: the server accepts it. B must still get its own text.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn function_deallocate_all_then_duplicate_parse() {
-    let db = TestDb::create("rev_dealloc2").await;
-    make_dealloc_function(&db).await;
-    let rg = Rolegate::start_with(&db, pooled(1)).await;
-    let mut b = RawClient::login(rg.port, "web", "web-pw", &db.name).await;
-    let mut a = RawClient::login(rg.port, "web", "web-pw", &db.name).await;
-    let mut out = bytes::BytesMut::new();
-    parse(&mut out, "b", "SELECT 'victim'::text");
-    sync(&mut out);
-    let (_, errs) = batch(&mut b, out).await;
-    assert!(errs.is_empty(), "{errs:?}");
-    let mut out = bytes::BytesMut::new();
-    parse(&mut out, "a", "SELECT 'victim'::text");
-    sync(&mut out);
-    let (_, errs) = batch(&mut a, out).await;
-    assert!(errs.is_empty(), "{errs:?}");
+    assert_eq!(runs_statement(&mut b, "b").await, ["victim"]);
     let mut out = bytes::BytesMut::new();
     query(&mut out, "SELECT public.dealloc()");
-    let (_, errs) = batch(&mut a, out).await;
-    assert!(errs.is_empty(), "{errs:?}");
+    batch(&mut a, out).await;
     let mut out = bytes::BytesMut::new();
     parse(&mut out, "a", "SELECT 'attacker'::text");
     sync(&mut out);
-    a.send(&out).await;
-    let mut seen = Vec::new();
-    while let Some((tag, _)) = a.read().await {
-        seen.push(tag);
-        if tag == b'Z' {
-            break;
-        }
-    }
-    eprintln!("attacker saw {:?}", String::from_utf8_lossy(&seen));
-    let mut out = bytes::BytesMut::new();
-    bind_execute(&mut out, "b", &[]);
-    sync(&mut out);
-    b.send(&out).await;
-    let mut values = Vec::new();
-    let mut errors = Vec::new();
-    while let Some((tag, body)) = b.read().await {
-        match tag {
-            b'D' => {
-                let len = i32::from_be_bytes([body[2], body[3], body[4], body[5]]) as usize;
-                values.push(String::from_utf8_lossy(&body[6..6 + len]).into_owned());
-            }
-            b'E' => errors.push(rolegate::wire::error_fields(&body)),
-            b'Z' => break,
-            _ => {}
-        }
-    }
-    assert_eq!(
-        values,
-        ["victim"],
-        "B runs its own text (errors {errors:?})"
-    );
+    batch(&mut a, out).await;
+    assert_eq!(runs_statement(&mut b, "b").await, ["victim"]);
 }
 
 /// A large Bind (>= 64 KiB, sent in pieces) of a statement whose set_config name is
