@@ -658,8 +658,7 @@ impl<'a> Upstream<'a> {
     /// session can never be known at rest again: it stays with the client and is closed
     /// when the client leaves.
     fn note_order(&mut self, tag: u8, shared: &Shared) {
-        let copy_running =
-            self.copy_data_open || shared.copy_ins.load(Ordering::Relaxed) > self.copy_ins_ended;
+        let copy_running = self.copy_running(shared);
         if matches!(tag, b'd' | b'c' | b'f') && self.server_at_rest(shared) {
             // The server drops these outside COPY: nothing changes.
             return;
@@ -705,13 +704,23 @@ impl<'a> Upstream<'a> {
         let Ok(size) = wire::frame_size(len, self.ctx.max_message_bytes) else {
             return false;
         };
+        self.buf
+            .get(5..size.min(self.buf.len()))
+            .is_some_and(|body| self.frame_waits(tag, body, self.buf.len() >= size, shared))
+    }
+
+    /// Transaction pooling: whether a frame (`body`: what has arrived of it) must wait
+    /// for an earlier batch's answers: a simple Query (it may be DEALLOCATE ALL), or a
+    /// Parse, Bind, Describe or Close of a statement that batch decides (see
+    /// `pooled::waits_for_earlier_batch`). Judged when complete, but a large Bind (judged
+    /// by its head, see `large_bind_head`) as soon as its name is there.
+    fn frame_waits(&self, tag: u8, body: &[u8], complete: bool, shared: &Shared) -> bool {
         match tag {
             b'Q' => self.waits_for_earlier_batch(None, shared),
-            _ => self
-                .buf
-                .get(5..size.min(self.buf.len()))
-                .and_then(|body| statement_name_of(tag, body))
+            b'P' | b'D' | b'C' if !complete => false,
+            b'P' | b'B' | b'D' | b'C' => statement_name_of(tag, body)
                 .is_some_and(|name| self.waits_for_earlier_batch(Some(name), shared)),
+            _ => false,
         }
     }
 
@@ -719,19 +728,21 @@ impl<'a> Upstream<'a> {
     /// CopyDone or CopyFail now is one the server drops.
     fn server_at_rest(&self, shared: &Shared) -> bool {
         !self.unsynced
-            && !self.copy_data_open
+            && !self.copy_running(shared)
             && shared.ready_received.load(Ordering::Relaxed) == self.sync_points
-            && shared.copy_ins.load(Ordering::Relaxed) <= self.copy_ins_ended
+    }
+
+    /// CopyData was sent without its end, or a COPY FROM STDIN the server began has not
+    /// been ended by the client.
+    fn copy_running(&self, shared: &Shared) -> bool {
+        self.copy_data_open || shared.copy_ins.load(Ordering::Relaxed) > self.copy_ins_ended
     }
 
     /// The frame being judged runs whatever the server answered before it: nothing of
     /// an extended batch (whose error would skip it) or of a COPY (which it would end
     /// with an error) is in front of it.
     fn runs_for_certain(&self, shared: &Shared) -> bool {
-        !self.unsynced
-            && !self.copy_data_open
-            && shared.copy_ins.load(Ordering::Relaxed) <= self.copy_ins_ended
-            && !shared.ambiguous.load(Ordering::Relaxed)
+        !self.unsynced && !self.copy_running(shared) && !shared.ambiguous.load(Ordering::Relaxed)
     }
 
     fn make_ambiguous(&self, shared: &Shared, why: &str) {
@@ -765,18 +776,16 @@ impl<'a> Upstream<'a> {
             let size = wire::frame_size(len, self.ctx.max_message_bytes)?;
             let available = self.buf.len() - pos;
             // (A Query may be DEALLOCATE ALL or DISCARD ALL.)
-            if self.pooled.is_some() && matches!(tag, b'Q' | b'P' | b'B' | b'D' | b'C') {
-                // (A large Bind is judged by its head: its name may be all there is yet.)
-                let held = match tag {
-                    b'Q' => self.waits_for_earlier_batch(None, shared),
-                    _ if available < size && tag != b'B' => false,
-                    _ => statement_name_of(tag, &self.buf[pos + 5..pos + size.min(available)])
-                        .is_some_and(|name| self.waits_for_earlier_batch(Some(name), shared)),
-                };
-                if held {
-                    self.held = true;
-                    break;
-                }
+            if self.pooled.is_some()
+                && self.frame_waits(
+                    tag,
+                    &self.buf[pos + 5..pos + size.min(available)],
+                    available >= size,
+                    shared,
+                )
+            {
+                self.held = true;
+                break;
             }
             self.note_order(tag, shared);
             // Bind and Close are read only while a statement needs a look at its Bind
@@ -816,7 +825,7 @@ impl<'a> Upstream<'a> {
                     // Only after a real CopyInResponse: a CopyDone outside COPY (the
                     // server ignores it) must not make a Sync look answered.
                     // (Outside COPY the server drops it: see `note_order`.)
-                    b'c' | b'f' if !self.copy_data_open && self.server_at_rest(shared) => {}
+                    b'c' | b'f' if self.server_at_rest(shared) => {}
                     b'c' | b'f' => {
                         let ignored = std::mem::take(&mut self.syncs_since_execute);
                         if shared.copy_ins.load(Ordering::Relaxed) > self.copy_ins_ended {

@@ -57,9 +57,6 @@ pub struct LeaseState {
     /// first: undone newest first (a skipped Parse and Close of one name leave it as it
     /// was, in either order).
     undo: Vec<Undo>,
-    /// DEALLOCATE ALL / DISCARD ALL sent and not answered: until then no statement is
-    /// known to be on the backend session (see `has_prepared`).
-    drops_pending: u32,
 }
 
 /// One change to the client's view of its statements that did not happen on the server.
@@ -71,13 +68,21 @@ enum Undo {
 }
 
 impl LeaseState {
+    /// A DEALLOCATE ALL / DISCARD ALL was sent and not answered: until it is, no
+    /// statement is known to be on the backend session.
+    fn drop_pending(&self) -> bool {
+        self.fixups
+            .iter()
+            .any(|f| matches!(f.action, FixupAction::DropsAll))
+    }
+
     /// Whether the backend session has statement `name` prepared (as far as known).
     fn has_prepared(&mut self, name: &[u8]) -> bool {
-        self.drops_pending == 0 && self.prepared.contains(name)
+        !self.drop_pending() && self.prepared.contains(name)
     }
 
     /// What a recorded message that got no reply did not do.
-    fn undo(&mut self, fixup: Fixup) {
+    fn skipped(&mut self, fixup: Fixup) {
         if let Some(name) = fixup.client_name {
             self.undo.push(Undo::Unparse(name));
         }
@@ -224,7 +229,7 @@ const MAX_CUSTOM_SETTINGS: usize = 64;
 
 impl Drop for ClientStatements {
     fn drop(&mut self) {
-        self.clear();
+        self.take_all();
     }
 }
 
@@ -256,11 +261,6 @@ impl ClientStatements {
         let old = self.named.remove(name)?;
         self.account(-((name.len() + old.text_and_tail.len()) as i64));
         Some(old)
-    }
-
-    fn clear(&mut self) {
-        self.named.clear();
-        self.account(-(self.bytes as i64));
     }
 
     /// Takes every named statement out of the view.
@@ -417,12 +417,9 @@ pub(super) fn batch_answered(shared: &Shared, ready: u64) {
                 Some(name),
             ) => lease.prepared.remove(name),
             (FixupAction::Evicted, Some(name)) => lease.prepared.insert(name.clone()),
-            (FixupAction::DropsAll, _) => {
-                lease.drops_pending = lease.drops_pending.saturating_sub(1)
-            }
             _ => {}
         }
-        lease.undo(fixup);
+        lease.skipped(fixup);
     }
     shared
         .has_fixups
@@ -465,7 +462,6 @@ impl Downstream {
             .store(!lease.fixups.is_empty(), Ordering::Relaxed);
         if matches!(fixup.action, FixupAction::DropsAll) {
             // It ran: what was prepared before it is gone.
-            lease.drops_pending = lease.drops_pending.saturating_sub(1);
             lease.prepared.forget_all();
         }
         match fixup.action {
@@ -575,8 +571,7 @@ impl Upstream<'_> {
     /// client.
     pub(super) fn waits_for_earlier_batch(&self, name: Option<&[u8]>, shared: &Shared) -> bool {
         if !shared.has_fixups.load(Ordering::Relaxed)
-            || self.copy_data_open
-            || shared.copy_ins.load(Ordering::Relaxed) > self.copy_ins_ended
+            || self.copy_running(shared)
             || shared.ambiguous.load(Ordering::Relaxed)
         {
             return false;
@@ -589,13 +584,13 @@ impl Upstream<'_> {
     }
 
     /// Undoes in the client's view what the server did not do.
-    fn forget_unparsed(&mut self, shared: &Shared) {
+    fn undo_skipped(&mut self, shared: &Shared) {
         let undo = std::mem::take(&mut lease_state(shared).undo);
-        self.forget_statements(undo);
+        self.undo_in_view(undo);
     }
 
     /// Undoes `undo` (oldest first) in the client's view, newest first.
-    fn forget_statements(&mut self, undo: Vec<Undo>) {
+    fn undo_in_view(&mut self, undo: Vec<Undo>) {
         let Some(statements) = self.pooled.as_mut() else {
             return;
         };
@@ -621,7 +616,7 @@ impl Upstream<'_> {
         decision: Decision,
         shared: &Shared,
     ) -> Decision {
-        self.forget_unparsed(shared);
+        self.undo_skipped(shared);
         let frame: &[u8] = match &decision {
             Decision::Forward { .. } => &self.buf[pos..pos + size],
             Decision::Replace { frame, .. } => frame,
@@ -770,7 +765,7 @@ impl Upstream<'_> {
         own: bool,
     ) {
         let pool = self.pool();
-        if lease.prepared.doubtful() || lease.drops_pending > 0 {
+        if lease.prepared.doubtful() || lease.drop_pending() {
             // After DEALLOCATE ALL / DISCARD ALL (which may or may not have run) the
             // statement may or may not exist: close it first, whichever it is.
             put_close_statement(out, server_name);
@@ -817,7 +812,7 @@ impl Upstream<'_> {
         const FORWARD: Decision = Decision::Forward {
             restore_role: false,
         };
-        self.forget_unparsed(shared);
+        self.undo_skipped(shared);
         let body = &self.buf[pos + 5..pos + head.unwrap_or(size)];
         // Bind: portal \0 statement \0 rest. Describe: 'S' statement \0 (a portal: as is).
         let prefix_len = match tag {
@@ -945,7 +940,7 @@ impl Upstream<'_> {
     /// A Close: a statement leaves the client's view only; the server keeps its copy
     /// for other clients (the client hears CloseComplete from closing nothing).
     pub(super) fn pooled_close(&mut self, pos: usize, size: usize, shared: &Shared) -> Decision {
-        self.forget_unparsed(shared);
+        self.undo_skipped(shared);
         let body = &self.buf[pos + 5..pos + size];
         let statement = body
             .strip_prefix(b"S")
@@ -1020,7 +1015,6 @@ impl Upstream<'_> {
         }
         lease.unpin_candidate |= effects.unpins && lease.pinned;
         if effects.drops_prepared {
-            lease.drops_pending += 1;
             // Out of the client's view now (what follows in the batch runs only if it
             // ran); back when its batch is answered without its CommandComplete.
             self.record(shared, &mut lease, b'C', FixupAction::DropsAll);
@@ -1397,9 +1391,9 @@ where
         if matches!(fixup.action, FixupAction::DropsAll) {
             state.prepared.forget_all();
         }
-        state.undo(fixup);
+        state.skipped(fixup);
     }
-    up.forget_statements(std::mem::take(&mut state.undo));
+    up.undo_in_view(std::mem::take(&mut state.undo));
     shared.has_fixups.store(false, Ordering::Relaxed);
     let conn = lease.conn();
     conn.prepared = state.prepared;
