@@ -8,9 +8,11 @@ private cluster in a temp dir; nothing is left behind.
 Environment: DURATION (seconds per run, default 10), ROUNDS (default 3), SCALE (default 10),
 IDLE_CLIENTS (default 1000), SCENARIOS and TARGETS (comma lists, default all), BASELINE (path to another
 rolegate binary, e.g. one built from main before a change: it joins the alternation as
-"baseline" with the same config, so a change is measured against its parent in one run),
+"baseline" with the same config, so a change is measured against its parent in one run;
+BASELINE_THREADS sets its `threads`),
 CALLGRIND (transactions per client: instead of the timed runs, count each proxy's user-space
-instructions per transaction under valgrind's callgrind; see count_instructions), PEERS_DIR.
+instructions per transaction under valgrind's callgrind; see count_instructions; KEEP_CG, a
+directory, keeps callgrind's dumps there for callgrind_annotate), PEERS_DIR.
 
 POOL=transaction: transaction pooling instead. PostgreSQL gets max_connections = 100 (plus 20
 per peer pooler), rolegate `[pool] mode = "transaction"` and PgBouncer `pool_mode = transaction`,
@@ -48,6 +50,9 @@ ROUNDS = int(os.environ.get("ROUNDS", "3"))
 SCALE = int(os.environ.get("SCALE", "10"))
 IDLE_CLIENTS = int(os.environ.get("IDLE_CLIENTS", "1000"))
 BASELINE = os.environ.get("BASELINE")
+# `threads` for the baseline's config (BASELINE=target/release/rolegate BASELINE_THREADS=0
+# measures today's binary on one thread against one thread per core).
+BASELINE_THREADS = os.environ.get("BASELINE_THREADS")
 CALLGRIND = int(os.environ.get("CALLGRIND", "0"))
 POOLED = os.environ.get("POOL") == "transaction"
 CLIENT_COUNTS = [int(c) for c in os.environ.get("CLIENTS", "400").split(",") if c.strip()]
@@ -147,6 +152,8 @@ def callgrind_dump(pid, work, name):
         new = [f for f in set(os.listdir(work)) - before if f.startswith(f"cg.{name}")]
         if new:
             time.sleep(0.5)  # let the dump finish
+            if os.environ.get("KEEP_CG"):
+                shutil.copy(f"{work}/{new[0]}", os.environ["KEEP_CG"])
             with open(f"{work}/{new[0]}") as f:
                 for line in f:
                     if line.startswith(("summary:", "totals:")):
@@ -607,9 +614,11 @@ def main():
         procs.append(bare)
         wait_port(bare_port)
         if BASELINE:
+            base_listen = f'listen = "127.0.0.1:{base_port}"'
+            if BASELINE_THREADS:
+                base_listen += f"\nthreads = {BASELINE_THREADS}"
             with open(f"{work}/baseline.toml", "w") as f:
-                f.write(config.replace(f'listen = "127.0.0.1:{rg_port}"',
-                                       f'listen = "127.0.0.1:{base_port}"'))
+                f.write(config.replace(f'listen = "127.0.0.1:{rg_port}"', base_listen))
             base = subprocess.Popen([BASELINE, "serve", "--config", f"{work}/baseline.toml"],
                                     stderr=open(f"{work}/baseline.log", "w"),
                                     env=dict(os.environ, ROLEGATE_LOG="warn"))

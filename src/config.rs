@@ -29,6 +29,11 @@ pub struct Config {
     /// Where clients connect.
     #[serde(default = "default_listen")]
     pub listen: String,
+    /// Threads that serve clients: 1 (the default) runs every connection on one thread,
+    /// as PgBouncer does, which costs the least CPU per transaction; N > 1 spreads them
+    /// over N threads, 0 over one per core. Read at start only.
+    #[serde(default = "default_threads")]
+    pub threads: usize,
     /// HTTP admin endpoint (metrics, probes, status, rotation).
     #[serde(default)]
     pub admin_listen: Option<String>,
@@ -177,6 +182,10 @@ impl Default for RotationConfig {
             poll_interval: default_poll_interval(),
         }
     }
+}
+
+fn default_threads() -> usize {
+    1
 }
 
 fn default_listen() -> String {

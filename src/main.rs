@@ -83,11 +83,26 @@ enum PoolModeArg {
     Transaction,
 }
 
+/// The runtime for the subcommands that are not `serve`: one thread per core.
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")
+    serve_runtime(0)
+}
+
+/// `serve`'s runtime, by the config's `threads`. One thread (a current-thread runtime)
+/// is the default: no work stealing, no waking of other threads, so fewer instructions
+/// and context switches per transaction (measured in benches/pgbench.sh); more threads
+/// serve more clients where the cores are there for it.
+fn serve_runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = match threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        0 => tokio::runtime::Builder::new_multi_thread(),
+        n => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(n);
+            builder
+        }
+    };
+    builder.enable_all().build().context("starting the runtime")
 }
 
 fn main() -> anyhow::Result<()> {
@@ -96,7 +111,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { config: path } => {
             let config = Config::load(&path)?;
-            runtime()?.block_on(serve(config, path))
+            serve_runtime(config.threads)?.block_on(serve(config, path))
         }
         Command::Setup {
             config,

@@ -199,7 +199,9 @@ pub struct Pool {
     /// One permit per backend session that may exist; waiting clients queue here in
     /// the order they came.
     permits: Arc<Semaphore>,
-    idle: Mutex<Vec<ServerConn>>,
+    /// Boxed: a backend connection moves between the pool and its lease on every
+    /// transaction, and a box moves as one pointer.
+    idle: Mutex<Vec<Box<ServerConn>>>,
     /// When each waiting client started waiting (for `longest_wait_seconds`).
     waiting_since: Mutex<BTreeMap<u64, Instant>>,
     /// Backend sessions open (idle, lent or being opened for min_idle).
@@ -257,7 +259,7 @@ impl Pool {
         }
     }
 
-    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<ServerConn>> {
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Box<ServerConn>>> {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -343,19 +345,19 @@ impl Pool {
             .unwrap_or_default()
     }
 
-    fn open(&self, session: BackendSession, login: &str) -> ServerConn {
+    fn open(&self, session: BackendSession, login: &str) -> Box<ServerConn> {
         self.stats.backends_open.inc();
         self.open.fetch_add(1, Ordering::Relaxed);
-        ServerConn::new(session, login)
+        Box::new(ServerConn::new(session, login))
     }
 
-    fn close(&self, conn: ServerConn) {
+    fn close(&self, conn: Box<ServerConn>) {
         self.stats.backends_open.dec();
         self.open.fetch_sub(1, Ordering::Relaxed);
         conn.close();
     }
 
-    fn give_back(&self, mut conn: ServerConn, reusable: bool) {
+    fn give_back(&self, mut conn: Box<ServerConn>, reusable: bool) {
         // (Notifications kept during rolegate's own queries were its last client's.)
         conn.session.notifications.clear();
         self.stats.backends_active.dec();
@@ -468,7 +470,7 @@ impl Drop for GaugeGuard<'_> {
 /// A backend session checked out for one client; given back with [`Lease::release`] or,
 /// when dropped without it, closed (its state is unknown).
 pub struct Lease {
-    conn: Option<ServerConn>,
+    conn: Option<Box<ServerConn>>,
     pool: Arc<Pool>,
     _permit: OwnedSemaphorePermit,
 }
@@ -504,6 +506,9 @@ pub struct ServerConn {
     idle_since: Instant,
     /// Settings applied for clients (lower-case name → value), as the server holds them.
     pub settings: BTreeMap<String, String>,
+    /// The shared settings of the client `settings` were last made equal to: a client
+    /// with the same settings as the last one (the usual case) needs no comparison.
+    settings_of: Option<ClientSettings>,
     /// rolegate's prepared statements on this session.
     pub prepared: PreparedOnServer,
     /// The client that used it last, and what it left that others must not see.
@@ -566,6 +571,7 @@ impl ServerConn {
             opened: Instant::now(),
             idle_since: Instant::now(),
             settings: BTreeMap::new(),
+            settings_of: None,
             prepared: PreparedOnServer::default(),
             last_client: 0,
             left_sequences: false,
@@ -605,10 +611,28 @@ impl ServerConn {
     /// Values go as ASCII (non-ASCII ones through `convert_from`): the server reads the
     /// whole query in the `client_encoding` in force when it arrives, whoever set it, and
     /// `client_encoding` itself is set last.
+    /// [`ServerConn::apply_settings`] for a pooled client's shared settings.
+    pub async fn apply_client_settings(
+        &mut self,
+        wanted: &ClientSettings,
+    ) -> Result<bool, BackendError> {
+        if self
+            .settings_of
+            .as_ref()
+            .is_some_and(|applied| Arc::ptr_eq(applied, wanted))
+        {
+            return Ok(false);
+        }
+        let sent = self.apply_settings(wanted).await?;
+        self.settings_of = Some(wanted.clone());
+        Ok(sent)
+    }
+
     pub async fn apply_settings(
         &mut self,
         wanted: &BTreeMap<String, String>,
     ) -> Result<bool, BackendError> {
+        self.settings_of = None;
         let mut sql = String::new();
         let wanted = wanted.iter().filter(|(name, _)| !never_followed(name));
         for name in self.settings.keys() {
@@ -735,6 +759,7 @@ impl ServerConn {
                         ))
             })
             .collect();
+        self.settings_of = None;
         self.settings = if reset_all {
             BTreeMap::new()
         } else {
@@ -750,6 +775,7 @@ impl ServerConn {
             .query_expecting("RESET ALL; SELECT current_user", &[&["current_user"]])
             .await?;
         self.settings.clear();
+        self.settings_of = None;
         match sets.as_slice() {
             [rows] if matches!(rows.as_slice(), [row] if matches!(row.as_slice(), [Some(u)] if *u == key.role)) => {
                 Ok(())
@@ -847,6 +873,7 @@ impl ServerConn {
             .await?;
         self.prepared = PreparedOnServer::default();
         self.settings.clear();
+        self.settings_of = None;
         match sets.last().map(Vec::as_slice) {
             Some([row]) if matches!(row.as_slice(), [Some(user)] if *user == key.role) => Ok(()),
             _ => Err(role_lost()),
@@ -866,11 +893,31 @@ fn role_lost() -> BackendError {
 #[derive(Default)]
 pub struct PreparedOnServer {
     /// Name → when it was last used (a tick of `clock`).
-    names: HashMap<Bytes, u64, ahash::RandomState>,
+    names: HashMap<Bytes, u64, ProcessKeys>,
     clock: u64,
     /// A DEALLOCATE ALL or DISCARD ALL was sent: whether it ran is not known, so no name
     /// is known to be there or not.
     doubtful: bool,
+}
+
+/// ahash with keys drawn once per process: an empty map is made on every transaction
+/// (a lease moves its backend connection's list out and back), and
+/// `ahash::RandomState::new` costs more than the rest of that.
+#[derive(Clone)]
+pub struct ProcessKeys(ahash::RandomState);
+
+impl Default for ProcessKeys {
+    fn default() -> Self {
+        static KEYS: std::sync::OnceLock<ahash::RandomState> = std::sync::OnceLock::new();
+        ProcessKeys(KEYS.get_or_init(ahash::RandomState::new).clone())
+    }
+}
+
+impl std::hash::BuildHasher for ProcessKeys {
+    type Hasher = ahash::AHasher;
+    fn build_hasher(&self) -> ahash::AHasher {
+        self.0.build_hasher()
+    }
 }
 
 impl PreparedOnServer {

@@ -205,8 +205,11 @@ impl Proxy {
             || config.backend.host != current.backend.host
             || config.backend.port != current.backend.port
             || config.listen != current.listen
+            || config.threads != current.threads
         {
-            tracing::warn!("[backend] and listen changes take effect only after a restart");
+            tracing::warn!(
+                "[backend], listen and threads changes take effect only after a restart"
+            );
         }
         // Which login each class uses and the role its sessions run in belong to the
         // credential stores, pools and rotators built at start: they change with a restart.
@@ -247,7 +250,8 @@ impl Proxy {
 /// The backend connection a cancel key stands for.
 #[derive(Debug, Clone)]
 pub struct CancelTarget {
-    pub addr: String,
+    /// Shared: a pooled client sets its target on every transaction.
+    pub addr: Arc<str>,
     pub pid: i32,
     pub secret: i32,
 }
@@ -289,6 +293,10 @@ impl CancelSlot {
     /// how long a cancel request may take.
     pub async fn clear(&self) {
         self.set(None);
+        // (None can start now that the target is gone.)
+        if self.in_flight.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            return;
+        }
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(6);
         loop {
             let carried_out = self.carried_out.notified();

@@ -256,7 +256,7 @@ async fn serve_session(
     };
     proxy.metrics.backend_connections.inc();
     let cancel_key = proxy.cancel_keys.register(CancelTarget {
-        addr: proxy.backend.addr(),
+        addr: proxy.backend.addr().into(),
         pid: backend.pid,
         secret: backend.secret,
     });
@@ -444,7 +444,7 @@ async fn serve_pooled(
         stream: client,
         settings: crate::pool::shared_settings(settings),
         cancel: &cancel_key.slot,
-        backend_addr: proxy.backend.addr(),
+        backend_addr: proxy.backend.addr().into(),
         client_id,
     };
     // Boxed apart from the rest of the session's future, which rustc would otherwise lay

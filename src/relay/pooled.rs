@@ -1124,7 +1124,7 @@ pub struct PooledClient<'a> {
     pub settings: crate::pool::ClientSettings,
     /// Its cancel key's target, set while it holds a backend session.
     pub cancel: &'a CancelSlot,
-    pub backend_addr: String,
+    pub backend_addr: std::sync::Arc<str>,
     /// Tells backend sessions apart the clients that use them (`pool::next_client_id`).
     pub client_id: u64,
 }
@@ -1197,6 +1197,7 @@ pub async fn run(client: PooledClient<'_>, ctx: &RelayContext<'_>) -> (RelayStat
         loop {
             while up.buf.is_empty() {
                 tokio::select! {
+                    biased;
                     read = up.read_chunk(&mut client_r, &shared, IDLE_READ) => {
                         if let Err(end) = read {
                             break 'session end;
@@ -1256,7 +1257,7 @@ struct LeaseTurn<'a, 'c, F> {
     closing: &'a mut F,
     settings: &'a mut crate::pool::ClientSettings,
     cancel: &'a CancelSlot,
-    backend_addr: &'a String,
+    backend_addr: &'a std::sync::Arc<str>,
     client_id: u64,
 }
 
@@ -1284,6 +1285,7 @@ where
     // The transaction starts, as the client sees it, with its first message.
     let started = Instant::now();
     let checkout = tokio::select! {
+        biased;
         lease = pool.checkout() => lease,
         end = &mut *closing => return Some(end),
     };
@@ -1306,7 +1308,7 @@ where
             return None;
         }
     };
-    match lease.conn().apply_settings(settings).await {
+    match lease.conn().apply_client_settings(settings).await {
         Ok(true) => {
             pool.stats.resets.inc();
         }
@@ -1614,11 +1616,14 @@ where
 {
     up.resume = true;
     loop {
+        // biased (a fixed order costs no random number per wake): the server's replies
+        // first, so a client that keeps sending cannot starve them.
         tokio::select! {
-            end = up.step(client_r, &mut server_w, shared) => if let Some(end) = end {
+            biased;
+            end = down.step(&mut server_r, client_w, shared) => if let Some(end) = end {
                 return end;
             },
-            end = down.step(&mut server_r, client_w, shared) => if let Some(end) = end {
+            end = up.step(client_r, &mut server_w, shared) => if let Some(end) = end {
                 return end;
             },
             end = &mut *closing => return end,
