@@ -266,7 +266,14 @@ impl Pool {
     /// A backend session for one transaction: an idle one of the current login, or a
     /// new one. Waits (first come, first served) at most `checkout_timeout`.
     pub async fn checkout(self: &Arc<Self>) -> Result<Lease, CheckoutError> {
-        let started = Instant::now();
+        self.checkout_since(Instant::now()).await
+    }
+
+    /// [`Pool::checkout`] for a client that has waited since `started` already.
+    pub async fn checkout_since(
+        self: &Arc<Self>,
+        started: Instant,
+    ) -> Result<Lease, CheckoutError> {
         let permit = match self.permits.clone().try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => self.wait_for_permit().await?,
@@ -362,8 +369,12 @@ impl Pool {
         conn.session.notifications.clear();
         self.stats.backends_active.dec();
         let login = self.credentials.current();
-        if reusable && conn.login.as_ref() == login.user && conn.opened.elapsed() < self.lifetime {
-            conn.idle_since = Instant::now();
+        let now = Instant::now();
+        if reusable
+            && conn.login.as_ref() == login.user
+            && now.duration_since(conn.opened) < self.lifetime
+        {
+            conn.idle_since = now;
             self.idle().push(conn);
             self.stats.backends_idle.inc();
         } else {

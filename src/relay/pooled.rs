@@ -1286,7 +1286,7 @@ where
     let started = Instant::now();
     let checkout = tokio::select! {
         biased;
-        lease = pool.checkout() => lease,
+        lease = pool.checkout_since(started) => lease,
         end = &mut *closing => return Some(end),
     };
     let mut lease = match checkout {
