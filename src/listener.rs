@@ -20,7 +20,11 @@ pub async fn serve(proxy: Arc<Proxy>) -> anyhow::Result<()> {
     let listener = TcpListener::bind(&listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
-    tracing::info!(address = %listener.local_addr()?, "rolegate is listening");
+    tracing::info!(
+        address = %listener.local_addr()?,
+        threads = proxy.config().threads,
+        "rolegate is listening"
+    );
     accept_loop(proxy, listener).await
 }
 

@@ -50,9 +50,32 @@ async fn make_table(rg: &Rolegate, db: &TestDb) {
 /// never sees more than 3 sessions of the login.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_clients_share_few_backends_and_keep_their_own_state() {
-    let db = TestDb::create("pool_many").await;
+    many_clients_share_few_backends("pool_many", "").await;
+}
+
+/// The same on several threads (`threads = 2`): clients and backend connections then
+/// meet across threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_clients_share_few_backends_on_several_threads() {
+    many_clients_share_few_backends("pool_many_threads", "threads = 2\n").await;
+}
+
+async fn many_clients_share_few_backends(db_name: &str, top: &str) {
+    let db = TestDb::create(db_name).await;
     let admin_port = free_port();
-    let rg = Rolegate::start_with(&db, pooled(3, "", admin_port)).await;
+    let mut options = pooled(3, "", admin_port);
+    options.top.push_str(top);
+    let rg = Rolegate::start_with(&db, options).await;
+    // Serving on one thread or on the runtime's worker threads, as configured (counted
+    // before anything could have started a blocking-pool thread).
+    let threads = std::fs::read_dir(format!("/proc/{}/task", rg.pid()))
+        .unwrap()
+        .count();
+    if top.is_empty() {
+        assert_eq!(threads, 1, "{}", rg.log_text());
+    } else {
+        assert!(threads >= 3, "{threads} threads\n{}", rg.log_text());
+    }
     make_table(&rg, &db).await;
     let mut tasks = Vec::new();
     for i in 0..24 {
