@@ -603,7 +603,11 @@ def main():
                             "transaction" if POOLED else "session", most_clients,
                             POOL_SIZE if POOLED else 100)
         if AS_ROOT:
-            run(["chown", "-R", "postgres:postgres", work])
+            # Not the running cluster's data directory: its temporary WAL files can vanish
+            # mid-walk (chown then fails), and initdb made it postgres's already.
+            entries = [f"{work}/{e}" for e in os.listdir(work) if e != "data"]
+            run(["chown", "postgres:postgres", work])
+            run(["chown", "-R", "postgres:postgres", *entries])
         pb = subprocess.Popen(pgbouncer_command(ini), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(pb)
         wait_port(pb_port)
@@ -721,9 +725,11 @@ def main():
             seen = ", ".join(f"{t} {n}" for t, n in most_backends.items())
             print(f"\nmost backend connections of each pooler's login during its runs: {seen} "
                   f"(pool size {POOL_SIZE}; clients {','.join(map(str, CLIENT_COUNTS))})")
+            if "baseline" in targets:
+                print("(rolegate and baseline log in as the same role: their count is both pools)")
         # Memory of idle authenticated clients, after the runs (benches/idle_memory.py
         # measures a fresh process).
-        if "rolegate" not in targets:
+        if "rolegate" not in targets or IDLE_CLIENTS <= 0:  # IDLE_CLIENTS=0: no idle measurement
             return
         print()
         import psycopg

@@ -29,11 +29,11 @@ pub struct Config {
     /// Where clients connect.
     #[serde(default = "default_listen")]
     pub listen: String,
-    /// Threads that serve clients: 1 (the default) runs every connection on one thread,
-    /// as PgBouncer does, which costs the least CPU per transaction; N > 1 spreads them
-    /// over N threads, 0 over one per core. Read at start only.
-    #[serde(default = "default_threads")]
-    pub threads: usize,
+    /// Threads that serve clients: 1 runs every connection on one thread, as PgBouncer
+    /// does; N > 1 spreads them over N threads, 0 over one per core. Unset: see
+    /// [`Config::serve_threads`]. Read at start only.
+    #[serde(default)]
+    pub threads: Option<usize>,
     /// HTTP admin endpoint (metrics, probes, status, rotation).
     #[serde(default)]
     pub admin_listen: Option<String>,
@@ -182,10 +182,6 @@ impl Default for RotationConfig {
             poll_interval: default_poll_interval(),
         }
     }
-}
-
-fn default_threads() -> usize {
-    1
 }
 
 fn default_listen() -> String {
@@ -537,6 +533,20 @@ impl Default for LimitsConfig {
 }
 
 impl Config {
+    /// The threads `serve` runs on (0 = one per core). Unset, the pool mode decides, as
+    /// measured in benches/pgbench.sh (2026-12-02, 2 cores shared with PostgreSQL and
+    /// pgbench): in transaction mode one thread cost 2–23 % less CPU per transaction than
+    /// one per core at about the same TPS (clients and the backend connections they
+    /// borrow meet on one thread, with no wake-ups across threads); in session mode, where
+    /// each client's pipeline is its own, one per core gave 1.1–1.4 × the TPS at the same
+    /// CPU per transaction.
+    pub fn serve_threads(&self) -> usize {
+        self.threads.unwrap_or(match self.pool.mode {
+            PoolMode::Transaction => 1,
+            PoolMode::Session => 0,
+        })
+    }
+
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),

@@ -22,7 +22,7 @@ pub async fn serve(proxy: Arc<Proxy>) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {listen}"))?;
     tracing::info!(
         address = %listener.local_addr()?,
-        threads = proxy.config().threads,
+        threads = proxy.config().serve_threads(),
         "rolegate is listening"
     );
     accept_loop(proxy, listener).await

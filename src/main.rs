@@ -88,10 +88,8 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     serve_runtime(0)
 }
 
-/// `serve`'s runtime, by the config's `threads`. One thread (a current-thread runtime)
-/// is the default: no work stealing, no waking of other threads, so fewer instructions
-/// and context switches per transaction (measured in benches/pgbench.sh); more threads
-/// serve more clients where the cores are there for it.
+/// `serve`'s runtime, by `Config::serve_threads`: 1 is a current-thread runtime (no work
+/// stealing, no waking of other threads), anything else tokio's multi-thread one.
 fn serve_runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
     let mut builder = match threads {
         1 => tokio::runtime::Builder::new_current_thread(),
@@ -111,7 +109,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { config: path } => {
             let config = Config::load(&path)?;
-            serve_runtime(config.threads)?.block_on(serve(config, path))
+            serve_runtime(config.serve_threads())?.block_on(serve(config, path))
         }
         Command::Setup {
             config,

@@ -66,8 +66,9 @@ async fn many_clients_share_few_backends(db_name: &str, top: &str) {
     let mut options = pooled(3, "", admin_port);
     options.top.push_str(top);
     let rg = Rolegate::start_with(&db, options).await;
-    // Serving on one thread or on the runtime's worker threads, as configured (counted
-    // before anything could have started a blocking-pool thread).
+    // Transaction mode serves on one thread unless `threads` says otherwise; on the
+    // runtime's worker threads when it does (counted before anything could have started
+    // a blocking-pool thread).
     let threads = std::fs::read_dir(format!("/proc/{}/task", rg.pid()))
         .unwrap()
         .count();
