@@ -6,7 +6,7 @@ Run through benches/pgbench.sh, which builds the binaries first. Everything runs
 private cluster in a temp dir; nothing is left behind.
 
 Environment: DURATION (seconds per run, default 10), ROUNDS (default 3), SCALE (default 10),
-IDLE_CLIENTS (default 1000), SCENARIOS and TARGETS (comma lists, default all), BASELINE (path to another
+IDLE_CLIENTS (default 1000; 0 skips the idle RSS), SCENARIOS and TARGETS (comma lists, default all), BASELINE (path to another
 rolegate binary, e.g. one built from main before a change: it joins the alternation as
 "baseline" with the same config, so a change is measured against its parent in one run;
 BASELINE_THREADS sets its `threads`),
