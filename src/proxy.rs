@@ -205,7 +205,7 @@ impl Proxy {
             || config.backend.host != current.backend.host
             || config.backend.port != current.backend.port
             || config.listen != current.listen
-            || config.threads != current.threads
+            || config.serve_threads() != current.serve_threads()
         {
             tracing::warn!(
                 "[backend], listen and threads changes take effect only after a restart"
