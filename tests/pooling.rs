@@ -69,9 +69,7 @@ async fn many_clients_share_few_backends(db_name: &str, top: &str) {
     // Transaction mode serves on one thread unless `threads` says otherwise; on the
     // runtime's worker threads when it does (counted before anything could have started
     // a blocking-pool thread).
-    let threads = std::fs::read_dir(format!("/proc/{}/task", rg.pid()))
-        .unwrap()
-        .count();
+    let threads = rg.thread_count();
     if top.is_empty() {
         assert_eq!(threads, 1, "{}", rg.log_text());
     } else {

@@ -14,9 +14,7 @@ async fn sessions_run_as_the_owner_role_for_every_client() {
     let rg = Rolegate::start(&db).await;
     // Session mode serves on one thread per core unless `threads` says otherwise (the
     // main thread waits; counted before a blocking-pool thread could have started).
-    let threads = std::fs::read_dir(format!("/proc/{}/task", rg.pid()))
-        .unwrap()
-        .count();
+    let threads = rg.thread_count();
     let cores = std::thread::available_parallelism().unwrap().get();
     assert!(threads > cores, "{threads} threads\n{}", rg.log_text());
     // tokio-postgres

@@ -379,6 +379,13 @@ impl Rolegate {
         self.child.id()
     }
 
+    /// The threads of the rolegate process right now (its tasks in /proc).
+    pub fn thread_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/task", self.pid()))
+            .unwrap()
+            .count()
+    }
+
     pub fn has_exited(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(Some(_)))
     }
