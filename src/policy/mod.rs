@@ -219,7 +219,7 @@ impl Policy {
         who: &Requester<'_>,
         sql: &[u8],
         scs: bool,
-        session: Option<&mut SessionVerdicts>,
+        mut session: Option<&mut SessionVerdicts>,
     ) -> Result<Pass, Refusal> {
         if sql.len() > self.max_statement_bytes {
             return Err(Refusal {
@@ -233,6 +233,14 @@ impl Policy {
                 kind: "oversized statement".into(),
                 leaves_owner_role: false,
             });
+        }
+        if let Some(session) = session.as_deref_mut() {
+            if session.scs != scs {
+                session.forget(scs);
+            }
+            if session.remembers(sql, scs) {
+                return Ok(Pass::default());
+            }
         }
         let latin1;
         let text: &str = match std::str::from_utf8(sql) {
@@ -248,10 +256,8 @@ impl Policy {
             self.same_under_other_scs(who, text, scs, &allowed)?;
             return Ok(pass(text, sql, allowed));
         };
-        if session.scs != scs {
-            session.forget(scs);
-        }
-        if session.allowed.contains(text) {
+        // (A text that was not UTF-8 is remembered as its conversion.)
+        if text.len() != sql.len() && session.allowed.contains(text.as_bytes()) {
             return Ok(Pass::default());
         }
         // A text with a backslash is remembered only as itself: texts that share a
@@ -261,14 +267,19 @@ impl Policy {
         } else {
             None
         };
-        if key.as_deref().is_some_and(|k| session.allowed.contains(k)) {
+        if key
+            .as_deref()
+            .is_some_and(|k| session.allowed.contains(k.as_bytes()))
+        {
             return Ok(Pass::default());
         }
         let classification = self.cache.get_or_classify_keyed(text, scs, key.as_deref());
         let allowed = rules::judge(who.class, who.allow, who.role, &classification)?;
         self.same_under_other_scs(who, text, scs, &allowed)?;
         if allowed.is_plain() {
-            session.remember(key.map_or_else(|| text.into(), String::into_boxed_str));
+            session.remember(
+                key.map_or_else(|| text.as_bytes().into(), |key| key.into_bytes().into()),
+            );
         }
         Ok(pass(text, sql, allowed))
     }
@@ -368,7 +379,8 @@ const SESSION_VERDICT_BYTES: usize = 16 * 1024;
 /// a session's requester and policy never change, so what is remembered stays true.
 #[derive(Default)]
 pub struct SessionVerdicts {
-    allowed: std::collections::HashSet<Box<str>, ahash::RandomState>,
+    /// Statement texts, or their numeric-constant keys, as the client's bytes.
+    allowed: std::collections::HashSet<Box<[u8]>, ahash::RandomState>,
     /// The `standard_conforming_strings` the entries were judged under.
     scs: bool,
     bytes: usize,
@@ -381,7 +393,26 @@ impl SessionVerdicts {
         self.scs = scs;
     }
 
-    fn remember(&mut self, text: Box<str>) {
+    /// Whether the text (as is, or by its numeric-constant key) was allowed before. Most
+    /// statements a client repeats are plain ASCII with at most bare integers in them:
+    /// those are answered from one scan that builds their key on the stack, without the
+    /// UTF-8 check, an allocation, or a lookup of the text before its key. Anything else
+    /// is answered by the full path in [`Policy::judge`].
+    fn remembers(&self, sql: &[u8], scs: bool) -> bool {
+        if self.allowed.contains(sql) {
+            return true;
+        }
+        if !scs || sql.len() > FAST_KEY_BYTES {
+            return false;
+        }
+        let mut key = [0u8; FAST_KEY_BYTES];
+        match plain_integer_scan(sql, &mut key) {
+            PlainScan::Key(len) => key.get(..len).is_some_and(|k| self.allowed.contains(k)),
+            PlainScan::NoNumbers | PlainScan::NotPlain => false,
+        }
+    }
+
+    fn remember(&mut self, text: Box<[u8]>) {
         if text.len() > SESSION_VERDICT_BYTES {
             return;
         }
@@ -495,69 +526,115 @@ enum PlainKey {
     NotPlain,
 }
 
+/// The fast path of [`numeric_literal_key`], as a `String` (see [`plain_integer_scan`]).
+fn plain_integer_key(sql: &str) -> PlainKey {
+    let mut key = vec![0u8; sql.len()];
+    match plain_integer_scan(sql.as_bytes(), &mut key) {
+        PlainScan::Key(len) => {
+            key.truncate(len);
+            // (Only ASCII passes the scan.)
+            String::from_utf8(key).map_or(PlainKey::NotPlain, PlainKey::Key)
+        }
+        PlainScan::NoNumbers => PlainKey::NoNumbers,
+        PlainScan::NotPlain => PlainKey::NotPlain,
+    }
+}
+
+/// Texts longer than this take the full path for their key (it is built on the stack).
+const FAST_KEY_BYTES: usize = 512;
+
+/// What [`plain_integer_scan`] found.
+enum PlainScan {
+    /// The key is this many bytes at the start of the buffer.
+    Key(usize),
+    NoNumbers,
+    /// The text has something only the real scanner may judge.
+    NotPlain,
+}
+
 /// The fast path of [`numeric_literal_key`] for the texts ORMs and pgbench send most:
 /// plain ASCII with no string, quoted identifier, dollar quote, parameter, comment or
 /// escape, and integers written as bare digits. In such a text the scanner's rules come
 /// down to one: a run of digits that does not continue an identifier is an integer
 /// constant (the sign is never part of it; PostgreSQL's scanner leaves `-` to the
 /// grammar). Anything else (a quote, `$`, `--`, `/*`, a digit run touching a letter,
-/// `_` or `.` as in `1e5`, `0x1F`, `1_000`, `1.5`) goes to pg_query's scanner, which
-/// costs ~1 µs more.
-fn plain_integer_key(sql: &str) -> PlainKey {
-    let bytes = sql.as_bytes();
-    let class = |i: usize| bytes.get(i).map_or(OTHER, |&b| PLAIN_CLASS[usize::from(b)]);
-    let mut key: Option<String> = None;
+/// `_` or `.` as in `1e5`, `0x1F`, `1_000`, `1.5`, any byte that is not ASCII) goes to
+/// pg_query's scanner, which costs ~1 µs more. The key (never longer than the text) is
+/// written to `key`; a `key` shorter than the text is answered `NotPlain`.
+fn plain_integer_scan(sql: &[u8], key: &mut [u8]) -> PlainScan {
+    if key.len() < sql.len() {
+        return PlainScan::NotPlain;
+    }
+    let class = |i: usize| sql.get(i).map_or(OTHER, |&b| PLAIN_CLASS[usize::from(b)]);
+    // How many bytes after `from` continue a word (letters, digits, `_`).
+    let word_tail = |from: usize| {
+        sql.get(from..).map_or(0, |rest| {
+            rest.iter()
+                .take_while(|&&b| PLAIN_CLASS[usize::from(b)] >= WORD)
+                .count()
+        })
+    };
+    let mut written = 0;
     let mut copied = 0;
     let mut i = 0;
-    while i < bytes.len() {
-        match class(i) {
+    while let Some(&byte) = sql.get(i) {
+        match PLAIN_CLASS[usize::from(byte)] {
             // A keyword or identifier, with the digits in it (`t1`).
-            WORD => {
-                i += 1;
-                while matches!(class(i), WORD | DIGIT) {
-                    i += 1;
-                }
-            }
+            WORD => i += 1 + word_tail(i + 1),
             PUNCT => i += 1,
             DIGIT => {
                 let start = i;
-                while class(i) == DIGIT {
-                    i += 1;
-                }
+                i += 1 + sql.get(i + 1..).map_or(0, |rest| {
+                    rest.iter().take_while(|b| b.is_ascii_digit()).count()
+                });
                 // (A word before it took it in already.)
-                if (start > 0 && bytes[start - 1] == b'.')
-                    || matches!(class(i), WORD | DIGIT)
-                    || bytes.get(i) == Some(&b'.')
+                if (start > 0 && sql.get(start - 1) == Some(&b'.'))
+                    || class(i) >= WORD
+                    || sql.get(i) == Some(&b'.')
                 {
-                    return PlainKey::NotPlain;
+                    return PlainScan::NotPlain;
                 }
-                let key = key.get_or_insert_with(|| String::with_capacity(sql.len()));
-                key.push_str(&sql[copied..start]);
-                key.push('0');
+                let Some(piece) = sql.get(copied..start) else {
+                    return PlainScan::NotPlain;
+                };
+                let Some(to) = key.get_mut(written..=written + piece.len()) else {
+                    return PlainScan::NotPlain;
+                };
+                let (text, zero) = to.split_at_mut(piece.len());
+                text.copy_from_slice(piece);
+                zero[0] = b'0';
+                written += piece.len() + 1;
                 copied = i;
             }
-            DASH if bytes.get(i + 1) != Some(&b'-') => i += 1,
-            SLASH if bytes.get(i + 1) != Some(&b'*') => i += 1,
-            _ => return PlainKey::NotPlain,
+            DASH if sql.get(i + 1) != Some(&b'-') => i += 1,
+            SLASH if sql.get(i + 1) != Some(&b'*') => i += 1,
+            _ => return PlainScan::NotPlain,
         }
     }
-    match key {
-        Some(mut key) => {
-            key.push_str(&sql[copied..]);
-            PlainKey::Key(key)
+    if written == 0 {
+        return PlainScan::NoNumbers;
+    }
+    let Some(rest) = sql.get(copied..) else {
+        return PlainScan::NotPlain;
+    };
+    match key.get_mut(written..written + rest.len()) {
+        Some(to) => {
+            to.copy_from_slice(rest);
+            PlainScan::Key(written + rest.len())
         }
-        None => PlainKey::NoNumbers,
+        None => PlainScan::NotPlain,
     }
 }
 
-// What each byte is to [`plain_integer_key`]: one table lookup per byte, and a word is
+// What each byte is to [`plain_integer_scan`]: one table lookup per byte, and a word is
 // skipped in one tight loop (this runs on every simple-protocol statement with a number).
 const OTHER: u8 = 0;
 const PUNCT: u8 = 1;
-const WORD: u8 = 2;
-const DIGIT: u8 = 3;
-const DASH: u8 = 4;
-const SLASH: u8 = 5;
+const DASH: u8 = 2;
+const SLASH: u8 = 3;
+// (Last: `>= WORD` is "continues a word".)
+const WORD: u8 = 4;
+const DIGIT: u8 = 5;
 static PLAIN_CLASS: [u8; 256] = {
     let mut table = [OTHER; 256];
     let mut b = 0;
@@ -930,7 +1007,7 @@ mod tests {
         assert!(policy
             .check(&who, with_number.as_bytes(), true, Some(&mut session))
             .is_ok());
-        assert!(session.allowed.contains(with_number));
+        assert!(session.allowed.contains(with_number.as_bytes()));
         assert_eq!(session.allowed.len(), 1, "only the exact text");
     }
 
@@ -968,23 +1045,72 @@ mod tests {
         assert_eq!(check("SELECT 2", false), None);
         // What was allowed under one standard_conforming_strings is not carried over to
         // the other: the memory was cleared when the setting changed.
-        assert!(session.allowed.contains("SELECT 2"));
+        assert!(session.allowed.contains(&b"SELECT 2"[..]));
         assert!(
             !session
                 .allowed
                 .iter()
-                .any(|t| t.starts_with("SELECT * FROM t")),
+                .any(|t| t.starts_with(b"SELECT * FROM t")),
             "cleared when the setting changed"
         );
+    }
+
+    /// The session's fast lookup finds a text by its numeric key only where the full
+    /// path would: same words, numbers anywhere a number was, the same setting.
+    #[test]
+    fn a_session_finds_a_new_number_by_its_key() {
+        let policy = Policy::new(&PolicyConfig::default());
+        let who = requester(ClientClass::App);
+        let mut session = SessionVerdicts::default();
+        assert!(policy
+            .check(
+                &who,
+                b"SELECT * FROM t WHERE id = 1",
+                true,
+                Some(&mut session)
+            )
+            .is_ok());
+        assert!(session.remembers(b"SELECT * FROM t WHERE id = 1", true));
+        assert!(session.remembers(b"SELECT * FROM t WHERE id = 987654", true));
+        for other in [
+            &b"SELECT * FROM t WHERE id = 2 OR 1 = 1"[..],
+            b"SELECT * FROM t1 WHERE id = 2",
+            b"SELECT * FROM t WHERE id = 2.5",
+            b"SELECT * FROM t WHERE id = '2'",
+            b"SELECT * FROM t WHERE id = 2; DROP TABLE t",
+        ] {
+            assert!(
+                !session.remembers(other, true),
+                "{}",
+                String::from_utf8_lossy(other)
+            );
+        }
+        // Keys hold only with standard_conforming_strings on.
+        assert!(!session.remembers(b"SELECT * FROM t WHERE id = 2", false));
+        // A key that would not fit the stack buffer is left to the full path, which
+        // still answers from the session's memory.
+        let long = format!("SELECT * FROM t WHERE id = 1{}", " ".repeat(FAST_KEY_BYTES));
+        assert!(policy
+            .check(&who, long.as_bytes(), true, Some(&mut session))
+            .is_ok());
+        let long_again = long.replacen("= 1", "= 2", 1);
+        assert!(!session.remembers(long_again.as_bytes(), true));
+        assert!(policy
+            .check(&who, long_again.as_bytes(), true, Some(&mut session))
+            .is_ok());
+        assert!(matches!(
+            plain_integer_scan(b"SELECT 1", &mut [0; 4]),
+            PlainScan::NotPlain
+        ));
     }
 
     #[test]
     fn session_verdicts_stay_bounded() {
         let mut session = SessionVerdicts::default();
         for i in 0..10_000 {
-            session.remember(format!("SELECT * FROM t{i}").into());
+            session.remember(format!("SELECT * FROM t{i}").into_bytes().into());
         }
-        session.remember("x".repeat(SESSION_VERDICT_BYTES + 1).into());
+        session.remember("x".repeat(SESSION_VERDICT_BYTES + 1).into_bytes().into());
         assert!(session.bytes <= SESSION_VERDICT_BYTES);
         assert!(session.allowed.iter().map(|t| t.len()).sum::<usize>() == session.bytes);
         assert!(!session.allowed.is_empty());
