@@ -594,6 +594,42 @@ async fn a_backend_is_lent_again_only_when_it_is_clean() {
     assert_eq!(user, db.owner);
 }
 
+/// A client's unnamed statement is the text it parsed last (a new text or the same one
+/// again), whatever other clients left under the empty name on the backend session in
+/// between: rolegate parses it again from its own record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_unnamed_statement_is_the_last_one_parsed() {
+    let db = TestDb::create("pool_unnamed").await;
+    let rg = Rolegate::start_with(&db, pooled(1, "", free_port())).await;
+    let mut mine = RawClient::login(rg.port, "web", "web-pw", &db.name).await;
+    let mut other = RawClient::login(rg.port, "web", "web-pw", &db.name).await;
+    let steps = [
+        ("SELECT $1::int * 10", "SELECT $1::int + 1", "5", "50"),
+        ("SELECT $1::int + 1", "SELECT $1::int * 10", "5", "6"),
+        ("SELECT $1::int + 1", "SELECT $1::int * 10", "7", "8"),
+        ("SELECT $1::int * 10", "SELECT $1::int * 10", "7", "70"),
+    ];
+    for (my_text, other_text, param, expected) in steps {
+        for (client, text) in [(&mut mine, my_text), (&mut other, other_text)] {
+            let mut out = bytes::BytesMut::new();
+            parse(&mut out, "", text);
+            sync(&mut out);
+            client.send(&out).await;
+            let (_, errors) = client.until_ready().await;
+            assert!(errors.is_empty(), "{errors:?}");
+        }
+        let mut out = bytes::BytesMut::new();
+        bind_execute(&mut out, "", &[(0, param.as_bytes())]);
+        sync(&mut out);
+        mine.send(&out).await;
+        assert_eq!(
+            mine.data_values().await,
+            [expected],
+            "{my_text} with {param}"
+        );
+    }
+}
+
 /// The client's view of its statements follows what the server did: a Parse that failed
 /// can be sent again, and a DEALLOCATE ALL that was bound but never executed leaves no
 /// statement name in a state that breaks the next Parse.

@@ -52,7 +52,7 @@ pub struct LeaseState {
     seed: bool,
     /// The client's name for each server-side statement name it used, so that the
     /// server's errors name the client's statement (kept from lease to lease).
-    client_names: HashMap<Bytes, Vec<u8>>,
+    client_names: HashMap<Bytes, Vec<u8>, ahash::RandomState>,
     /// What the server did not do of what the client's view already shows, oldest
     /// first: undone newest first (a skipped Parse and Close of one name leave it as it
     /// was, in either order).
@@ -625,34 +625,45 @@ impl Upstream<'_> {
         let Some((name, _, _)) = parse_parts(&frame[5..]) else {
             return decision;
         };
-        let name = name.to_vec();
-        let text_and_tail = Bytes::copy_from_slice(&frame[5 + name.len() + 1..]);
-        let statement = ClientStatement {
-            server_name: Bytes::new(),
-            context: 0,
-            salt: 0,
-            text_and_tail,
-            effects: self.last_effects,
-        };
-        let mut lease = lease_state(shared);
+        let text_and_tail = &frame[5 + name.len() + 1..];
+        let effects = self.last_effects;
         if name.is_empty() {
             self.record(
                 shared,
-                &mut lease,
+                &mut lease_state(shared),
                 b'1',
                 FixupAction::Forward { prepares: false },
             );
-            drop(lease);
             let batch = self.sync_points + 1;
             if let Some(statements) = self.pooled.as_mut() {
                 match &mut statements.unnamed {
-                    Some(unnamed) => **unnamed = statement,
-                    None => statements.unnamed = Some(Box::new(statement)),
+                    // (Drivers send the same text again and again: kept, not copied.)
+                    Some(unnamed) if unnamed.text_and_tail == text_and_tail => {
+                        unnamed.effects = effects;
+                    }
+                    unnamed => {
+                        *unnamed = Some(Box::new(ClientStatement {
+                            server_name: Bytes::new(),
+                            context: 0,
+                            salt: 0,
+                            text_and_tail: Bytes::copy_from_slice(text_and_tail),
+                            effects,
+                        }));
+                    }
                 }
                 statements.unnamed_batch = batch;
             }
             return decision;
         }
+        let name = name.to_vec();
+        let statement = ClientStatement {
+            server_name: Bytes::new(),
+            context: 0,
+            salt: 0,
+            text_and_tail: Bytes::copy_from_slice(text_and_tail),
+            effects,
+        };
+        let mut lease = lease_state(shared);
         let (max_count, max_bytes) = self.pool().max_client_prepared;
         if let Some(statements) = self.pooled.as_ref() {
             let bytes = statements.bytes + name.len() + statement.text_and_tail.len();
@@ -868,7 +879,8 @@ impl Upstream<'_> {
                     FixupAction::Swallow { prepares: false },
                 );
             }
-            if head.is_none() {
+            // (Without a Parse before it, the frame goes as it is: see the end.)
+            if head.is_none() && reparse {
                 out.extend_from_slice(&self.buf[pos..pos + size]);
             }
         } else {
@@ -901,11 +913,14 @@ impl Upstream<'_> {
                 out.put_slice(&body[..prefix_len]);
                 out.put_slice(&server_name);
             } else {
-                let mut renamed = BytesMut::with_capacity(size + server_name.len());
-                renamed.put_slice(&body[..prefix_len]);
-                renamed.put_slice(&server_name);
-                renamed.put_slice(&body[prefix_len + name_end..]);
-                wire::put_message(&mut out, tag, &renamed);
+                let rest = &body[prefix_len + name_end..];
+                let len = 4 + prefix_len + server_name.len() + rest.len();
+                out.reserve(1 + len);
+                out.put_u8(tag);
+                out.put_i32(len as i32);
+                out.put_slice(&body[..prefix_len]);
+                out.put_slice(&server_name);
+                out.put_slice(rest);
             }
         }
         drop(lease);
@@ -928,7 +943,7 @@ impl Upstream<'_> {
                 consumed,
             };
         }
-        if out.len() == size && unnamed {
+        if unnamed && !reparse {
             return FORWARD;
         }
         Decision::Replace {
