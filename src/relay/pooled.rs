@@ -52,7 +52,7 @@ pub struct LeaseState {
     seed: bool,
     /// The client's name for each server-side statement name it used, so that the
     /// server's errors name the client's statement (kept from lease to lease).
-    client_names: HashMap<Bytes, Vec<u8>, ahash::RandomState>,
+    client_names: HashMap<Bytes, Vec<u8>, crate::pool::ProcessKeys>,
     /// What the server did not do of what the client's view already shows, oldest
     /// first: undone newest first (a skipped Parse and Close of one name leave it as it
     /// was, in either order).
@@ -585,12 +585,21 @@ impl Upstream<'_> {
 
     /// Undoes in the client's view what the server did not do.
     fn undo_skipped(&mut self, shared: &Shared) {
-        let undo = std::mem::take(&mut lease_state(shared).undo);
+        let undo = {
+            let mut lease = lease_state(shared);
+            if lease.undo.is_empty() {
+                return;
+            }
+            std::mem::take(&mut lease.undo)
+        };
         self.undo_in_view(undo);
     }
 
     /// Undoes `undo` (oldest first) in the client's view, newest first.
     fn undo_in_view(&mut self, undo: Vec<Undo>) {
+        if undo.is_empty() {
+            return;
+        }
         let Some(statements) = self.pooled.as_mut() else {
             return;
         };
