@@ -205,6 +205,17 @@ struct ClientStatement {
 }
 
 impl ClientStatement {
+    /// A statement as the client's Parse gave it, before it has a server name.
+    fn parsed(text_and_tail: &[u8], effects: SessionEffects) -> ClientStatement {
+        ClientStatement {
+            server_name: Bytes::new(),
+            context: 0,
+            salt: 0,
+            text_and_tail: Bytes::copy_from_slice(text_and_tail),
+            effects,
+        }
+    }
+
     /// Its server name in parse context `context` (settings changed since its Parse:
     /// prepared again as they are now).
     fn server_name_in(&self, context: u64) -> Bytes {
@@ -585,13 +596,7 @@ impl Upstream<'_> {
 
     /// Undoes in the client's view what the server did not do.
     fn undo_skipped(&mut self, shared: &Shared) {
-        let undo = {
-            let mut lease = lease_state(shared);
-            if lease.undo.is_empty() {
-                return;
-            }
-            std::mem::take(&mut lease.undo)
-        };
+        let undo = std::mem::take(&mut lease_state(shared).undo);
         self.undo_in_view(undo);
     }
 
@@ -651,13 +656,7 @@ impl Upstream<'_> {
                         unnamed.effects = effects;
                     }
                     unnamed => {
-                        *unnamed = Some(Box::new(ClientStatement {
-                            server_name: Bytes::new(),
-                            context: 0,
-                            salt: 0,
-                            text_and_tail: Bytes::copy_from_slice(text_and_tail),
-                            effects,
-                        }));
+                        *unnamed = Some(Box::new(ClientStatement::parsed(text_and_tail, effects)));
                     }
                 }
                 statements.unnamed_batch = batch;
@@ -665,13 +664,7 @@ impl Upstream<'_> {
             return decision;
         }
         let name = name.to_vec();
-        let statement = ClientStatement {
-            server_name: Bytes::new(),
-            context: 0,
-            salt: 0,
-            text_and_tail: Bytes::copy_from_slice(text_and_tail),
-            effects,
-        };
+        let statement = ClientStatement::parsed(text_and_tail, effects);
         let mut lease = lease_state(shared);
         let (max_count, max_bytes) = self.pool().max_client_prepared;
         if let Some(statements) = self.pooled.as_ref() {
@@ -914,22 +907,18 @@ impl Upstream<'_> {
                 );
             }
             let body = &self.buf[pos + 5..pos + head.unwrap_or(size)];
-            if head.is_some() {
-                // The head with the frame's new length; the rest follows as it comes.
-                let rest = size - 5 - prefix_len - name_end;
-                out.put_u8(tag);
-                out.put_i32((4 + prefix_len + server_name.len() + rest) as i32);
-                out.put_slice(&body[..prefix_len]);
-                out.put_slice(&server_name);
-            } else {
-                let rest = &body[prefix_len + name_end..];
-                let len = 4 + prefix_len + server_name.len() + rest.len();
-                out.reserve(1 + len);
-                out.put_u8(tag);
-                out.put_i32(len as i32);
-                out.put_slice(&body[..prefix_len]);
-                out.put_slice(&server_name);
-                out.put_slice(rest);
+            // The frame with the server's name and its new length. Of a large Bind only
+            // the head: the rest follows as it comes.
+            let rest = size - 5 - prefix_len - name_end;
+            let len = 4 + prefix_len + server_name.len() + rest;
+            // (What is written now: never the large rest.)
+            out.reserve(1 + len - if head.is_some() { rest } else { 0 });
+            out.put_u8(tag);
+            out.put_i32(len as i32);
+            out.put_slice(&body[..prefix_len]);
+            out.put_slice(&server_name);
+            if head.is_none() {
+                out.put_slice(&body[prefix_len + name_end..]);
             }
         }
         drop(lease);
