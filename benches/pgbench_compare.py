@@ -12,7 +12,9 @@ rolegate binary, e.g. one built from main before a change: it joins the alternat
 BASELINE_THREADS sets its `threads`),
 CALLGRIND (transactions per client: instead of the timed runs, count each proxy's user-space
 instructions per transaction under valgrind's callgrind; see count_instructions; KEEP_CG, a
-directory, keeps callgrind's dumps there for callgrind_annotate), PEERS_DIR.
+directory, keeps callgrind's dumps there for callgrind_annotate), SYSCALLS (transactions per
+client: instead of the timed runs, count each pooler's system calls per transaction, by call,
+with `perf stat` on the kernel's syscall tracepoints; see count_syscalls), PEERS_DIR.
 
 POOL=transaction: transaction pooling instead. PostgreSQL gets max_connections = 100 (plus 20
 per peer pooler), rolegate `[pool] mode = "transaction"` and PgBouncer `pool_mode = transaction`,
@@ -54,6 +56,9 @@ BASELINE = os.environ.get("BASELINE")
 # measures today's binary on one thread against one thread per core).
 BASELINE_THREADS = os.environ.get("BASELINE_THREADS")
 CALLGRIND = int(os.environ.get("CALLGRIND", "0"))
+CALLGRIND_CLIENTS = int(os.environ.get("CALLGRIND_CLIENTS", "20"))
+CACHE_SIM = os.environ.get("CACHE_SIM") == "1"
+SYSCALLS = int(os.environ.get("SYSCALLS", "0"))
 POOLED = os.environ.get("POOL") == "transaction"
 CLIENT_COUNTS = [int(c) for c in os.environ.get("CLIENTS", "400").split(",") if c.strip()]
 POOL_SIZE = 20
@@ -143,7 +148,8 @@ def stop_all(procs, timeout):
 
 
 def callgrind_dump(pid, work, name):
-    """Has callgrind write the counts since its last dump; returns their instruction total."""
+    """Has callgrind write the counts since its last dump; returns their totals by event
+    ("Ir", and with CACHE_SIM the simulated cache's misses: "D1mr", "DLmr"...)."""
     before = set(os.listdir(work))
     control = ["callgrind_control", "--dump", str(pid)]
     # vgdb finds a process by its user: ask as the user PgBouncer runs as.
@@ -154,10 +160,13 @@ def callgrind_dump(pid, work, name):
             time.sleep(0.5)  # let the dump finish
             if os.environ.get("KEEP_CG"):
                 shutil.copy(f"{work}/{new[0]}", os.environ["KEEP_CG"])
+            events = ["Ir"]
             with open(f"{work}/{new[0]}") as f:
                 for line in f:
+                    if line.startswith("events:"):
+                        events = line.split()[1:]
                     if line.startswith(("summary:", "totals:")):
-                        return int(line.split()[1])
+                        return dict(zip(events, map(int, line.split()[1:])))
         time.sleep(0.2)
     sys.exit(f"callgrind wrote no dump for {name}")
 
@@ -182,6 +191,7 @@ def count_instructions(bindir, work, rg_config, pg_port, login_password, rg_list
     if AS_ROOT:
         run(["chown", "-R", "postgres:postgres", work])
     grind = lambda name: ["valgrind", "--tool=callgrind", "--dump-instr=no",
+                          f"--cache-sim={'yes' if CACHE_SIM else 'no'}",
                           f"--callgrind-out-file={work}/cg.{name}.%p"]
     procs = [
         subprocess.Popen(grind("rolegate") + [f"{ROOT}/target/release/rolegate", "serve", "--config",
@@ -202,11 +212,22 @@ def count_instructions(bindir, work, rg_config, pg_port, login_password, rg_list
             "pgbouncer": (pb_port, "bench", "bench", pb_pid, "pgbouncer"),
             "bare relay": (bare_port, "bench_login_0001", login_password, procs[2].pid, "bare"),
         }
+        clients = CALLGRIND_CLIENTS
+        if POOLED and clients > 50:
+            del targets["bare relay"]  # one PostgreSQL session per client: too many
+        if os.environ.get("TARGETS"):
+            targets = {t: v for t, v in targets.items() if t in os.environ["TARGETS"].split(",")}
         short, long = max(CALLGRIND // 10, 1), CALLGRIND
-        print(f"\nuser-space instructions per transaction (callgrind; 20 clients, "
-              f"{20 * (long - short):,} transactions counted)\n")
-        print("| scenario | target | instructions / tx | vs PgBouncer | vs bare relay |")
-        print("|" + "---|" * 5)
+        per_tx = clients * (long - short)
+        # With CACHE_SIM, callgrind's simulated first-level data cache: the misses say how
+        # much memory a transaction touches that an earlier one has not left in the cache,
+        # which grows with the client count (each client's own state is cold by its turn).
+        misses = ["D1mr", "D1mw"] if CACHE_SIM else []
+        print(f"\nuser-space instructions per transaction (callgrind; {clients} clients, "
+              f"{per_tx:,} transactions counted)\n")
+        print("| scenario | target | instructions / tx | vs PgBouncer | vs bare relay |"
+              + (" D1 misses / tx | vs PgBouncer |" if CACHE_SIM else ""))
+        print("|" + "---|" * (7 if CACHE_SIM else 5))
         for mode in ("simple", "extended", "prepared"):
             counts = {}
             for target, (port, user, password, pid, name) in targets.items():
@@ -219,18 +240,90 @@ def count_instructions(bindir, work, rg_config, pg_port, login_password, rg_list
                 # one of the two runs counted.
                 callgrind_dump(pid, work, name)  # start from zero
                 for txs in (long, short, long):
-                    run([f"{bindir}/pgbench", "-n", "-S", "-M", mode, "-c", "20", "-j", "2", "-t", str(txs),
-                         "-h", "127.0.0.1", "-p", str(port), "-U", user, "bench"],
+                    run([f"{bindir}/pgbench", "-n", "-S", "-M", mode, "-c", str(clients), "-j", "2",
+                         "-t", str(txs), "-h", "127.0.0.1", "-p", str(port), "-U", user, "bench"],
                         env=dict(os.environ, PGPASSWORD=password))
                     runs.append(callgrind_dump(pid, work, name))
-                counts[target] = (runs[2] - runs[1]) / (20 * (long - short))
-            for target, n in counts.items():
-                pb, bare = counts.get("pgbouncer"), counts.get("bare relay")
-                vs_pb = f"{n / pb:.2f}x" if target == "rolegate" and pb else ""
-                vs_bare = f"{n / bare:.2f}x" if target == "rolegate" and bare else ""
-                print(f"| select {mode} c20 | {target} | {n:,.0f} | {vs_pb} | {vs_bare} |")
+                counts[target] = tuple(
+                    (sum(runs[2].get(e, 0) for e in events) - sum(runs[1].get(e, 0) for e in events))
+                    / per_tx for events in (["Ir"], misses))
+            for target, (n, missed) in counts.items():
+                pb, bare = counts.get("pgbouncer", (0, 0)), counts.get("bare relay", (0, 0))
+                vs_pb = f"{n / pb[0]:.2f}x" if target == "rolegate" and pb[0] else ""
+                vs_bare = f"{n / bare[0]:.2f}x" if target == "rolegate" and bare[0] else ""
+                cache = ""
+                if CACHE_SIM:
+                    vs = f"{missed / pb[1]:.2f}x" if target == "rolegate" and pb[1] else ""
+                    cache = f" {missed:,.0f} | {vs} |"
+                print(f"| select {mode} c{clients} | {target} | {n:,.0f} | {vs_pb} | {vs_bare} |{cache}",
+                      flush=True)
     finally:
         stop_all(procs, timeout=30)  # valgrind writes its last dump on the way out
+
+
+# The calls a proxy makes per transaction on Linux (tokio: recvfrom/sendto through std's
+# sockets, epoll_wait; PgBouncer: recv/send through libevent), and the wake-ups.
+SYSCALL_EVENTS = ["read", "recvfrom", "write", "sendto", "writev", "sendmsg", "epoll_wait",
+                  "epoll_pwait", "epoll_ctl", "futex", "sched_yield", "getrandom"]
+
+
+def perf_counts(pid, command, env):
+    """Runs `command` (pgbench) while `perf stat` counts process `pid`'s system calls
+    (every thread), by call; returns {event: count} with "all" and "context-switches"."""
+    events = ["raw_syscalls:sys_enter", "context-switches",
+              *(f"syscalls:sys_enter_{e}" for e in SYSCALL_EVENTS)]
+    out = tempfile.mktemp(prefix="perf-")
+    perf = subprocess.Popen(["perf", "stat", "-x", ",", "-o", out, "-e", ",".join(events),
+                             "-p", str(pid)], stderr=subprocess.DEVNULL)
+    time.sleep(0.3)  # perf attaches to every thread before the run starts
+    try:
+        run(command, env=env)
+    finally:
+        perf.send_signal(signal.SIGINT)
+        perf.wait(timeout=30)
+    counts = {}
+    with open(out) as f:
+        for line in f:
+            fields = line.strip().split(",")
+            if len(fields) > 2 and fields[0].isdigit():
+                name = fields[2].removeprefix("syscalls:sys_enter_")
+                counts["all" if name == "raw_syscalls:sys_enter" else name] = int(fields[0])
+    os.unlink(out)
+    return counts
+
+
+def count_syscalls(bindir, targets, clients):
+    """System calls per transaction of each pooler, by call (`SYSCALLS`).
+
+    On loopback most of a proxy's CPU is the kernel's side of its calls, which callgrind
+    does not see. Like count_instructions, pgbench runs a short and a long run (after a
+    warm-up as long as the long one) against each; the difference of the counts over the
+    difference of the transactions is the cost of one transaction without the logins. Unlike
+    instructions, the counts depend on timing (how many messages one read finds, how many
+    events one epoll_wait returns), so they move a little between runs.
+    """
+    short, long = max(SYSCALLS // 10, 1), SYSCALLS
+    shown = ["all", "context-switches", "read", "recvfrom", "write", "sendto", "writev",
+             "epoll_wait", "epoll_ctl", "futex"]
+    print(f"\nsystem calls per transaction (perf stat; {clients} clients, "
+          f"{clients * (long - short):,} transactions counted; -j 2)\n")
+    print("| scenario | target | " + " | ".join(shown) + " | other |")
+    print("|" + "---|" * (len(shown) + 3))
+    for mode in ("simple", "extended", "prepared"):
+        for target, (port, user, password, pid) in targets.items():
+            if pid is None or (POOLED and mode == "prepared" and target == "pgbouncer"):
+                continue
+            pgbench = lambda txs: [f"{bindir}/pgbench", "-n", "-S", "-M", mode, "-c", str(clients),
+                                   "-j", "2", "-t", str(txs), "-h", "127.0.0.1", "-p", str(port),
+                                   "-U", user, "bench"]
+            env = dict(os.environ, PGPASSWORD=password)
+            run(pgbench(long), env=env)  # warm-up
+            small, big = perf_counts(pid, pgbench(short), env), perf_counts(pid, pgbench(long), env)
+            per_tx = {e: (big.get(e, 0) - small.get(e, 0)) / (clients * (long - short))
+                      for e in big}
+            other = per_tx["all"] - sum(v for e, v in per_tx.items() if e not in ("all", "context-switches"))
+            cells = " | ".join(f"{per_tx.get(e, 0):.2f}" for e in shown)
+            print(f"| select {mode} c{clients} | {target} | {cells} | {other:.2f} |", flush=True)
 
 
 class BackendWatcher:
@@ -653,6 +746,13 @@ def main():
         if CALLGRIND:
             count_instructions(bindir, work, config, pg_port, login_password,
                                f'listen = "127.0.0.1:{rg_port}"')
+            return
+        if SYSCALLS:
+            counted = {t: v for t, v in targets.items() if t != "direct"
+                       and (not POOLED or t != "bare relay")
+                       and (wanted_targets is None or t in wanted_targets)}
+            for clients in (CLIENT_COUNTS if POOLED else [20]):
+                count_syscalls(bindir, counted, clients)
             return
         scenarios = pgbench_scenarios()
         if POOLED:

@@ -8,7 +8,7 @@
 //! prepared statements it has under rolegate's names, and which login opened it (a
 //! rotation retires sessions of older logins as they come back).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -205,10 +205,9 @@ pub struct Pool {
     #[allow(clippy::vec_box)]
     idle: Mutex<Vec<Box<ServerConn>>>,
     /// When each waiting client started waiting (for `longest_wait_seconds`).
-    waiting_since: Mutex<BTreeMap<u64, Instant>>,
+    waiting: Mutex<WaitQueue>,
     /// Backend sessions open (idle, lent or being opened for min_idle).
     open: std::sync::atomic::AtomicUsize,
-    next_waiter: AtomicU64,
     pub stats: PoolStats,
     target: Arc<BackendTarget>,
     credentials: Arc<CredentialStore>,
@@ -236,9 +235,8 @@ impl Pool {
             key,
             permits: Arc::new(Semaphore::new(config.size)),
             idle: Mutex::new(Vec::new()),
-            waiting_since: Mutex::new(BTreeMap::new()),
+            waiting: Mutex::new(WaitQueue::default()),
             open: std::sync::atomic::AtomicUsize::new(0),
-            next_waiter: AtomicU64::new(0),
             target,
             credentials,
             size: config.size,
@@ -301,7 +299,9 @@ impl Pool {
             self.close(conn);
         }
         let opening = GaugeGuard::inc(&self.stats.backends_opening);
-        let opened = self.connect(&login).await;
+        // Boxed: a login's future is large, and a checkout's (inside every transaction's,
+        // which is itself boxed per transaction) would carry its size on every checkout.
+        let opened = Box::pin(self.connect(&login)).await;
         drop(opening);
         let session = opened?;
         self.stats.backends_active.inc();
@@ -325,11 +325,7 @@ impl Pool {
     }
 
     async fn wait_for_permit(&self) -> Result<OwnedSemaphorePermit, CheckoutError> {
-        let id = self.next_waiter.fetch_add(1, Ordering::Relaxed);
-        self.waiting_since
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, Instant::now());
+        let id = self.waiting().join(Instant::now());
         // Also undone when the wait is abandoned (the client left, shutdown).
         self.stats.clients_waiting.inc();
         let _waiting = Waiting { pool: self, id };
@@ -347,12 +343,14 @@ impl Pool {
 
     /// How long the client that has waited longest has been waiting.
     pub fn longest_wait(&self) -> Duration {
-        let waiting = self.waiting_since.lock().unwrap_or_else(|p| p.into_inner());
-        waiting
-            .values()
-            .next()
-            .map(Instant::elapsed)
+        self.waiting()
+            .longest()
+            .map(|since| since.elapsed())
             .unwrap_or_default()
+    }
+
+    fn waiting(&self) -> std::sync::MutexGuard<'_, WaitQueue> {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn open(&self, session: BackendSession, login: &str) -> Box<ServerConn> {
@@ -457,11 +455,55 @@ struct Waiting<'a> {
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         self.pool.stats.clients_waiting.dec();
-        self.pool
-            .waiting_since
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.id);
+        self.pool.waiting().leave(self.id);
+    }
+}
+
+/// The clients waiting for a backend connection, in the order they came, and since when.
+/// The semaphore serves them in that order, so a client that gets its connection almost
+/// always leaves from the front (no allocation once the queue has grown to the most
+/// waiters there were; a `BTreeMap` cost ~450 instructions per wait in a transaction at
+/// 400 clients), and the front is the one that has waited longest.
+#[derive(Default)]
+struct WaitQueue {
+    /// (waiter, since), waiters numbered in the order they joined; `None`: left out of
+    /// turn (timed out, or went away while waiting). The front is never `None`.
+    waiters: VecDeque<(u64, Option<Instant>)>,
+    next: u64,
+}
+
+impl WaitQueue {
+    /// Adds a waiter; returns its number.
+    fn join(&mut self, since: Instant) -> u64 {
+        let id = self.next;
+        self.next += 1;
+        self.waiters.push_back((id, Some(since)));
+        id
+    }
+
+    fn leave(&mut self, id: u64) {
+        if self.waiters.front().is_some_and(|&(front, _)| front == id) {
+            self.waiters.pop_front();
+            while self
+                .waiters
+                .front()
+                .is_some_and(|(_, since)| since.is_none())
+            {
+                self.waiters.pop_front();
+            }
+        } else if let Ok(at) = self
+            .waiters
+            .binary_search_by_key(&id, |&(waiter, _)| waiter)
+        {
+            if let Some((_, since)) = self.waiters.get_mut(at) {
+                *since = None;
+            }
+        }
+    }
+
+    /// Since when the longest-waiting client has waited.
+    fn longest(&self) -> Option<Instant> {
+        self.waiters.front().and_then(|&(_, since)| since)
     }
 }
 
@@ -619,22 +661,20 @@ impl ServerConn {
         });
     }
 
-    /// Makes the session's settings `wanted`: one query with the difference, nothing when
-    /// there is none. Returns whether a query was sent.
-    ///
-    /// Values go as ASCII (non-ASCII ones through `convert_from`): the server reads the
-    /// whole query in the `client_encoding` in force when it arrives, whoever set it, and
-    /// `client_encoding` itself is set last.
+    /// Whether the session's settings were last made those of `wanted` (the same shared
+    /// map): then [`ServerConn::apply_client_settings`] has nothing to do.
+    pub fn has_settings_of(&self, wanted: &ClientSettings) -> bool {
+        self.settings_of
+            .as_ref()
+            .is_some_and(|applied| Arc::ptr_eq(applied, wanted))
+    }
+
     /// [`ServerConn::apply_settings`] for a pooled client's shared settings.
     pub async fn apply_client_settings(
         &mut self,
         wanted: &ClientSettings,
     ) -> Result<bool, BackendError> {
-        if self
-            .settings_of
-            .as_ref()
-            .is_some_and(|applied| Arc::ptr_eq(applied, wanted))
-        {
+        if self.has_settings_of(wanted) {
             return Ok(false);
         }
         let sent = self.apply_settings(wanted).await?;
@@ -642,6 +682,12 @@ impl ServerConn {
         Ok(sent)
     }
 
+    /// Makes the session's settings `wanted`: one query with the difference, nothing when
+    /// there is none. Returns whether a query was sent.
+    ///
+    /// Values go as ASCII (non-ASCII ones through `convert_from`): the server reads the
+    /// whole query in the `client_encoding` in force when it arrives, whoever set it, and
+    /// `client_encoding` itself is set last.
     pub async fn apply_settings(
         &mut self,
         wanted: &BTreeMap<String, String>,
@@ -989,6 +1035,35 @@ impl PreparedOnServer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_longest_wait_is_the_oldest_client_still_waiting() {
+        let start = Instant::now();
+        let at = |ms| start + Duration::from_millis(ms);
+        let mut queue = WaitQueue::default();
+        assert_eq!(queue.longest(), None);
+        let (a, b, c, d) = (
+            queue.join(at(0)),
+            queue.join(at(1)),
+            queue.join(at(2)),
+            queue.join(at(3)),
+        );
+        // Out of turn (a timeout): the front stays.
+        queue.leave(c);
+        assert_eq!(queue.longest(), Some(at(0)));
+        queue.leave(a);
+        assert_eq!(queue.longest(), Some(at(1)));
+        // The one that left out of turn is skipped once it would be the front.
+        queue.leave(b);
+        assert_eq!(queue.longest(), Some(at(3)));
+        queue.leave(c);
+        queue.leave(d);
+        assert_eq!(queue.longest(), None);
+        assert!(queue.waiters.is_empty());
+        let e = queue.join(at(4));
+        assert!(e > d);
+        assert_eq!(queue.longest(), Some(at(4)));
+    }
 
     #[test]
     fn clients_with_the_same_settings_share_one_map() {

@@ -287,16 +287,19 @@ impl CancelSlot {
         Some((target, InFlightCancel(self.clone())))
     }
 
-    /// Points the key at nothing, then waits until every cancel request that was
-    /// already on its way to the backend session has been carried out (the server closed
-    /// the cancel connection), so none can reach the session's next client. Bounded by
-    /// how long a cancel request may take.
-    pub async fn clear(&self) {
+    /// Points the key at nothing. True when cancel requests were already on their way to
+    /// the backend session: the caller must then wait for them ([`CancelSlot::carried_out`])
+    /// before the session serves anyone else.
+    pub fn clear(&self) -> bool {
         self.set(None);
         // (None can start now that the target is gone.)
-        if self.in_flight.load(std::sync::atomic::Ordering::SeqCst) == 0 {
-            return;
-        }
+        self.in_flight.load(std::sync::atomic::Ordering::SeqCst) != 0
+    }
+
+    /// Waits until every cancel request that was already on its way to the backend
+    /// session has been carried out (the server closed the cancel connection), so none
+    /// can reach the session's next client. Bounded by how long a cancel request may take.
+    pub async fn carried_out(&self) {
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(6);
         loop {
             let carried_out = self.carried_out.notified();

@@ -1312,16 +1312,24 @@ where
                 }
                 crate::pool::CheckoutError::Backend(_) => ("08006", format!("rolegate: {e}")),
             };
-            if let Err(end) = up
-                .answer_without_backend(client_r, client_w, shared, code, &message)
-                .await
+            if let Err(end) =
+                Box::pin(up.answer_without_backend(client_r, client_w, shared, code, &message))
+                    .await
             {
                 return Some(end);
             }
             return None;
         }
     };
-    match lease.conn().apply_client_settings(settings).await {
+    // The rare paths below are boxed where they are awaited: this future is boxed per
+    // transaction, so its size is copied and touched on every one (it was 2,576 bytes,
+    // ~40 cache lines, when they were not).
+    let applied = if lease.conn().has_settings_of(settings) {
+        Ok(false)
+    } else {
+        Box::pin(lease.conn().apply_client_settings(settings)).await
+    };
+    match applied {
         Ok(true) => {
             pool.stats.resets.inc();
         }
@@ -1330,9 +1338,9 @@ where
             tracing::warn!(error = %e, "could not give a backend connection the client's settings");
             drop(lease);
             let message = format!("rolegate: could not apply the session's settings: {e}");
-            if let Err(end) = up
-                .answer_without_backend(client_r, client_w, shared, "08006", &message)
-                .await
+            if let Err(end) =
+                Box::pin(up.answer_without_backend(client_r, client_w, shared, "08006", &message))
+                    .await
             {
                 return Some(end);
             }
@@ -1365,7 +1373,7 @@ where
         // session has.
         let check_pins = matches!(outcome, RelayEnd::Released)
             && std::mem::take(&mut lease_state(shared).pin_check);
-        let still_pinned = check_pins && !lease.conn().nothing_pinned().await;
+        let still_pinned = check_pins && !Box::pin(lease.conn().nothing_pinned()).await;
         if pass_notifications(lease.conn(), client_w).await.is_err() {
             break RelayEnd::ClientClosed;
         }
@@ -1383,7 +1391,7 @@ where
         // Idle, pinned, and the client sent something that may have undone its pins:
         // the server says whether anything is left.
         lease_state(shared).unpin_candidate = false;
-        let unpinned = lease.conn().nothing_pinned().await;
+        let unpinned = Box::pin(lease.conn().nothing_pinned()).await;
         if pass_notifications(lease.conn(), client_w).await.is_err() {
             break RelayEnd::ClientClosed;
         }
@@ -1396,7 +1404,9 @@ where
     pool.stats.clients_active.dec();
     pool.stats.transaction_seconds.observe(started.elapsed());
     // No cancel of this client's may reach the backend session's next client.
-    cancel.clear().await;
+    if cancel.clear() {
+        Box::pin(cancel.carried_out()).await;
+    }
     let mut state = std::mem::take(&mut *lease_state(shared));
     lease_state(shared).client_names = std::mem::take(&mut state.client_names);
     // (Parses and Closes still unanswered when the backend session was lost never
@@ -1420,12 +1430,15 @@ where
     }
     let idle = down.may_release_after_end(shared);
     if idle && state.unseen {
-        conn.check_prepared().await;
+        Box::pin(conn.check_prepared()).await;
     }
     if idle && conn.prepared.doubtful() {
         // What DEALLOCATE ALL / DISCARD ALL left is made certain before anyone else
         // borrows the session.
-        if conn.session.query("DEALLOCATE ALL").await.is_err() {
+        if Box::pin(conn.session.query("DEALLOCATE ALL"))
+            .await
+            .is_err()
+        {
             drop(lease);
             if matches!(outcome, RelayEnd::Released) {
                 return None;
@@ -1437,10 +1450,8 @@ where
     match outcome {
         RelayEnd::Released => {
             if state.settings_dirty {
-                match conn
-                    .read_settings(&pool.key, up.custom_settings(), state.unseen)
-                    .await
-                {
+                let read = conn.read_settings(&pool.key, up.custom_settings(), state.unseen);
+                match Box::pin(read).await {
                     Ok(now) => {
                         up.set_parse_context(&now);
                         *settings = crate::pool::shared_settings(now);
@@ -1463,7 +1474,7 @@ where
             // Pinned state (LISTEN, locks, temporary tables…) is undone before the
             // backend session serves anyone else.
             let ready = if state.pinned {
-                conn.reset_session(&pool.key).await
+                Box::pin(conn.reset_session(&pool.key)).await
             } else {
                 conn.note_leftovers(
                     client_id,
@@ -1471,7 +1482,7 @@ where
                     state.seed || state.unseen,
                 );
                 if state.settings_dirty {
-                    conn.reset_settings(&pool.key).await
+                    Box::pin(conn.reset_settings(&pool.key)).await
                 } else {
                     Ok(())
                 }
@@ -1511,14 +1522,12 @@ where
             if outstanding == 0 && in_transaction {
                 let waiting = up.buf.is_empty();
                 if waiting {
-                    if let Err(end) = up.read(client_r, shared).await {
+                    if let Err(end) = Box::pin(up.read(client_r, shared)).await {
                         return Some(end);
                     }
                 }
-                if let Err(end) = up
-                    .answer_without_backend(client_r, client_w, shared, "08006", LOST)
-                    .await
-                {
+                let answer = up.answer_without_backend(client_r, client_w, shared, "08006", LOST);
+                if let Err(end) = Box::pin(answer).await {
                     return Some(end);
                 }
             }
