@@ -563,8 +563,11 @@ impl WaitQueue {
             if waiter.timed_out {
                 continue;
             }
-            // (A timeout too long to add to a clock reading never comes.)
-            let deadline = since.checked_add(timeout)?;
+            // (A timeout too long to add to a clock reading never comes; the next waiter
+            // starts a timer again, which finds the same.)
+            let Some(deadline) = since.checked_add(timeout) else {
+                break;
+            };
             if deadline > now {
                 return Some(deadline);
             }
