@@ -12,7 +12,9 @@ rolegate binary, e.g. one built from main before a change: it joins the alternat
 BASELINE_THREADS sets its `threads`),
 CALLGRIND (transactions per client: instead of the timed runs, count each proxy's user-space
 instructions per transaction under valgrind's callgrind; see count_instructions; KEEP_CG, a
-directory, keeps callgrind's dumps there for callgrind_annotate), SYSCALLS (transactions per
+directory, keeps callgrind's dumps there for callgrind_annotate; CALLGRIND_CLIENTS, default 20,
+the pgbench clients; CACHE_SIM=1 adds callgrind's simulated first-level data cache misses per
+transaction; TARGETS filters them), SYSCALLS (transactions per
 client: instead of the timed runs, count each pooler's system calls per transaction, by call,
 with `perf stat` on the kernel's syscall tracepoints; see count_syscalls), PEERS_DIR.
 
