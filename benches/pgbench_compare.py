@@ -304,6 +304,8 @@ def count_syscalls(bindir, targets, clients):
     instructions, the counts depend on timing (how many messages one read finds, how many
     events one epoll_wait returns), so they move a little between runs.
     """
+    if shutil.which("perf") is None:
+        sys.exit("SYSCALLS needs perf (Debian: apt-get install linux-perf)")
     short, long = max(SYSCALLS // 10, 1), SYSCALLS
     shown = ["all", "context-switches", "read", "recvfrom", "write", "sendto", "writev",
              "epoll_wait", "epoll_ctl", "futex"]
