@@ -204,7 +204,8 @@ pub struct Pool {
     /// clippy's `vec_box` advice would add a copy each way).
     #[allow(clippy::vec_box)]
     idle: Mutex<Vec<Box<ServerConn>>>,
-    /// When each waiting client started waiting (for `longest_wait_seconds`).
+    /// The clients waiting for a permit, since when (for `longest_wait_seconds`), and
+    /// whether `checkout_timeout` has run out for them.
     waiting: Mutex<WaitQueue>,
     /// Backend sessions open (idle, lent or being opened for min_idle).
     open: std::sync::atomic::AtomicUsize,
