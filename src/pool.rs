@@ -499,6 +499,10 @@ struct WaitQueue {
     /// In the order they joined, numbered so. The front has not left.
     waiters: VecDeque<Waiter>,
     next: u64,
+    /// How many entries behind the front have left out of turn: once they are most of
+    /// the queue they are dropped, so that clients that come and go while the front
+    /// waits do not grow it.
+    left_out_of_turn: usize,
     /// Whether `Pool::expire_waiters` is running (it stops when nobody waits).
     timer_running: bool,
 }
@@ -538,10 +542,17 @@ impl WaitQueue {
             self.waiters.pop_front();
             while self.waiters.front().is_some_and(|w| w.since.is_none()) {
                 self.waiters.pop_front();
+                self.left_out_of_turn = self.left_out_of_turn.saturating_sub(1);
             }
         } else if let Some(waiter) = self.find(id) {
             waiter.since = None;
             waiter.waker = None;
+            self.left_out_of_turn += 1;
+            // (The order stays, and with it the front and the search by number.)
+            if self.left_out_of_turn * 2 > self.waiters.len() {
+                self.waiters.retain(|w| w.since.is_some());
+                self.left_out_of_turn = 0;
+            }
         }
     }
 
@@ -1165,6 +1176,26 @@ mod tests {
         // Nobody waits: the timer stops, and the next waiter starts one.
         assert_eq!(queue.time_out(at(12), timeout), None);
         assert!(queue.join(at(20)).1);
+    }
+
+    #[test]
+    fn clients_that_leave_while_the_front_waits_do_not_grow_the_queue() {
+        let start = Instant::now();
+        let mut queue = WaitQueue::default();
+        let (front, _) = queue.join(start);
+        for _ in 0..10_000 {
+            let (id, _) = queue.join(start);
+            queue.leave(id);
+        }
+        assert!(queue.waiters.len() <= 3, "{} entries", queue.waiters.len());
+        let [a, b] = [0, 1].map(|_| queue.join(start).0);
+        queue.leave(a);
+        assert_eq!(queue.longest(), Some(start));
+        queue.leave(front);
+        assert_eq!(queue.waiters.front().map(|w| w.id), Some(b));
+        queue.leave(b);
+        assert!(queue.waiters.is_empty());
+        assert_eq!(queue.left_out_of_turn, 0);
     }
 
     #[test]
