@@ -347,9 +347,7 @@ async fn negotiate_tls(
                 .connect(name.clone(), tcp)
                 .await
                 .map_err(BackendError::Tls)?;
-            Ok(MaybeTls::Tls(Box::new(tokio_rustls::TlsStream::Client(
-                tls,
-            ))))
+            Ok(MaybeTls::Tls(Box::new(tls)))
         }
         _ => Err(BackendError::TlsRefused),
     }

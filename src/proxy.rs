@@ -20,7 +20,7 @@ struct Live {
     config: Arc<Config>,
     /// The bearer token of the admin endpoint's actions (`[admin]`).
     admin_token: Option<Arc<str>>,
-    tls_acceptor: Option<tokio_rustls::TlsAcceptor>,
+    tls_acceptor: Option<tls::Acceptor>,
     policy: Arc<Policy>,
 }
 
@@ -183,7 +183,7 @@ impl Proxy {
         self.live().policy.clone()
     }
 
-    pub fn tls_acceptor(&self) -> Option<tokio_rustls::TlsAcceptor> {
+    pub fn tls_acceptor(&self) -> Option<tls::Acceptor> {
         self.live().tls_acceptor.clone()
     }
 

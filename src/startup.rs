@@ -84,7 +84,7 @@ pub async fn open(
                 }
                 match acceptor.accept(tcp).await {
                     Ok(tls) => {
-                        stream = MaybeTls::Tls(Box::new(tokio_rustls::TlsStream::Server(tls)))
+                        stream = MaybeTls::Accepted(Box::new(tls))
                     }
                     Err(e) => return Err((StartupError::Tls(e), None)),
                 }

@@ -14,6 +14,10 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+mod accepted;
+
+pub use accepted::{AcceptedTls, Acceptor};
+
 #[derive(Debug, thiserror::Error)]
 pub enum TlsSetupError {
     #[error("cannot read {what} from {path}: {message}")]
@@ -47,7 +51,7 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsSetupError
 }
 
 /// The acceptor for client connections, from a PEM certificate chain and key.
-pub fn acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor, TlsSetupError> {
+pub fn acceptor(cert: &Path, key: &Path) -> Result<Acceptor, TlsSetupError> {
     let certs = read_certs(cert)?;
     let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsSetupError::Pem {
         what: "a private key",
@@ -58,7 +62,7 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor, Tl
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(certs, key)?;
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+    Ok(Acceptor::new(Arc::new(config)))
 }
 
 /// The connector towards PostgreSQL: verifying against `ca_file`, or (libpq's
@@ -131,15 +135,17 @@ impl ServerCertVerifier for NoVerification {
     }
 }
 
-/// A connection that is plain TCP or TLS over TCP.
+/// A connection that is plain TCP or TLS over TCP: a client's (`Accepted`) or one
+/// rolegate opened to PostgreSQL (`Tls`).
 pub enum MaybeTls {
     Plain(TcpStream),
-    Tls(Box<tokio_rustls::TlsStream<TcpStream>>),
+    Accepted(Box<AcceptedTls>),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
 impl MaybeTls {
     pub fn is_tls(&self) -> bool {
-        matches!(self, MaybeTls::Tls(_))
+        !matches!(self, MaybeTls::Plain(_))
     }
 }
 
@@ -151,6 +157,7 @@ impl AsyncRead for MaybeTls {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             MaybeTls::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            MaybeTls::Accepted(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
@@ -164,6 +171,7 @@ impl AsyncWrite for MaybeTls {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             MaybeTls::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            MaybeTls::Accepted(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
@@ -171,6 +179,7 @@ impl AsyncWrite for MaybeTls {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             MaybeTls::Plain(s) => Pin::new(s).poll_flush(cx),
+            MaybeTls::Accepted(s) => Pin::new(s.as_mut()).poll_flush(cx),
             MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
@@ -178,6 +187,7 @@ impl AsyncWrite for MaybeTls {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             MaybeTls::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            MaybeTls::Accepted(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }

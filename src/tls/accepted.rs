@@ -1,0 +1,420 @@
+//! The clients' side of TLS: rustls' unbuffered server connection over the client's TCP
+//! stream, with buffers that exist only while bytes are in them.
+//!
+//! Why not tokio-rustls here (backend connections stay on it): its buffered connection
+//! keeps a 4 KiB receive buffer (rustls' deframer) for as long as the connection lives,
+//! as much as an idle client's whole state in transaction mode. This stream reads records
+//! into a buffer it frees as soon as every record in it is processed, and encrypts into
+//! one it frees as soon as it is written, so an idle TLS client holds rustls' keys and
+//! state and nothing more.
+//!
+//! The contract is tokio-rustls': `poll_write` encrypts and writes what the socket takes
+//! at once, keeping the rest for `poll_flush`; a TCP end without `close_notify` reads as
+//! end of stream (PostgreSQL's protocol ends with its own Terminate message).
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
+use rustls::unbuffered::{
+    ConnectionState, EncodeError, EncodeTlsData, EncryptError, ReadTraffic, UnbufferedStatus,
+    WriteTraffic,
+};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// The largest TLS record on the wire: 2^14 bytes of plaintext, TLS 1.2's 2,048 bytes of
+/// expansion, the 5-byte header.
+const MAX_RECORD: usize = 5 + 16_384 + 2_048;
+/// The most received bytes held unprocessed: rustls joins a handshake message of up to
+/// 64 KiB from several records in place, and one record may follow it.
+const MAX_INCOMING: usize = 0xffff + 2 * MAX_RECORD;
+/// Room made for each read from the socket.
+const READ_SIZE: usize = 4096;
+/// The most plaintext one `poll_write` takes.
+const MAX_WRITE: usize = 64 * 1024;
+/// Encrypted bytes not yet written above which `poll_write` first waits for the socket.
+const MAX_OUTGOING: usize = 64 * 1024;
+/// Bytes a record adds to its plaintext (header, nonce, tag, content type), rounded up:
+/// a first guess at the room encryption needs (rustls says if it needs more).
+const RECORD_OVERHEAD: usize = 64;
+
+/// The acceptor for client connections.
+#[derive(Clone)]
+pub struct Acceptor(Arc<rustls::ServerConfig>);
+
+impl Acceptor {
+    pub fn new(config: Arc<rustls::ServerConfig>) -> Acceptor {
+        Acceptor(config)
+    }
+
+    /// Runs the handshake on `tcp`; the stream it returns carries application data.
+    pub async fn accept(&self, tcp: TcpStream) -> io::Result<AcceptedTls> {
+        let conn = UnbufferedServerConnection::new(self.0.clone()).map_err(tls_error)?;
+        let mut tls = AcceptedTls {
+            tcp,
+            conn,
+            incoming: Vec::new(),
+            plaintext: Vec::new(),
+            plaintext_read: 0,
+            outgoing: Vec::new(),
+            outgoing_sent: 0,
+            peer_closed: false,
+            close_notify_sent: false,
+        };
+        std::future::poll_fn(|cx| tls.poll_handshake(cx)).await?;
+        Ok(tls)
+    }
+}
+
+/// A client's TLS connection after its handshake.
+pub struct AcceptedTls {
+    tcp: TcpStream,
+    conn: UnbufferedServerConnection,
+    /// Bytes read from the socket that rustls has not consumed yet (a record's beginning,
+    /// or records behind one a read could not take whole). Empty and unallocated between
+    /// reads that end on a record's end, which is the rule.
+    incoming: Vec<u8>,
+    /// Plaintext of a record the reader's buffer could not take whole; `plaintext_read`
+    /// bytes of it have been handed out.
+    plaintext: Vec<u8>,
+    plaintext_read: usize,
+    /// Encrypted bytes the socket has not taken yet; `outgoing_sent` of them it has.
+    outgoing: Vec<u8>,
+    outgoing_sent: usize,
+    /// The client sent `close_notify`: reads end once `plaintext` is handed out.
+    peer_closed: bool,
+    close_notify_sent: bool,
+}
+
+/// What one look at the connection's state asks for next.
+enum Next {
+    Again,
+    ReadMore,
+    Done,
+}
+
+impl AcceptedTls {
+    fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            let UnbufferedStatus { discard, state } =
+                self.conn.process_tls_records(&mut self.incoming);
+            let next = match state {
+                Err(e) => {
+                    self.incoming.drain(..discard);
+                    self.send_alert();
+                    return Poll::Ready(Err(tls_error(e)));
+                }
+                Ok(ConnectionState::EncodeTlsData(mut encode)) => {
+                    append_tls_data(&mut encode, &mut self.outgoing)?;
+                    Next::Again
+                }
+                // rustls' part is done once the bytes are in `outgoing`: they go out, in
+                // order, before anything written after them.
+                Ok(ConnectionState::TransmitTlsData(transmit)) => {
+                    transmit.done();
+                    Next::Again
+                }
+                Ok(ConnectionState::BlockedHandshake) => Next::ReadMore,
+                // Keys for application data: the client may still owe its Finished,
+                // which the first read processes.
+                Ok(ConnectionState::WriteTraffic(_)) => Next::Done,
+                Ok(ConnectionState::ReadTraffic(records)) => {
+                    keep_records(records, &mut self.plaintext)?;
+                    Next::Again
+                }
+                Ok(ConnectionState::PeerClosed | ConnectionState::Closed) => {
+                    return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()))
+                }
+                Ok(_) => return Poll::Ready(Err(unexpected_state())),
+            };
+            self.incoming.drain(..discard);
+            match next {
+                Next::Again => {}
+                Next::ReadMore => {
+                    ready!(self.poll_write_outgoing(cx))?;
+                    if ready!(self.poll_fill(cx))? == 0 {
+                        return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
+                    }
+                }
+                Next::Done => return self.poll_write_outgoing(cx),
+            }
+        }
+    }
+
+    /// Reads what the socket has into `incoming`: 0 at the end of the stream. Room is made
+    /// only once the socket is readable, so an idle client holds no receive buffer.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.incoming.len() >= MAX_INCOMING {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "TLS: a record or handshake message larger than TLS allows",
+            )));
+        }
+        loop {
+            ready!(self.tcp.poll_read_ready(cx))?;
+            self.incoming.reserve(READ_SIZE);
+            match self.tcp.try_read_buf(&mut self.incoming) {
+                Ok(n) => return Poll::Ready(Ok(n)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if self.incoming.is_empty() {
+                        self.incoming = Vec::new();
+                    }
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    /// Writes `outgoing` until the socket has all of it, then lets its room go.
+    fn poll_write_outgoing(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.outgoing_sent < self.outgoing.len() {
+            let n = ready!(
+                Pin::new(&mut self.tcp).poll_write(cx, &self.outgoing[self.outgoing_sent..])
+            )?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.outgoing_sent += n;
+        }
+        self.outgoing = Vec::new();
+        self.outgoing_sent = 0;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Writes what of `outgoing` the socket takes now, without waiting.
+    fn write_outgoing_now(&mut self) -> io::Result<()> {
+        while self.outgoing_sent < self.outgoing.len() {
+            match self.tcp.try_write(&self.outgoing[self.outgoing_sent..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.outgoing_sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        self.outgoing = Vec::new();
+        self.outgoing_sent = 0;
+        Ok(())
+    }
+
+    /// After a TLS error rustls has an alert for the client: one try to send it.
+    fn send_alert(&mut self) {
+        let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut []);
+        if let Ok(ConnectionState::EncodeTlsData(mut encode)) = state {
+            let encoded = append_tls_data(&mut encode, &mut self.outgoing);
+            if encoded.is_ok() {
+                let _ = self.write_outgoing_now();
+            }
+        }
+    }
+
+    /// Brings the connection to where application data may be encrypted (encoding what
+    /// rustls has to send first) and encrypts with `encrypt` into `outgoing`.
+    fn encrypt_with(
+        &mut self,
+        guess: usize,
+        mut encrypt: impl FnMut(
+            &mut WriteTraffic<'_, ServerConnectionData>,
+            &mut [u8],
+        ) -> Result<usize, EncryptError>,
+    ) -> io::Result<()> {
+        loop {
+            // No received bytes are passed: those are the reader's to process.
+            let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut []);
+            match state.map_err(tls_error)? {
+                ConnectionState::WriteTraffic(mut traffic) => {
+                    return append_encoded(&mut self.outgoing, guess, |out| {
+                        encrypt(&mut traffic, out).map_err(|e| match e {
+                            EncryptError::InsufficientSize(s) => Some(s.required_size),
+                            _ => None,
+                        })
+                    });
+                }
+                ConnectionState::EncodeTlsData(mut encode) => {
+                    append_tls_data(&mut encode, &mut self.outgoing)?;
+                }
+                ConnectionState::TransmitTlsData(transmit) => transmit.done(),
+                ConnectionState::ReadTraffic(records) => {
+                    keep_records(records, &mut self.plaintext)?;
+                }
+                ConnectionState::PeerClosed => self.peer_closed = true,
+                ConnectionState::Closed => return Err(io::ErrorKind::BrokenPipe.into()),
+                _ => return Err(unexpected_state()),
+            }
+        }
+    }
+}
+
+impl AsyncRead for AcceptedTls {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if this.plaintext_read < this.plaintext.len() {
+                let rest = &this.plaintext[this.plaintext_read..];
+                let n = rest.len().min(buf.remaining());
+                buf.put_slice(&rest[..n]);
+                this.plaintext_read += n;
+                if this.plaintext_read == this.plaintext.len() {
+                    this.plaintext = Vec::new();
+                    this.plaintext_read = 0;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            if this.peer_closed {
+                return Poll::Ready(Ok(()));
+            }
+            let mut read_more = this.incoming.is_empty();
+            if !read_more {
+                let UnbufferedStatus { mut discard, state } =
+                    this.conn.process_tls_records(&mut this.incoming);
+                let filled_before = buf.filled().len();
+                match state {
+                    Err(e) => {
+                        this.incoming.drain(..discard);
+                        this.send_alert();
+                        return Poll::Ready(Err(tls_error(e)));
+                    }
+                    Ok(ConnectionState::ReadTraffic(mut records)) => {
+                        // Straight into the reader's buffer; what does not fit waits in
+                        // `plaintext` (rustls decrypts one record per call).
+                        while buf.remaining() > 0 {
+                            let Some(record) = records.next_record() else {
+                                break;
+                            };
+                            let record = record.map_err(tls_error)?;
+                            discard += record.discard;
+                            let n = record.payload.len().min(buf.remaining());
+                            buf.put_slice(&record.payload[..n]);
+                            this.plaintext.extend_from_slice(&record.payload[n..]);
+                        }
+                    }
+                    Ok(ConnectionState::EncodeTlsData(mut encode)) => {
+                        append_tls_data(&mut encode, &mut this.outgoing)?;
+                    }
+                    // After the handshake: session tickets, sent without waiting (the
+                    // next write or flush sends what the socket did not take).
+                    Ok(ConnectionState::TransmitTlsData(transmit)) => {
+                        transmit.done();
+                        this.write_outgoing_now()?;
+                    }
+                    Ok(ConnectionState::PeerClosed | ConnectionState::Closed) => {
+                        this.peer_closed = true;
+                    }
+                    Ok(ConnectionState::WriteTraffic(_) | ConnectionState::BlockedHandshake) => {
+                        read_more = true;
+                    }
+                    Ok(_) => return Poll::Ready(Err(unexpected_state())),
+                }
+                this.incoming.drain(..discard);
+                if this.incoming.is_empty() {
+                    this.incoming = Vec::new();
+                }
+                // A record of no bytes is no end of stream: only bytes are an answer.
+                if buf.filled().len() > filled_before {
+                    return Poll::Ready(Ok(()));
+                }
+            }
+            if read_more && ready!(this.poll_fill(cx))? == 0 {
+                // The TCP stream ended; whatever `incoming` holds is an unfinished record.
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
+}
+
+impl AsyncWrite for AcceptedTls {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.outgoing.len() - this.outgoing_sent >= MAX_OUTGOING {
+            ready!(this.poll_write_outgoing(cx))?;
+        }
+        let data = &data[..data.len().min(MAX_WRITE)];
+        let guess = data.len() + RECORD_OVERHEAD * (1 + data.len() / 16_384);
+        this.encrypt_with(guess, |traffic, out| traffic.encrypt(data, out))?;
+        this.write_outgoing_now()?;
+        Poll::Ready(Ok(data.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().poll_write_outgoing(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.close_notify_sent {
+            this.close_notify_sent = true;
+            this.encrypt_with(RECORD_OVERHEAD, |traffic, out| {
+                traffic.queue_close_notify(out)
+            })?;
+        }
+        ready!(this.poll_write_outgoing(cx))?;
+        Pin::new(&mut this.tcp).poll_shutdown(cx)
+    }
+}
+
+/// Appends what `write` puts into a slice to `out`, giving it the room it asks for
+/// (`Err(Some(n))`: n bytes are needed; `Err(None)`: it cannot).
+fn append_encoded(
+    out: &mut Vec<u8>,
+    guess: usize,
+    mut write: impl FnMut(&mut [u8]) -> Result<usize, Option<usize>>,
+) -> io::Result<()> {
+    let start = out.len();
+    let mut room = guess;
+    loop {
+        out.resize(start + room, 0);
+        match write(&mut out[start..]) {
+            Ok(n) => {
+                out.truncate(start + n);
+                return Ok(());
+            }
+            Err(Some(needed)) if needed > room => room = needed,
+            Err(_) => {
+                out.truncate(start);
+                return Err(io::Error::other("TLS: cannot encode a record"));
+            }
+        }
+    }
+}
+
+/// Appends a record rustls has ready (handshake, alert, ticket) to `out`.
+fn append_tls_data(
+    encode: &mut EncodeTlsData<'_, ServerConnectionData>,
+    out: &mut Vec<u8>,
+) -> io::Result<()> {
+    append_encoded(out, 0, |room| {
+        encode.encode(room).map_err(|e| match e {
+            EncodeError::InsufficientSize(s) => Some(s.required_size),
+            _ => None,
+        })
+    })
+}
+
+/// Moves decrypted records that nobody asked for yet into `plaintext`.
+fn keep_records(
+    mut records: ReadTraffic<'_, '_, ServerConnectionData>,
+    plaintext: &mut Vec<u8>,
+) -> io::Result<()> {
+    while let Some(record) = records.next_record() {
+        plaintext.extend_from_slice(record.map_err(tls_error)?.payload);
+    }
+    Ok(())
+}
+
+fn tls_error(e: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+fn unexpected_state() -> io::Error {
+    io::Error::other("TLS: a connection state rolegate does not handle (early data)")
+}
