@@ -396,3 +396,147 @@ async fn hash_password_prints_a_verifier_for_the_config() {
     assert!(!verifier.contains("correct horse"));
     rolegate::scram::ScramVerifier::parse(verifier.trim()).expect("a verifier the config accepts");
 }
+
+/// Hands the socket a TLS client's bytes in ragged pieces, so that its records reach
+/// rolegate split anywhere, their headers included.
+struct Ragged {
+    tcp: tokio::net::TcpStream,
+    turn: usize,
+}
+
+impl tokio::io::AsyncRead for Ragged {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().tcp).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Ragged {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        const PIECES: [usize; 8] = [1, 2, 3, 5, 4_099, 7, 20_000, 1];
+        let this = self.get_mut();
+        let piece = PIECES[this.turn % PIECES.len()].min(buf.len());
+        let written = std::pin::Pin::new(&mut this.tcp).poll_write(cx, &buf[..piece]);
+        if written.is_ready() {
+            this.turn += 1;
+        }
+        written
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+    }
+}
+
+/// The first column of each DataRow a simple Query on `stream` answers; panics on an
+/// error.
+async fn query_values<S>(stream: &mut S, sql: &str) -> Vec<String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncWriteExt;
+    let mut out = bytes::BytesMut::new();
+    rolegate::wire::put_query(&mut out, sql);
+    stream.write_all(&out).await.unwrap();
+    stream.flush().await.unwrap();
+    let mut values = Vec::new();
+    loop {
+        let read = rolegate::wire::read_message(stream, 1 << 30);
+        let (tag, body) = tokio::time::timeout(Duration::from_secs(20), read)
+            .await
+            .expect("no answer from rolegate within 20 s")
+            .expect("the connection ended");
+        match tag {
+            b'D' => {
+                let len = i32::from_be_bytes([body[2], body[3], body[4], body[5]]) as usize;
+                values.push(String::from_utf8_lossy(&body[6..6 + len]).into_owned());
+            }
+            b'E' => panic!("{:?}", rolegate::wire::error_fields(&body)),
+            b'Z' => return values,
+            _ => {}
+        }
+    }
+}
+
+/// The clients' TLS is rolegate's own stream over rustls' unbuffered connection: records
+/// that arrive split anywhere, messages of many records both ways, a client that changes
+/// its keys (and asks rolegate to change its own) and one that ends with close_notify all
+/// work, in both pool modes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_records_split_anywhere_large_messages_and_key_updates_pass() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let db = TestDb::create("tlsrecords").await;
+    for mode in ["session", "transaction"] {
+        let rg = Rolegate::start_with(
+            &db,
+            Options {
+                tls_mode: Some("require"),
+                extra: format!("[pool]\nmode = \"{mode}\"\nsize = 2\n"),
+                ..Options::default()
+            },
+        )
+        .await;
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", rg.port))
+            .await
+            .unwrap();
+        tcp.set_nodelay(true).unwrap();
+        tcp.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
+            .await
+            .unwrap();
+        assert_eq!(tcp.read_u8().await.unwrap(), b'S');
+        let connector = rolegate::tls::connector(None).unwrap();
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let mut tls = connector
+            .connect(name, Ragged { tcp, turn: 0 })
+            .await
+            .unwrap_or_else(|e| panic!("{mode}: handshake failed: {e}\n{}", rg.log_text()));
+        // A key update (asking rolegate for one too) before the first message.
+        tls.get_mut().1.refresh_traffic_keys().unwrap();
+        login_over(&mut tls, "web", "web-pw", &db.name).await;
+        // A statement of 1 MB: about 60 records, checked by the server.
+        let up = "0123456789".repeat(100_000);
+        let sql = format!("SELECT md5('{up}') = md5(repeat('0123456789', 100000))");
+        assert_eq!(query_values(&mut tls, &sql).await, ["t"], "{mode}");
+        tls.get_mut().1.refresh_traffic_keys().unwrap();
+        // An answer of 1.6 MB, compared byte for byte.
+        let down = query_values(
+            &mut tls,
+            "SELECT string_agg(lpad(i::text, 8, '0'), '' ORDER BY i) FROM generate_series(1, 200000) i",
+        )
+        .await;
+        let expected: String = (1..=200_000).map(|i| format!("{i:08}")).collect();
+        assert_eq!(down.len(), 1, "{mode}");
+        assert!(
+            down[0] == expected,
+            "{mode}: the 1.6 MB answer differs ({} bytes)",
+            down[0].len()
+        );
+        assert_eq!(query_values(&mut tls, "SELECT 1").await, ["1"], "{mode}");
+        // close_notify without Terminate: the client has gone; rolegate ends the
+        // connection and sends nothing.
+        tls.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        let ended = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut rest))
+            .await
+            .unwrap_or_else(|_| panic!("{mode}: rolegate did not end the connection"));
+        assert!(rest.is_empty(), "{mode}: {ended:?} {rest:?}");
+        assert!(!rg.log_text().contains("panick"), "{}", rg.log_text());
+    }
+}

@@ -612,26 +612,8 @@ impl RawClient {
     /// Connects and logs in with SCRAM-SHA-256; panics on failure.
     pub async fn login(port: u16, user: &str, password: &str, database: &str) -> RawClient {
         let mut client = RawClient::connect(port).await;
-        let mut out = bytes::BytesMut::new();
-        rolegate::wire::put_startup(&mut out, &[("user", user), ("database", database)]);
-        client.send(&out).await;
-        let mut scram = None;
-        loop {
-            let (tag, body) = client.read().await.expect("login: connection closed");
-            match tag {
-                b'R' => {
-                    let mut out = bytes::BytesMut::new();
-                    answer_authentication(&body, password, &mut scram, &mut out)
-                        .unwrap_or_else(|e| panic!("login: {e}"));
-                    if !out.is_empty() {
-                        client.send(&out).await;
-                    }
-                }
-                b'E' => panic!("login failed: {:?}", rolegate::wire::error_fields(&body)),
-                b'Z' => return client,
-                _ => {}
-            }
-        }
+        login_over(&mut client.stream, user, password, database).await;
+        client
     }
 
     pub async fn send(&mut self, bytes: &[u8]) {
@@ -682,6 +664,41 @@ impl RawClient {
             }
         }
         (tags, errors)
+    }
+}
+
+/// Sends a StartupMessage on `stream` and logs in with SCRAM-SHA-256, up to the first
+/// ReadyForQuery; panics on failure.
+pub async fn login_over<S>(stream: &mut S, user: &str, password: &str, database: &str)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncWriteExt;
+    let mut out = bytes::BytesMut::new();
+    rolegate::wire::put_startup(&mut out, &[("user", user), ("database", database)]);
+    stream.write_all(&out).await.unwrap();
+    stream.flush().await.unwrap();
+    let mut scram = None;
+    loop {
+        let read = rolegate::wire::read_message(stream, 1 << 30);
+        let (tag, body) = tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .expect("login: no message from rolegate within 10 s")
+            .expect("login: connection closed");
+        match tag {
+            b'R' => {
+                let mut out = bytes::BytesMut::new();
+                answer_authentication(&body, password, &mut scram, &mut out)
+                    .unwrap_or_else(|e| panic!("login: {e}"));
+                if !out.is_empty() {
+                    stream.write_all(&out).await.unwrap();
+                    stream.flush().await.unwrap();
+                }
+            }
+            b'E' => panic!("login failed: {:?}", rolegate::wire::error_fields(&body)),
+            b'Z' => return,
+            _ => {}
+        }
     }
 }
 
