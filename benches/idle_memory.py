@@ -101,15 +101,6 @@ async def measure(name, pid, port, user, password, tls, admin_url, login):
                 per_client=(first["held"] - rest) / first["clients"] if first["clients"] else float("nan"))
 
 
-def make_certificate(directory):
-    os.makedirs(directory)
-    cert, key = f"{directory}/server.crt", f"{directory}/server.key"
-    pc.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
-            "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", key, "-out", cert])
-    os.chmod(key, 0o600)
-    return cert, key
-
-
 def stop(proc):
     pc.stop_all([proc], timeout=10)
 
@@ -143,7 +134,7 @@ def main():
         pc.run([rolegate, "setup", "--config", f"{work}/rolegate.toml", "--admin-url", admin_url])
         login_password = open(f"{work}/login.secret").read().strip()
         pc.create_login(admin_url, "bench_pgbouncer", login_password)
-        cert, key = make_certificate(f"{work}/tls")
+        cert, key = pc.make_certificate(f"{work}/tls")
         if pc.AS_ROOT:
             pc.run(["chown", "-R", "postgres:postgres", work])
 

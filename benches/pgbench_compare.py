@@ -16,7 +16,8 @@ directory, keeps callgrind's dumps there for callgrind_annotate; CALLGRIND_CLIEN
 the pgbench clients; CACHE_SIM=1 adds callgrind's simulated first-level data cache misses per
 transaction; TARGETS filters them), SYSCALLS (transactions per
 client: instead of the timed runs, count each pooler's system calls per transaction, by call,
-with `perf stat` on the kernel's syscall tracepoints; see count_syscalls), PEERS_DIR.
+with `perf stat` on the kernel's syscall tracepoints; see count_syscalls), CLIENT_TLS=1
+(rolegate and the baseline reached over TLS, the others in plaintext), PEERS_DIR.
 
 POOL=transaction: transaction pooling instead. PostgreSQL gets max_connections = 100 (plus 20
 per peer pooler), rolegate `[pool] mode = "transaction"` and PgBouncer `pool_mode = transaction`,
@@ -62,6 +63,10 @@ CALLGRIND_CLIENTS = int(os.environ.get("CALLGRIND_CLIENTS", "20"))
 CACHE_SIM = os.environ.get("CACHE_SIM") == "1"
 SYSCALLS = int(os.environ.get("SYSCALLS", "0"))
 POOLED = os.environ.get("POOL") == "transaction"
+# CLIENT_TLS=1: rolegate and the baseline require TLS of their clients (a certificate made
+# here) and every pgbench runs with sslmode=prefer, so only they are reached over TLS; the
+# ratios to PgBouncer then compare TLS with plaintext (TARGETS=rolegate,baseline for an A/B).
+CLIENT_TLS = os.environ.get("CLIENT_TLS") == "1"
 CLIENT_COUNTS = [int(c) for c in os.environ.get("CLIENTS", "400").split(",") if c.strip()]
 POOL_SIZE = 20
 PEERS_DIR = os.environ.get("PEERS_DIR", os.path.join(os.path.dirname(ROOT), "shared", "peers"))
@@ -328,6 +333,16 @@ def count_syscalls(bindir, targets, clients):
             other = per_tx["all"] - sum(v for e, v in per_tx.items() if e not in ("all", "context-switches"))
             cells = " | ".join(f"{per_tx.get(e, 0):.2f}" for e in shown)
             print(f"| select {mode} c{clients} | {target} | {cells} | {other:.2f} |", flush=True)
+
+
+def make_certificate(directory):
+    """A self-signed certificate for localhost in a new `directory`: (cert, key) paths."""
+    os.makedirs(directory)
+    cert, key = f"{directory}/server.crt", f"{directory}/server.key"
+    run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", key, "-out", cert])
+    os.chmod(key, 0o600)
+    return cert, key
 
 
 class BackendWatcher:
@@ -677,7 +692,11 @@ def main():
         start_cluster(bindir, work, pg_port, admin_password,
                       100 + POOL_SIZE * len(peers) if POOLED else IDLE_CLIENTS + 100)
         rolegate = f"{ROOT}/target/release/rolegate"
-        config = rolegate_config(rolegate, rg_port, pg_port, most_clients, POOLED)
+        tls = None
+        if CLIENT_TLS:
+            tls = make_certificate(f"{work}/tls")
+            os.environ["PGSSLMODE"] = "prefer"
+        config = rolegate_config(rolegate, rg_port, pg_port, most_clients, POOLED, tls)
         with open(f"{work}/rolegate.toml", "w") as f:
             f.write(config)
         admin_url = f"host=127.0.0.1 port={pg_port} user=postgres password={admin_password} dbname=postgres"

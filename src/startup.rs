@@ -83,9 +83,7 @@ pub async fn open(
                     return Err((WireError::Io(e).into(), None));
                 }
                 match acceptor.accept(tcp).await {
-                    Ok(tls) => {
-                        stream = MaybeTls::Accepted(Box::new(tls))
-                    }
+                    Ok(tls) => stream = MaybeTls::Accepted(Box::new(tls)),
                     Err(e) => return Err((StartupError::Tls(e), None)),
                 }
             }
@@ -178,6 +176,7 @@ async fn authenticate(
         let mut out = BytesMut::new();
         wire::put_message(&mut out, b'v', &body);
         stream.write_all(&out).await.map_err(WireError::Io)?;
+        stream.flush().await.map_err(WireError::Io)?;
     }
 
     let client = config.client(&user);
@@ -228,6 +227,7 @@ async fn scram_exchange(
         &Authentication::SASL(vec!["SCRAM-SHA-256".to_owned()]),
     );
     stream.write_all(&out).await.map_err(WireError::Io)?;
+    stream.flush().await.map_err(WireError::Io)?;
 
     let mut body = read_sasl_response(stream).await?.freeze();
     let mechanism = wire::take_cstr(&mut body)?;
@@ -254,6 +254,7 @@ async fn scram_exchange(
         &Authentication::SASLContinue(Bytes::from(server_first)),
     );
     stream.write_all(&out).await.map_err(WireError::Io)?;
+    stream.flush().await.map_err(WireError::Io)?;
 
     let body = read_sasl_response(stream).await?;
     waiting.on_client_final_message(&body).map_err(|e| match e {

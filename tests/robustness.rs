@@ -109,6 +109,38 @@ async fn a_tls_handshake_that_stops_halfway_is_closed_at_the_login_timeout() {
     still_serves(&rg, &db).await;
 }
 
+/// rustls keeps offsets into the received bytes while a handshake message is split over
+/// records: a broken handshake that stops in such a message (here a ClientHello's first
+/// bytes, then a ChangeCipherSpec) is refused with an alert, not a panic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_broken_inside_a_split_message_is_refused_without_a_panic() {
+    let db = TestDb::create("splittls").await;
+    let rg = Rolegate::start_with(
+        &db,
+        Options {
+            tls_mode: Some("prefer"),
+            ..Options::default()
+        },
+    )
+    .await;
+    let mut raw = RawClient::connect(rg.port).await;
+    raw.send(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).await;
+    let mut answer = [0u8; 1];
+    raw.stream.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"S");
+    raw.send(&[
+        0x16, 0x03, 0x01, 0x00, 0x08, 0x01, 0x00, 0x00, 0x40, 0x03, 0x03, 0x00, 0x00,
+    ])
+    .await;
+    raw.send(&[0x14, 0x03, 0x03, 0x00, 0x01, 0x01]).await;
+    let seen = closed_within(&mut raw.stream, Duration::from_secs(5)).await;
+    // A TLS alert record, or nothing.
+    assert!(seen.is_empty() || seen[0] == 0x15, "got {seen:?}");
+    let log = rg.log_text();
+    assert!(!log.contains("panicked"), "{log}");
+    still_serves(&rg, &db).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_silent_sockets_are_closed_and_a_real_client_gets_in() {
     let db = TestDb::create("silent").await;

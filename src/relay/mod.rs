@@ -379,14 +379,18 @@ where
 }
 
 /// Writes what is judged and waiting: `out` first, then the first `*judged` bytes of
-/// `buf`. Each write advances past what it wrote, so when `select!` drops this future
-/// halfway the next call goes on from there: nothing is sent twice, nothing is lost.
+/// `buf`, then flushes. Each write advances past what it wrote, so when `select!` drops
+/// this future halfway the next call goes on from there: nothing is sent twice, nothing
+/// is lost. `unflushed` stays set until the flush is done: a TLS stream may still hold
+/// written bytes (plain TCP holds none).
 async fn send_judged<W: AsyncWrite + Unpin>(
     w: &mut W,
     out: &mut BytesMut,
     buf: &mut BytesMut,
     judged: &mut usize,
+    unflushed: &mut bool,
 ) -> std::io::Result<()> {
+    *unflushed = true;
     while !out.is_empty() {
         let n = w.write(out).await?;
         if n == 0 {
@@ -402,7 +406,9 @@ async fn send_judged<W: AsyncWrite + Unpin>(
         buf.advance(n);
         *judged -= n;
     }
-    w.flush().await
+    w.flush().await?;
+    *unflushed = false;
+    Ok(())
 }
 
 /// The client hears why rolegate ended its session, as PostgreSQL's own FATALs do.
@@ -466,6 +472,8 @@ struct Upstream<'a> {
     /// How many bytes at the front of `buf` are judged and wait to be written (after
     /// `out`, which holds rewritten frames and everything before them).
     judged: usize,
+    /// A write to the server was not flushed yet (see `send_judged`).
+    unflushed: bool,
     /// The client sent Terminate: the session ends once the judged bytes are written.
     terminate: bool,
     /// Bytes read before a backend session was leased wait in `buf` to be judged.
@@ -507,6 +515,7 @@ impl<'a> Upstream<'a> {
             syncs_since_execute: 0,
             copy_ins_ended: 0,
             judged: 0,
+            unflushed: false,
             terminate: false,
             resume: false,
             copy_data_open: false,
@@ -607,8 +616,14 @@ impl<'a> Upstream<'a> {
     ) -> Option<RelayEnd> {
         loop {
             if self.has_unsent() {
-                if let Err(e) =
-                    send_judged(server, &mut self.out, &mut self.buf, &mut self.judged).await
+                if let Err(e) = send_judged(
+                    server,
+                    &mut self.out,
+                    &mut self.buf,
+                    &mut self.judged,
+                    &mut self.unflushed,
+                )
+                .await
                 {
                     return Some(RelayEnd::ServerIo(e));
                 }
@@ -760,7 +775,7 @@ impl<'a> Upstream<'a> {
 
     /// Judged bytes not yet written to the server.
     fn has_unsent(&self) -> bool {
-        self.judged > 0 || !self.out.is_empty()
+        self.judged > 0 || !self.out.is_empty() || self.unflushed
     }
 
     /// Walks the complete frames in `buf`. Returns how many bytes at the front of `buf`
@@ -1370,6 +1385,8 @@ struct Downstream {
     /// How many bytes at the front of `buf` wait to be written to the client (after
     /// `out`).
     judged: usize,
+    /// A write to the client was not flushed yet (see `send_judged`).
+    pub(crate) unflushed: bool,
     bytes_counter: Option<crate::metrics::ShardedCounter>,
 }
 
@@ -1412,7 +1429,7 @@ impl Downstream {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        if self.judged == 0 && self.out.is_empty() {
+        if self.judged == 0 && self.out.is_empty() && !self.unflushed {
             if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
                 self.buf.reserve(READ_CHUNK);
             }
@@ -1440,7 +1457,14 @@ impl Downstream {
                 self.buf.advance(end);
             }
         }
-        if let Err(e) = send_judged(client, &mut self.out, &mut self.buf, &mut self.judged).await {
+        let sent = send_judged(
+            client,
+            &mut self.out,
+            &mut self.buf,
+            &mut self.judged,
+            &mut self.unflushed,
+        );
+        if let Err(e) = sent.await {
             return Some(RelayEnd::ClientIo(e));
         }
         None

@@ -1248,6 +1248,14 @@ pub async fn run(client: PooledClient<'_>, ctx: &RelayContext<'_>) -> (RelayStat
         if let Some(end) = lease.await {
             break end;
         }
+        // A reply whose flush a cancelled step left (a TLS stream holds written bytes
+        // until flushed) reaches the client before it is waited for.
+        if down.unflushed {
+            if let Err(e) = client_w.flush().await {
+                break RelayEnd::ClientIo(e);
+            }
+            down.unflushed = false;
+        }
     };
     tell_client_why(&end, &mut client_w).await;
     let _ = client_w.shutdown().await;

@@ -57,12 +57,14 @@ impl Acceptor {
             tcp,
             conn,
             incoming: Vec::new(),
+            incoming_start: 0,
             plaintext: Vec::new(),
             plaintext_read: 0,
             outgoing: Vec::new(),
             outgoing_sent: 0,
             peer_closed: false,
             close_notify_sent: false,
+            failed: false,
         };
         std::future::poll_fn(|cx| tls.poll_handshake(cx)).await?;
         Ok(tls)
@@ -73,10 +75,13 @@ impl Acceptor {
 pub struct AcceptedTls {
     tcp: TcpStream,
     conn: UnbufferedServerConnection,
-    /// Bytes read from the socket that rustls has not consumed yet (a record's beginning,
-    /// or records behind one a read could not take whole). Empty and unallocated between
-    /// reads that end on a record's end, which is the rule.
+    /// Bytes read from the socket; from `incoming_start` on, those rustls has not consumed
+    /// yet (a record's beginning, or records behind one a read could not take whole).
+    /// Unallocated once all are consumed, which is the rule between reads. (Consumed bytes
+    /// are cut off before the next read, not after each record: a buffer of many small
+    /// records is moved once, not once per record.)
     incoming: Vec<u8>,
+    incoming_start: usize,
     /// Plaintext of a record the reader's buffer could not take whole; `plaintext_read`
     /// bytes of it have been handed out.
     plaintext: Vec<u8>,
@@ -87,6 +92,8 @@ pub struct AcceptedTls {
     /// The client sent `close_notify`: reads end once `plaintext` is handed out.
     peer_closed: bool,
     close_notify_sent: bool,
+    /// A TLS error ended the connection (rustls would go on encrypting).
+    failed: bool,
 }
 
 /// What one look at the connection's state asks for next.
@@ -99,13 +106,13 @@ enum Next {
 impl AcceptedTls {
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
-            let UnbufferedStatus { discard, state } =
-                self.conn.process_tls_records(&mut self.incoming);
+            let UnbufferedStatus { discard, state } = self
+                .conn
+                .process_tls_records(&mut self.incoming[self.incoming_start..]);
             let next = match state {
                 Err(e) => {
-                    self.incoming.drain(..discard);
-                    self.send_alert();
-                    return Poll::Ready(Err(tls_error(e)));
+                    self.consumed(discard);
+                    return Poll::Ready(Err(self.fail(e)));
                 }
                 Ok(ConnectionState::EncodeTlsData(mut encode)) => {
                     append_tls_data(&mut encode, &mut self.outgoing)?;
@@ -118,8 +125,8 @@ impl AcceptedTls {
                     Next::Again
                 }
                 Ok(ConnectionState::BlockedHandshake) => Next::ReadMore,
-                // Keys for application data: the client may still owe its Finished,
-                // which the first read processes.
+                // Application data may flow: the client's Finished is in (rustls sends
+                // no data before it), the tickets after it are encoded.
                 Ok(ConnectionState::WriteTraffic(_)) => Next::Done,
                 Ok(ConnectionState::ReadTraffic(records)) => {
                     keep_records(records, &mut self.plaintext)?;
@@ -130,7 +137,7 @@ impl AcceptedTls {
                 }
                 Ok(_) => return Poll::Ready(Err(unexpected_state())),
             };
-            self.incoming.drain(..discard);
+            self.consumed(discard);
             match next {
                 Next::Again => {}
                 Next::ReadMore => {
@@ -147,6 +154,10 @@ impl AcceptedTls {
     /// Reads what the socket has into `incoming`: 0 at the end of the stream. Room is made
     /// only once the socket is readable, so an idle client holds no receive buffer.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.incoming_start > 0 {
+            self.incoming.drain(..self.incoming_start);
+            self.incoming_start = 0;
+        }
         if self.incoming.len() >= MAX_INCOMING {
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -199,15 +210,39 @@ impl AcceptedTls {
         Ok(())
     }
 
-    /// After a TLS error rustls has an alert for the client: one try to send it.
-    fn send_alert(&mut self) {
-        let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut []);
+    /// What was consumed of the received bytes: `discard` more of them.
+    fn consumed(&mut self, discard: usize) {
+        self.incoming_start += discard;
+        if self.incoming_start >= self.incoming.len() {
+            self.incoming = Vec::new();
+            self.incoming_start = 0;
+        }
+    }
+
+    /// A TLS error ends the connection: rustls may have an alert for the client, which
+    /// gets one try; nothing is read or written after it.
+    fn fail(&mut self, e: rustls::Error) -> io::Error {
+        self.failed = true;
+        let UnbufferedStatus { discard, state } = self
+            .conn
+            .process_tls_records(&mut self.incoming[self.incoming_start..]);
         if let Ok(ConnectionState::EncodeTlsData(mut encode)) = state {
-            let encoded = append_tls_data(&mut encode, &mut self.outgoing);
-            if encoded.is_ok() {
+            if append_tls_data(&mut encode, &mut self.outgoing).is_ok() {
                 let _ = self.write_outgoing_now();
             }
         }
+        self.consumed(discard);
+        tls_error(e)
+    }
+
+    fn check_failed(&self) -> io::Result<()> {
+        if self.failed {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "TLS: the connection failed",
+            ));
+        }
+        Ok(())
     }
 
     /// Brings the connection to where application data may be encrypted (encoding what
@@ -220,28 +255,49 @@ impl AcceptedTls {
             &mut [u8],
         ) -> Result<usize, EncryptError>,
     ) -> io::Result<()> {
+        self.check_failed()?;
         loop {
-            // No received bytes are passed: those are the reader's to process.
-            let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut []);
-            match state.map_err(tls_error)? {
-                ConnectionState::WriteTraffic(mut traffic) => {
-                    return append_encoded(&mut self.outgoing, guess, |out| {
+            // rustls is given the received bytes as they are (it may hold offsets into
+            // them): records it decrypts here wait in `plaintext` for the reader, in order.
+            // (A reader waits for the socket only when no whole record is left in them.)
+            let UnbufferedStatus { discard, state } = self
+                .conn
+                .process_tls_records(&mut self.incoming[self.incoming_start..]);
+            let encrypted = match state {
+                Err(e) => {
+                    self.consumed(discard);
+                    return Err(self.fail(e));
+                }
+                Ok(ConnectionState::WriteTraffic(mut traffic)) => {
+                    Some(append_encoded(&mut self.outgoing, guess, |out| {
                         encrypt(&mut traffic, out).map_err(|e| match e {
                             EncryptError::InsufficientSize(s) => Some(s.required_size),
                             _ => None,
                         })
-                    });
+                    }))
                 }
-                ConnectionState::EncodeTlsData(mut encode) => {
+                Ok(ConnectionState::EncodeTlsData(mut encode)) => {
                     append_tls_data(&mut encode, &mut self.outgoing)?;
+                    None
                 }
-                ConnectionState::TransmitTlsData(transmit) => transmit.done(),
-                ConnectionState::ReadTraffic(records) => {
+                Ok(ConnectionState::TransmitTlsData(transmit)) => {
+                    transmit.done();
+                    None
+                }
+                Ok(ConnectionState::ReadTraffic(records)) => {
                     keep_records(records, &mut self.plaintext)?;
+                    None
                 }
-                ConnectionState::PeerClosed => self.peer_closed = true,
-                ConnectionState::Closed => return Err(io::ErrorKind::BrokenPipe.into()),
-                _ => return Err(unexpected_state()),
+                Ok(ConnectionState::PeerClosed) => {
+                    self.peer_closed = true;
+                    None
+                }
+                Ok(ConnectionState::Closed) => return Err(io::ErrorKind::BrokenPipe.into()),
+                Ok(_) => return Err(unexpected_state()),
+            };
+            self.consumed(discard);
+            if let Some(encrypted) = encrypted {
+                return encrypted;
             }
         }
     }
@@ -254,6 +310,9 @@ impl AsyncRead for AcceptedTls {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
         loop {
             if this.plaintext_read < this.plaintext.len() {
                 let rest = &this.plaintext[this.plaintext_read..];
@@ -269,16 +328,17 @@ impl AsyncRead for AcceptedTls {
             if this.peer_closed {
                 return Poll::Ready(Ok(()));
             }
-            let mut read_more = this.incoming.is_empty();
+            this.check_failed()?;
+            let mut read_more = this.incoming_start == this.incoming.len();
             if !read_more {
-                let UnbufferedStatus { mut discard, state } =
-                    this.conn.process_tls_records(&mut this.incoming);
+                let UnbufferedStatus { mut discard, state } = this
+                    .conn
+                    .process_tls_records(&mut this.incoming[this.incoming_start..]);
                 let filled_before = buf.filled().len();
                 match state {
                     Err(e) => {
-                        this.incoming.drain(..discard);
-                        this.send_alert();
-                        return Poll::Ready(Err(tls_error(e)));
+                        this.consumed(discard);
+                        return Poll::Ready(Err(this.fail(e)));
                     }
                     Ok(ConnectionState::ReadTraffic(mut records)) => {
                         // Straight into the reader's buffer; what does not fit waits in
@@ -287,7 +347,14 @@ impl AsyncRead for AcceptedTls {
                             let Some(record) = records.next_record() else {
                                 break;
                             };
-                            let record = record.map_err(tls_error)?;
+                            let record = match record {
+                                Ok(record) => record,
+                                Err(e) => {
+                                    drop(records);
+                                    this.consumed(discard);
+                                    return Poll::Ready(Err(this.fail(e)));
+                                }
+                            };
                             discard += record.discard;
                             let n = record.payload.len().min(buf.remaining());
                             buf.put_slice(&record.payload[..n]);
@@ -311,10 +378,7 @@ impl AsyncRead for AcceptedTls {
                     }
                     Ok(_) => return Poll::Ready(Err(unexpected_state())),
                 }
-                this.incoming.drain(..discard);
-                if this.incoming.is_empty() {
-                    this.incoming = Vec::new();
-                }
+                this.consumed(discard);
                 // A record of no bytes is no end of stream: only bytes are an answer.
                 if buf.filled().len() > filled_before {
                     return Poll::Ready(Ok(()));
@@ -351,7 +415,7 @@ impl AsyncWrite for AcceptedTls {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if !this.close_notify_sent {
+        if !this.close_notify_sent && !this.failed {
             this.close_notify_sent = true;
             this.encrypt_with(RECORD_OVERHEAD, |traffic, out| {
                 traffic.queue_close_notify(out)
