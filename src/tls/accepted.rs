@@ -31,8 +31,10 @@ const MAX_RECORD: usize = 5 + 16_384 + 2_048;
 /// The most received bytes held unprocessed: rustls joins a handshake message of up to
 /// 64 KiB from several records in place, and one record may follow it.
 const MAX_INCOMING: usize = 0xffff + 2 * MAX_RECORD;
-/// Room made for each read from the socket.
+/// Room made for each read from the socket while a record is incomplete.
 const READ_SIZE: usize = 4096;
+/// The first read after all received bytes were consumed goes to the stack, this much.
+const SMALL_READ: usize = 1024;
 /// The most plaintext one `poll_write` takes.
 const MAX_WRITE: usize = 64 * 1024;
 /// Encrypted bytes not yet written above which `poll_write` first waits for the socket.
@@ -151,8 +153,8 @@ impl AcceptedTls {
         }
     }
 
-    /// Reads what the socket has into `incoming`: 0 at the end of the stream. Room is made
-    /// only once the socket is readable, so an idle client holds no receive buffer.
+    /// Reads what the socket has into `incoming`: 0 at the end of the stream. An idle
+    /// client, whose read is pending, holds no receive buffer.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         if self.incoming_start > 0 {
             self.incoming.drain(..self.incoming_start);
@@ -164,19 +166,27 @@ impl AcceptedTls {
                 "TLS: a record or handshake message larger than TLS allows",
             )));
         }
-        loop {
-            ready!(self.tcp.poll_read_ready(cx))?;
-            self.incoming.reserve(READ_SIZE);
-            match self.tcp.try_read_buf(&mut self.incoming) {
-                Ok(n) => return Poll::Ready(Ok(n)),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if self.incoming.is_empty() {
-                        self.incoming = Vec::new();
-                    }
-                }
-                Err(e) => return Poll::Ready(Err(e)),
-            }
+        // (Through `poll_read`, not `try_read`: a read that fills less than its buffer
+        // clears the socket's readiness, so the next read waits for epoll instead of
+        // making a system call that finds nothing.)
+        if self.incoming.is_empty() {
+            // The common case, a statement or two in one record: read on the stack and
+            // keep exactly what came (a small block malloc serves from its per-thread
+            // cache, where a 4 KiB one goes through its bins).
+            let mut small = [0u8; SMALL_READ];
+            let mut read = ReadBuf::new(&mut small);
+            ready!(Pin::new(&mut self.tcp).poll_read(cx, &mut read))?;
+            self.incoming = read.filled().to_vec();
+            return Poll::Ready(Ok(self.incoming.len()));
         }
+        let len = self.incoming.len();
+        self.incoming.resize(len + READ_SIZE, 0);
+        let mut read = ReadBuf::new(&mut self.incoming[len..]);
+        let polled = Pin::new(&mut self.tcp).poll_read(cx, &mut read);
+        let n = read.filled().len();
+        self.incoming.truncate(len + n);
+        ready!(polled)?;
+        Poll::Ready(Ok(n))
     }
 
     /// Writes `outgoing` until the socket has all of it, then lets its room go.
