@@ -84,6 +84,16 @@ async fn broken_startup_packets_are_closed_cleanly() {
     still_serves(&rg, &db).await;
 }
 
+/// A connection that sent SSLRequest and was answered `S`: the TLS handshake is next.
+async fn tls_requested(port: u16) -> RawClient {
+    let mut raw = RawClient::connect(port).await;
+    raw.send(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).await;
+    let mut answer = [0u8; 1];
+    raw.stream.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"S");
+    raw
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_handshake_that_stops_halfway_is_closed_at_the_login_timeout() {
     let db = TestDb::create("halftls").await;
@@ -96,11 +106,7 @@ async fn a_tls_handshake_that_stops_halfway_is_closed_at_the_login_timeout() {
         },
     )
     .await;
-    let mut raw = RawClient::connect(rg.port).await;
-    raw.send(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).await;
-    let mut answer = [0u8; 1];
-    raw.stream.read_exact(&mut answer).await.unwrap();
-    assert_eq!(&answer, b"S");
+    let mut raw = tls_requested(rg.port).await;
     // The first bytes of a ClientHello, then silence.
     raw.send(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]).await;
     let started = Instant::now();
@@ -123,11 +129,7 @@ async fn a_handshake_broken_inside_a_split_message_is_refused_without_a_panic() 
         },
     )
     .await;
-    let mut raw = RawClient::connect(rg.port).await;
-    raw.send(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).await;
-    let mut answer = [0u8; 1];
-    raw.stream.read_exact(&mut answer).await.unwrap();
-    assert_eq!(&answer, b"S");
+    let mut raw = tls_requested(rg.port).await;
     raw.send(&[
         0x16, 0x03, 0x01, 0x00, 0x08, 0x01, 0x00, 0x00, 0x40, 0x03, 0x03, 0x00, 0x00,
     ])

@@ -458,11 +458,12 @@ where
     stream.flush().await.unwrap();
     let mut values = Vec::new();
     loop {
-        let read = rolegate::wire::read_message(stream, 1 << 30);
-        let (tag, body) = tokio::time::timeout(Duration::from_secs(20), read)
-            .await
-            .expect("no answer from rolegate within 20 s")
-            .expect("the connection ended");
+        let (tag, body) = next_message(
+            stream,
+            Duration::from_secs(20),
+            sql.get(..40).unwrap_or(sql),
+        )
+        .await;
         match tag {
             b'D' => {
                 let len = i32::from_be_bytes([body[2], body[3], body[4], body[5]]) as usize;

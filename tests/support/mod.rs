@@ -667,6 +667,20 @@ impl RawClient {
     }
 }
 
+/// The next message from rolegate on `stream`; panics when none comes within `within`
+/// or the connection ends (`what` says where).
+pub async fn next_message<S>(stream: &mut S, within: Duration, what: &str) -> (u8, bytes::BytesMut)
+where
+    S: tokio::io::AsyncRead + Unpin,
+{
+    let read = rolegate::wire::read_message(stream, 1 << 30);
+    match tokio::time::timeout(within, read).await {
+        Ok(Ok(message)) => message,
+        Ok(Err(e)) => panic!("{what}: the connection ended: {e}"),
+        Err(_) => panic!("{what}: no message from rolegate within {within:?}"),
+    }
+}
+
 /// Sends a StartupMessage on `stream` and logs in with SCRAM-SHA-256, up to the first
 /// ReadyForQuery; panics on failure.
 pub async fn login_over<S>(stream: &mut S, user: &str, password: &str, database: &str)
@@ -680,11 +694,7 @@ where
     stream.flush().await.unwrap();
     let mut scram = None;
     loop {
-        let read = rolegate::wire::read_message(stream, 1 << 30);
-        let (tag, body) = tokio::time::timeout(Duration::from_secs(10), read)
-            .await
-            .expect("login: no message from rolegate within 10 s")
-            .expect("login: connection closed");
+        let (tag, body) = next_message(stream, Duration::from_secs(10), "login").await;
         match tag {
             b'R' => {
                 let mut out = bytes::BytesMut::new();
