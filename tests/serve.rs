@@ -541,3 +541,72 @@ async fn tls_records_split_anywhere_large_messages_and_key_updates_pass() {
         assert!(!rg.log_text().contains("panick"), "{}", rg.log_text());
     }
 }
+
+/// The clients' TLS stream with the TLS stacks of three more drivers: asyncpg (Python's
+/// OpenSSL), node-postgres (Node's OpenSSL) and pgjdbc (Java's own TLS), each through its
+/// usual work (a pool's resets; statements; large objects).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_works_with_asyncpg_node_postgres_and_pgjdbc() {
+    let db = TestDb::create("tlsdrivers").await;
+    let rg = Rolegate::start_with(
+        &db,
+        Options {
+            tls_mode: Some("require"),
+            ..Options::default()
+        },
+    )
+    .await;
+    let dsn = |sslmode: &str| {
+        format!(
+            "postgresql://web:web-pw@127.0.0.1:{}/{}?sslmode={sslmode}",
+            rg.port, db.name
+        )
+    };
+    let (ok, out, err) = python("asyncpg_pool.py", &[&dsn("require"), &db.owner, "app"]).await;
+    assert!(
+        ok && out.contains("ok"),
+        "asyncpg: {out}\n{err}\n{}",
+        rg.log_text()
+    );
+    // (node-postgres reads sslmode=require as verify-full; no-verify is libpq's require.)
+    let (ok, out, err) = node("node_pg.js", &[&dsn("no-verify"), &db.owner, "app"]).await;
+    assert!(
+        ok && out.trim() == "ok",
+        "node-postgres: {out}\n{err}\n{}",
+        rg.log_text()
+    );
+    // (LoJdbc.java's table, made by the owner, as a migration would.)
+    admin(&db.name)
+        .await
+        .batch_execute(&format!(
+            "CREATE TABLE docs (id int PRIMARY KEY, data oid); ALTER TABLE docs OWNER TO {}",
+            db.owner
+        ))
+        .await
+        .unwrap();
+    let url = format!(
+        "jdbc:postgresql://127.0.0.1:{}/{}?sslmode=require",
+        rg.port, db.name
+    );
+    let (ok, out, err) = java("LoJdbc.java", &[&url, "web", "web-pw"]).await;
+    assert!(
+        ok && out.starts_with("ok"),
+        "pgjdbc: {out}\n{err}\n{}",
+        rg.log_text()
+    );
+    // Each of them really used TLS: rolegate logs every session's TLS (the log is
+    // colored: its escapes are left out).
+    let mut log = String::new();
+    let mut in_escape = false;
+    for c in rg.log_text().chars() {
+        match (in_escape, c) {
+            (false, '\u{1b}') => in_escape = true,
+            (false, c) => log.push(c),
+            (true, 'm') => in_escape = false,
+            (true, _) => {}
+        }
+    }
+    let sessions = log.matches("session started").count();
+    assert!(sessions >= 3, "{log}");
+    assert_eq!(log.matches("tls=true").count(), sessions, "{log}");
+}
