@@ -1249,12 +1249,17 @@ pub async fn run(client: PooledClient<'_>, ctx: &RelayContext<'_>) -> (RelayStat
             break end;
         }
         // A reply whose flush a cancelled step left (a TLS stream holds written bytes
-        // until flushed) reaches the client before it is waited for.
+        // until flushed) reaches the client before it is waited for; a client that does
+        // not read it is still bound by the idle timeout and shutdown.
         if down.unflushed {
-            if let Err(e) = client_w.flush().await {
-                break RelayEnd::ClientIo(e);
+            tokio::select! {
+                biased;
+                flushed = client_w.flush() => match flushed {
+                    Ok(()) => down.unflushed = false,
+                    Err(e) => break RelayEnd::ClientIo(e),
+                },
+                end = &mut closing => break end,
             }
-            down.unflushed = false;
         }
     };
     tell_client_why(&end, &mut client_w).await;

@@ -108,7 +108,7 @@ enum Next {
 impl AcceptedTls {
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
-            let UnbufferedStatus { discard, state } = self
+            let UnbufferedStatus { mut discard, state } = self
                 .conn
                 .process_tls_records(&mut self.incoming[self.incoming_start..]);
             let next = match state {
@@ -131,7 +131,13 @@ impl AcceptedTls {
                 // no data before it), the tickets after it are encoded.
                 Ok(ConnectionState::WriteTraffic(_)) => Next::Done,
                 Ok(ConnectionState::ReadTraffic(records)) => {
-                    keep_records(records, &mut self.plaintext)?;
+                    match keep_records(records, &mut self.plaintext) {
+                        Ok(more) => discard += more,
+                        Err(e) => {
+                            self.consumed(discard);
+                            return Poll::Ready(Err(self.fail(e)));
+                        }
+                    }
                     Next::Again
                 }
                 Ok(ConnectionState::PeerClosed | ConnectionState::Closed) => {
@@ -270,7 +276,7 @@ impl AcceptedTls {
             // rustls is given the received bytes as they are (it may hold offsets into
             // them): records it decrypts here wait in `plaintext` for the reader, in order.
             // (A reader waits for the socket only when no whole record is left in them.)
-            let UnbufferedStatus { discard, state } = self
+            let UnbufferedStatus { mut discard, state } = self
                 .conn
                 .process_tls_records(&mut self.incoming[self.incoming_start..]);
             let encrypted = match state {
@@ -295,7 +301,13 @@ impl AcceptedTls {
                     None
                 }
                 Ok(ConnectionState::ReadTraffic(records)) => {
-                    keep_records(records, &mut self.plaintext)?;
+                    match keep_records(records, &mut self.plaintext) {
+                        Ok(more) => discard += more,
+                        Err(e) => {
+                            self.consumed(discard);
+                            return Err(self.fail(e));
+                        }
+                    }
                     None
                 }
                 Ok(ConnectionState::PeerClosed) => {
@@ -474,15 +486,19 @@ fn append_tls_data(
     })
 }
 
-/// Moves decrypted records that nobody asked for yet into `plaintext`.
+/// Moves decrypted records that nobody asked for yet into `plaintext`; returns the bytes
+/// the records add to the status' `discard`.
 fn keep_records(
     mut records: ReadTraffic<'_, '_, ServerConnectionData>,
     plaintext: &mut Vec<u8>,
-) -> io::Result<()> {
+) -> Result<usize, rustls::Error> {
+    let mut discard = 0;
     while let Some(record) = records.next_record() {
-        plaintext.extend_from_slice(record.map_err(tls_error)?.payload);
+        let record = record?;
+        discard += record.discard;
+        plaintext.extend_from_slice(record.payload);
     }
-    Ok(())
+    Ok(discard)
 }
 
 fn tls_error(e: rustls::Error) -> io::Error {
