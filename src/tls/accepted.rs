@@ -31,7 +31,7 @@ const MAX_RECORD: usize = 5 + 16_384 + 2_048;
 /// The most received bytes held unprocessed: rustls joins a handshake message of up to
 /// 64 KiB from several records in place, and one record may follow it.
 const MAX_INCOMING: usize = 0xffff + 2 * MAX_RECORD;
-/// Room made for each read from the socket while a record is incomplete.
+/// The least room made for a read from the socket while a record is incomplete.
 const READ_SIZE: usize = 4096;
 /// The first read after all received bytes were consumed goes to the stack, this much.
 const SMALL_READ: usize = 1024;
@@ -185,8 +185,19 @@ impl AcceptedTls {
             self.incoming = read.filled().to_vec();
             return Poll::Ready(Ok(self.incoming.len()));
         }
+        // Room for the rest of the record at the front, as its header says (a bulk COPY
+        // sends 16 KiB records: one read each, not one per 4 KiB), at least READ_SIZE.
+        // (Mid-handshake the front may be a message rustls is joining: then this is only
+        // a guess at the room, never more than a record.)
         let len = self.incoming.len();
-        self.incoming.resize(len + READ_SIZE, 0);
+        let record_rest = match self.incoming.get(3..5) {
+            Some(&[high, low]) => {
+                (5 + usize::from(u16::from_be_bytes([high, low]))).saturating_sub(len)
+            }
+            _ => 0,
+        };
+        self.incoming
+            .resize(len + record_rest.clamp(READ_SIZE, MAX_RECORD), 0);
         let mut read = ReadBuf::new(&mut self.incoming[len..]);
         let polled = Pin::new(&mut self.tcp).poll_read(cx, &mut read);
         let n = read.filled().len();
