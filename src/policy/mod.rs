@@ -565,51 +565,54 @@ fn plain_integer_scan(sql: &[u8], key: &mut [u8]) -> PlainScan {
     if key.len() < sql.len() {
         return PlainScan::NotPlain;
     }
-    let class = |i: usize| sql.get(i).map_or(OTHER, |&b| PLAIN_CLASS[usize::from(b)]);
-    // How many bytes after `from` continue a word (letters, digits, `_`).
-    let word_tail = |from: usize| {
-        sql.get(from..).map_or(0, |rest| {
-            rest.iter()
-                .take_while(|&&b| PLAIN_CLASS[usize::from(b)] >= WORD)
-                .count()
-        })
-    };
+    // First what kinds of bytes the text has at all: most texts are then settled, or
+    // need only their digit runs looked at.
+    let seen = classes_in(sql);
+    if seen & OTHER != 0
+        || (seen & DASH != 0 && sql.windows(2).any(|pair| pair == b"--"))
+        || (seen & SLASH != 0 && sql.windows(2).any(|pair| pair == b"/*"))
+    {
+        return PlainScan::NotPlain;
+    }
+    let continues_word = |b: u8| PLAIN_CLASS[usize::from(b)] & (WORD | DIGIT) != 0;
     let mut written = 0;
     let mut copied = 0;
-    let mut i = 0;
-    while let Some(&byte) = sql.get(i) {
-        match PLAIN_CLASS[usize::from(byte)] {
-            // A keyword or identifier, with the digits in it (`t1`).
-            WORD => i += 1 + word_tail(i + 1),
-            PUNCT => i += 1,
-            DIGIT => {
-                let start = i;
-                i += 1 + sql.get(i + 1..).map_or(0, |rest| {
-                    rest.iter().take_while(|b| b.is_ascii_digit()).count()
-                });
-                // (A word before it took it in already.)
-                if (start > 0 && sql.get(start - 1) == Some(&b'.'))
-                    || class(i) >= WORD
-                    || sql.get(i) == Some(&b'.')
-                {
-                    return PlainScan::NotPlain;
-                }
-                let Some(piece) = sql.get(copied..start) else {
-                    return PlainScan::NotPlain;
-                };
-                let Some(to) = key.get_mut(written..=written + piece.len()) else {
-                    return PlainScan::NotPlain;
-                };
-                let (text, zero) = to.split_at_mut(piece.len());
-                text.copy_from_slice(piece);
-                zero[0] = b'0';
-                written += piece.len() + 1;
-                copied = i;
-            }
-            DASH if sql.get(i + 1) != Some(&b'-') => i += 1,
-            SLASH if sql.get(i + 1) != Some(&b'*') => i += 1,
-            _ => return PlainScan::NotPlain,
+    let mut from = 0;
+    while let Some(start) = next_ascii_digit(sql, from) {
+        let run = sql.get(start..).map_or(0, |run| {
+            run.iter().take_while(|b| b.is_ascii_digit()).count()
+        });
+        // (Every step moves on by at least one digit; anything else fails closed.)
+        if run == 0 {
+            return PlainScan::NotPlain;
         }
+        let end = start + run;
+        let before = start.checked_sub(1).and_then(|at| sql.get(at)).copied();
+        if before.is_some_and(continues_word) {
+            // In a keyword or identifier (`t1`, `a1b2`): the rest of the word goes with it.
+            from = end
+                + sql.get(end..).map_or(0, |rest| {
+                    rest.iter().take_while(|&&b| continues_word(b)).count()
+                });
+            continue;
+        }
+        // `1.5`, `.5`, `1e5`, `0x1F`, `1_000`: numbers only the real scanner may judge.
+        let after = sql.get(end).copied();
+        if before == Some(b'.') || after.is_some_and(|b| b == b'.' || continues_word(b)) {
+            return PlainScan::NotPlain;
+        }
+        let Some(piece) = sql.get(copied..start) else {
+            return PlainScan::NotPlain;
+        };
+        let Some(to) = key.get_mut(written..=written + piece.len()) else {
+            return PlainScan::NotPlain;
+        };
+        let (text, zero) = to.split_at_mut(piece.len());
+        text.copy_from_slice(piece);
+        zero[0] = b'0';
+        written += piece.len() + 1;
+        copied = end;
+        from = end;
     }
     if written == 0 {
         return PlainScan::NoNumbers;
@@ -626,15 +629,63 @@ fn plain_integer_scan(sql: &[u8], key: &mut [u8]) -> PlainScan {
     }
 }
 
-// What each byte is to [`plain_integer_scan`]: one table lookup per byte, and a word is
-// skipped in one tight loop (this runs on every simple-protocol statement with a number).
-const OTHER: u8 = 0;
-const PUNCT: u8 = 1;
+/// The [`PLAIN_CLASS`] bits of every byte of `sql`, OR-ed: eight bytes a step, whose
+/// lookups the processor overlaps (~2 instructions a byte, against ~5 a byte at a time).
+fn classes_in(sql: &[u8]) -> u8 {
+    let class = |b: u8| PLAIN_CLASS[usize::from(b)];
+    let mut chunks = sql.chunks_exact(8);
+    let mut seen = 0;
+    for c in &mut chunks {
+        seen |= class(c[0])
+            | class(c[1])
+            | class(c[2])
+            | class(c[3])
+            | class(c[4])
+            | class(c[5])
+            | class(c[6])
+            | class(c[7]);
+    }
+    chunks
+        .remainder()
+        .iter()
+        .fold(seen, |seen, &b| seen | class(b))
+}
+
+/// Where the first digit at or after `from` is, in a text of ASCII bytes only (checked
+/// by its caller): eight bytes a step, as one 64-bit word.
+fn next_ascii_digit(sql: &[u8], from: usize) -> Option<usize> {
+    const EACH: u64 = u64::from_le_bytes([1; 8]);
+    let rest = sql.get(from..)?;
+    let mut chunks = rest.chunks_exact(8);
+    let mut at = from;
+    for chunk in &mut chunks {
+        let word = u64::from_le_bytes(<[u8; 8]>::try_from(chunk).unwrap_or_default());
+        // A byte below 0x80 plus 0x50 (or 0x46) stays below 0x100, so nothing carries
+        // into the next byte; its top bit says whether it was at least b'0' (or b'9' + 1).
+        let at_least_0 = word.wrapping_add(0x50 * EACH);
+        let above_9 = word.wrapping_add(0x46 * EACH);
+        let digits = at_least_0 & !above_9 & (0x80 * EACH);
+        if digits != 0 {
+            return Some(at + (digits.trailing_zeros() / 8) as usize);
+        }
+        at += 8;
+    }
+    chunks
+        .remainder()
+        .iter()
+        .position(u8::is_ascii_digit)
+        .map(|i| at + i)
+}
+
+// What each byte is to [`plain_integer_scan`], as bits: the text's bytes are OR-ed
+// together in one tight loop (this runs on every simple-protocol statement with a
+// number), and a digit run's neighbours are looked up.
+const OTHER: u8 = 1;
+const PUNCT: u8 = 0;
 const DASH: u8 = 2;
-const SLASH: u8 = 3;
-// (Last: `>= WORD` is "continues a word".)
-const WORD: u8 = 4;
-const DIGIT: u8 = 5;
+const SLASH: u8 = 4;
+const WORD: u8 = 8;
+const DIGIT: u8 = 16;
 static PLAIN_CLASS: [u8; 256] = {
     let mut table = [OTHER; 256];
     let mut b = 0;
@@ -1102,6 +1153,28 @@ mod tests {
             plain_integer_scan(b"SELECT 1", &mut [0; 4]),
             PlainScan::NotPlain
         ));
+    }
+
+    #[test]
+    fn the_word_at_a_time_digit_search_finds_every_digit_and_nothing_else() {
+        // Every ASCII byte at every place of the word-sized steps and the tail.
+        for byte in 0u8..128 {
+            for at in 0..19 {
+                let mut text = vec![b'a'; 19];
+                text[at] = byte;
+                for from in [0, 1, at, at + 1] {
+                    let expected = text
+                        .get(from..)
+                        .and_then(|rest| rest.iter().position(u8::is_ascii_digit))
+                        .map(|i| from + i);
+                    assert_eq!(
+                        next_ascii_digit(&text, from),
+                        expected,
+                        "{byte} at {at} from {from}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
