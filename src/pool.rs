@@ -18,7 +18,6 @@ use dashmap::DashMap;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::backend::{self, BackendError, BackendSession, BackendTarget, SessionRole};
 use crate::config::PoolConfig;
@@ -196,17 +195,9 @@ pub enum CheckoutError {
 
 pub struct Pool {
     pub key: PoolKey,
-    /// One permit per backend session that may exist; waiting clients queue here in
-    /// the order they came.
-    permits: Arc<Semaphore>,
-    /// Boxed: a backend connection moves between the pool and its lease on every
-    /// transaction, and a box moves as one pointer (the lease holds the same box, so
-    /// clippy's `vec_box` advice would add a copy each way).
-    #[allow(clippy::vec_box)]
-    idle: Mutex<Vec<Box<ServerConn>>>,
-    /// The clients waiting for a permit, since when (for `longest_wait_seconds`), and
-    /// whether `checkout_timeout` has run out for them.
-    waiting: Mutex<WaitQueue>,
+    /// The permits, the idle sessions and the waiting clients, under one lock: a
+    /// checkout and a release each take it once.
+    state: Mutex<PoolState>,
     /// Backend sessions open (idle, lent or being opened for min_idle).
     open: std::sync::atomic::AtomicUsize,
     pub stats: PoolStats,
@@ -234,9 +225,11 @@ impl Pool {
         Pool {
             stats: PoolStats::new(metrics, &label),
             key,
-            permits: Arc::new(Semaphore::new(config.size)),
-            idle: Mutex::new(Vec::new()),
-            waiting: Mutex::new(WaitQueue::default()),
+            state: Mutex::new(PoolState {
+                free: config.size,
+                idle: Vec::new(),
+                queue: WaitQueue::default(),
+            }),
             open: std::sync::atomic::AtomicUsize::new(0),
             target,
             credentials,
@@ -260,9 +253,18 @@ impl Pool {
         }
     }
 
-    #[allow(clippy::vec_box)]
-    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Box<ServerConn>>> {
-        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    fn state(&self) -> std::sync::MutexGuard<'_, PoolState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A permit, and an idle session if there is one, when no client waits for them.
+    fn try_checkout(self: &Arc<Self>) -> Option<(Permit, Option<Box<ServerConn>>)> {
+        let mut state = self.state();
+        if !state.reserve() {
+            return None;
+        }
+        let conn = state.idle.pop();
+        Some((Permit(Some(self.clone())), conn))
     }
 
     /// A backend session for one transaction: an idle one of the current login, or a
@@ -276,14 +278,14 @@ impl Pool {
         self: &Arc<Self>,
         started: Instant,
     ) -> Result<Lease, CheckoutError> {
-        let permit = match self.permits.clone().try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(_) => self.wait_for_permit().await?,
+        let (permit, mut popped) = match self.try_checkout() {
+            Some(got) => got,
+            None => self.wait_for_permit().await?,
         };
         self.stats.checkouts.inc();
         let login = self.credentials.current();
         loop {
-            let conn = self.idle().pop();
+            let conn = popped.take().or_else(|| self.state().idle.pop());
             let Some(mut conn) = conn else { break };
             self.stats.backends_idle.dec();
             if conn.login.as_ref() == login.user && conn.is_alive() {
@@ -291,8 +293,8 @@ impl Pool {
                 self.stats.checkout_wait_seconds.observe(started.elapsed());
                 return Ok(Lease {
                     conn: Some(conn),
-                    pool: self.clone(),
-                    _permit: permit,
+                    permit,
+                    reusable: false,
                 });
             }
             // A retired login's, or closed by the server: replaced under the same permit,
@@ -309,8 +311,8 @@ impl Pool {
         self.stats.checkout_wait_seconds.observe(started.elapsed());
         Ok(Lease {
             conn: Some(self.open(session, &login.user)),
-            pool: self.clone(),
-            _permit: permit,
+            permit,
+            reusable: false,
         })
     }
 
@@ -325,31 +327,37 @@ impl Pool {
         opened
     }
 
-    async fn wait_for_permit(self: &Arc<Self>) -> Result<OwnedSemaphorePermit, CheckoutError> {
-        let (id, start_timer) = self.waiting().join(Instant::now());
+    /// Waits its turn for a permit (first come, first served), at most `checkout_timeout`.
+    async fn wait_for_permit(
+        self: &Arc<Self>,
+    ) -> Result<(Permit, Option<Box<ServerConn>>), CheckoutError> {
+        let (id, start_timer) = {
+            let mut state = self.state();
+            // (A permit may have come back since `try_checkout`.)
+            if state.reserve() {
+                let conn = state.idle.pop();
+                return Ok((Permit(Some(self.clone())), conn));
+            }
+            state.queue.join(Instant::now())
+        };
         if start_timer {
             tokio::spawn(self.clone().expire_waiters());
         }
-        // Also undone when the wait is abandoned (the client left, shutdown).
+        // Also undone when the wait is abandoned (the client left, shutdown); a permit
+        // handed to it and not taken then goes on to the next.
         self.stats.clients_waiting.inc();
         let _waiting = Waiting { pool: self, id };
-        let mut acquire = std::pin::pin!(self.permits.clone().acquire_owned());
-        let acquired = std::future::poll_fn(|cx| {
-            // (A permit that came with the timeout is taken: the client is served.)
-            if let std::task::Poll::Ready(acquired) =
-                std::future::Future::poll(acquire.as_mut(), cx)
-            {
-                return std::task::Poll::Ready(acquired.ok());
-            }
-            if self.waiting().timed_out(id, cx.waker()) {
-                return std::task::Poll::Ready(None);
-            }
-            std::task::Poll::Pending
+        let served = std::future::poll_fn(|cx| {
+            let mut state = self.state();
+            std::task::Poll::Ready(match state.queue.poll_turn(id, cx.waker()) {
+                Turn::Waiting => return std::task::Poll::Pending,
+                Turn::Served => Some((Permit(Some(self.clone())), state.idle.pop())),
+                Turn::TimedOut => None,
+            })
         })
         .await;
-        match acquired {
-            Some(permit) => Ok(permit),
-            // (The semaphore is never closed; were it, that would be a timeout too.)
+        match served {
+            Some(served) => Ok(served),
             None => {
                 self.stats.checkout_timeouts.inc();
                 Err(CheckoutError::Timeout(self.checkout_timeout))
@@ -362,7 +370,8 @@ impl Pool {
     async fn expire_waiters(self: Arc<Self>) {
         loop {
             let next = self
-                .waiting()
+                .state()
+                .queue
                 .time_out(Instant::now(), self.checkout_timeout);
             let Some(deadline) = next else { return };
             tokio::time::sleep_until(deadline.into()).await;
@@ -371,14 +380,11 @@ impl Pool {
 
     /// How long the client that has waited longest has been waiting.
     pub fn longest_wait(&self) -> Duration {
-        self.waiting()
+        self.state()
+            .queue
             .longest()
             .map(|since| since.elapsed())
             .unwrap_or_default()
-    }
-
-    fn waiting(&self) -> std::sync::MutexGuard<'_, WaitQueue> {
-        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn open(&self, session: BackendSession, login: &str) -> Box<ServerConn> {
@@ -393,21 +399,45 @@ impl Pool {
         conn.close();
     }
 
-    fn give_back(&self, mut conn: Box<ServerConn>, reusable: bool) {
-        // (Notifications kept during rolegate's own queries were its last client's.)
-        conn.session.notifications.clear();
-        self.stats.backends_active.dec();
-        let login = self.credentials.current();
-        let now = Instant::now();
-        if reusable
-            && conn.login.as_ref() == login.user
-            && now.duration_since(conn.opened) < self.lifetime
-        {
-            conn.idle_since = now;
-            self.idle().push(conn);
-            self.stats.backends_idle.inc();
-        } else {
+    /// A lease's end: its session back to the idle ones (or closed) and its permit to
+    /// the client that has waited longest (or to the free ones), under one lock.
+    fn give_back(&self, conn: Option<Box<ServerConn>>, reusable: bool) {
+        let mut closing = None;
+        let mut keeping = None;
+        if let Some(mut conn) = conn {
+            // (Notifications kept during rolegate's own queries were its last client's.)
+            conn.session.notifications.clear();
+            self.stats.backends_active.dec();
+            let login = self.credentials.current();
+            let now = Instant::now();
+            if reusable
+                && conn.login.as_ref() == login.user
+                && now.duration_since(conn.opened) < self.lifetime
+            {
+                conn.idle_since = now;
+                self.stats.backends_idle.inc();
+                keeping = Some(conn);
+            } else {
+                closing = Some(conn);
+            }
+        }
+        self.settle(keeping);
+        if let Some(conn) = closing {
             self.close(conn);
+        }
+    }
+
+    /// A permit handed on, and a session made idle with it.
+    fn settle(&self, idle: Option<Box<ServerConn>>) {
+        let waker = {
+            let mut state = self.state();
+            if let Some(conn) = idle {
+                state.idle.push(conn);
+            }
+            state.hand_on_permit()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
         }
     }
 
@@ -415,7 +445,8 @@ impl Pool {
         let login = self.credentials.current();
         let mut closing = Vec::new();
         {
-            let mut idle = self.idle();
+            let mut state = self.state();
+            let idle = &mut state.idle;
             let mut kept = 0;
             // Oldest-idle first, so the ones kept for min_idle are the freshest.
             idle.sort_by_key(|c| std::cmp::Reverse(c.idle_since));
@@ -444,17 +475,25 @@ impl Pool {
 
     async fn fill_min_idle(self: &Arc<Self>) {
         // Only while fewer than `size` are open: idle sessions hold no permit.
-        while self.idle().len() < self.min_idle && self.open.load(Ordering::Relaxed) < self.size {
-            let Ok(permit) = self.permits.clone().try_acquire_owned() else {
-                return;
+        while self.state().idle.len() < self.min_idle
+            && self.open.load(Ordering::Relaxed) < self.size
+        {
+            let permit = {
+                let mut state = self.state();
+                if !state.reserve() {
+                    return;
+                }
+                Permit(Some(self.clone()))
             };
             let login = self.credentials.current();
             match self.connect(&login).await {
                 Ok(session) => {
                     let conn = self.open(session, &login.user);
-                    self.idle().push(conn);
                     self.stats.backends_idle.inc();
-                    drop(permit);
+                    // (Idle, and the permit handed on, in one step.)
+                    let mut permit = permit;
+                    permit.0 = None;
+                    self.settle(Some(conn));
                 }
                 Err(e) => {
                     tracing::warn!(pool = self.key.label(), error = %e, "could not open an idle backend connection");
@@ -483,7 +522,70 @@ struct Waiting<'a> {
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         self.pool.stats.clients_waiting.dec();
-        self.pool.waiting().leave(self.id);
+        let waker = {
+            let mut state = self.pool.state();
+            // A permit handed to it and not taken (it went away at that moment) is not
+            // lost: it goes on.
+            if state.queue.leave(self.id) {
+                state.hand_on_permit()
+            } else {
+                None
+            }
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+}
+
+/// What the pool's lock guards.
+struct PoolState {
+    /// Permits no one holds: one per backend session that may exist, held while a
+    /// session is lent or being opened (idle sessions hold none).
+    free: usize,
+    /// Boxed: a backend connection moves between the pool and its lease on every
+    /// transaction, and a box moves as one pointer (the lease holds the same box, so
+    /// clippy's `vec_box` advice would add a copy each way).
+    #[allow(clippy::vec_box)]
+    idle: Vec<Box<ServerConn>>,
+    /// The clients waiting for a permit, in the order they came.
+    queue: WaitQueue,
+}
+
+impl PoolState {
+    /// Takes a free permit. Never while a client waits: a permit that comes back goes to
+    /// the front waiter, so free permits and waiters are never there at once.
+    fn reserve(&mut self) -> bool {
+        if self.free == 0 {
+            return false;
+        }
+        self.free -= 1;
+        true
+    }
+
+    /// A permit given back: to the client that has waited longest (returned: its waker,
+    /// to be woken once the lock is let go), or to the free ones.
+    fn hand_on_permit(&mut self) -> Option<std::task::Waker> {
+        match self.queue.serve_next() {
+            Some(waker) => waker,
+            None => {
+                self.free += 1;
+                None
+            }
+        }
+    }
+}
+
+/// The right to hold one backend session (lent or being opened): taken from the pool's
+/// `free` count or handed over by [`PoolState::hand_on_permit`], and handed on when
+/// dropped, so none is lost on any path out of a checkout.
+struct Permit(Option<Arc<Pool>>);
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if let Some(pool) = self.0.take() {
+            pool.give_back(None, false);
+        }
     }
 }
 
@@ -512,8 +614,18 @@ struct Waiter {
     /// `None`: left out of turn (timed out, or went away while waiting).
     since: Option<Instant>,
     timed_out: bool,
-    /// To wake the waiter when it times out.
+    /// Handed a permit it has not taken yet.
+    served: bool,
+    /// To wake the waiter when it is served or times out.
     waker: Option<std::task::Waker>,
+}
+
+/// Where a waiter stands (see [`WaitQueue::poll_turn`]).
+enum Turn {
+    Waiting,
+    /// A permit is the waiter's; it has left the queue.
+    Served,
+    TimedOut,
 }
 
 impl WaitQueue {
@@ -525,6 +637,7 @@ impl WaitQueue {
             id,
             since: Some(since),
             timed_out: false,
+            served: false,
             waker: None,
         });
         let start_timer = !self.timer_running;
@@ -537,14 +650,21 @@ impl WaitQueue {
         self.waiters.get_mut(at)
     }
 
-    fn leave(&mut self, id: u64) {
+    /// Takes waiter `id` out of the queue; returns whether it had been served (its
+    /// permit is the caller's to hand on, or to take).
+    fn leave(&mut self, id: u64) -> bool {
+        let mut served = false;
         if self.waiters.front().is_some_and(|w| w.id == id) {
-            self.waiters.pop_front();
+            served = self.waiters.pop_front().is_some_and(|w| w.served);
             while self.waiters.front().is_some_and(|w| w.since.is_none()) {
                 self.waiters.pop_front();
                 self.left_out_of_turn = self.left_out_of_turn.saturating_sub(1);
             }
         } else if let Some(waiter) = self.find(id) {
+            if waiter.since.is_none() {
+                return false;
+            }
+            served = std::mem::take(&mut waiter.served);
             waiter.since = None;
             waiter.waker = None;
             self.left_out_of_turn += 1;
@@ -554,17 +674,39 @@ impl WaitQueue {
                 self.left_out_of_turn = 0;
             }
         }
+        served
     }
 
-    /// Whether waiter `id` has timed out; if not, `waker` wakes it when it does.
-    fn timed_out(&mut self, id: u64, waker: &std::task::Waker) -> bool {
-        let Some(waiter) = self.find(id) else {
-            return true;
+    /// Whether waiter `id` has been served (it then leaves the queue, its permit in
+    /// hand) or has timed out; if neither, `waker` wakes it when it is.
+    fn poll_turn(&mut self, id: u64, waker: &std::task::Waker) -> Turn {
+        let Some(waiter) = self.find(id).filter(|w| w.since.is_some()) else {
+            return Turn::TimedOut;
         };
-        if !waiter.timed_out && !waiter.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
+        // (A permit that came with the timeout is taken: the client is served.)
+        if waiter.served {
+            self.leave(id);
+            return Turn::Served;
+        }
+        if waiter.timed_out {
+            return Turn::TimedOut;
+        }
+        if !waiter.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
             waiter.waker = Some(waker.clone());
         }
-        waiter.timed_out
+        Turn::Waiting
+    }
+
+    /// Hands a permit to the client that has waited longest and is still waiting;
+    /// `None` if there is none, else its waker (`None` inside if it has not been polled
+    /// yet: it finds the permit when it is).
+    fn serve_next(&mut self) -> Option<Option<std::task::Waker>> {
+        let waiter = self
+            .waiters
+            .iter_mut()
+            .find(|w| w.since.is_some() && !w.timed_out && !w.served)?;
+        waiter.served = true;
+        Some(waiter.waker.take())
     }
 
     /// Times out every waiter that has waited `timeout` by `now`; returns when the next
@@ -572,7 +714,8 @@ impl WaitQueue {
     fn time_out(&mut self, now: Instant, timeout: Duration) -> Option<Instant> {
         for waiter in self.waiters.iter_mut() {
             let Some(since) = waiter.since else { continue };
-            if waiter.timed_out {
+            // (A served waiter is not timed out: its permit is in hand.)
+            if waiter.timed_out || waiter.served {
                 continue;
             }
             // (A timeout too long to add to a clock reading never comes; the next waiter
@@ -618,8 +761,9 @@ impl Drop for GaugeGuard<'_> {
 /// when dropped without it, closed (its state is unknown).
 pub struct Lease {
     conn: Option<Box<ServerConn>>,
-    pool: Arc<Pool>,
-    _permit: OwnedSemaphorePermit,
+    permit: Permit,
+    /// Set by [`Lease::release`]: the session goes back to the idle ones.
+    reusable: bool,
 }
 
 impl Lease {
@@ -630,16 +774,16 @@ impl Lease {
 
     /// Back to the pool for the next client.
     pub fn release(mut self) {
-        if let Some(conn) = self.conn.take() {
-            self.pool.give_back(conn, true);
-        }
+        self.reusable = true;
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            self.pool.give_back(conn, false);
+        // The session and the permit in one step (the permit's own drop then has
+        // nothing left to do).
+        if let Some(pool) = self.permit.0.take() {
+            pool.give_back(self.conn.take(), self.reusable);
         }
     }
 }
@@ -1163,11 +1307,11 @@ mod tests {
         let [(b, again), (c, _)] = [1, 5].map(|ms| queue.join(at(ms)));
         assert!(!again, "one timer per pool");
         assert_eq!(queue.time_out(at(9), timeout), Some(at(10)));
-        assert!(!queue.timed_out(a, waker));
+        assert!(matches!(queue.poll_turn(a, waker), Turn::Waiting));
         // The timer wakes at a's deadline: a is out, b's is next.
         assert_eq!(queue.time_out(at(10), timeout), Some(at(11)));
-        assert!(queue.timed_out(a, waker));
-        assert!(!queue.timed_out(b, waker));
+        assert!(matches!(queue.poll_turn(a, waker), Turn::TimedOut));
+        assert!(matches!(queue.poll_turn(b, waker), Turn::Waiting));
         // b was served; a left after its timeout; c's deadline is next.
         queue.leave(b);
         queue.leave(a);
@@ -1176,6 +1320,43 @@ mod tests {
         // Nobody waits: the timer stops, and the next waiter starts one.
         assert_eq!(queue.time_out(at(12), timeout), None);
         assert!(queue.join(at(20)).1);
+    }
+
+    #[test]
+    fn a_permit_goes_to_the_longest_waiting_client_and_is_never_lost() {
+        let start = Instant::now();
+        let waker = std::task::Waker::noop();
+        let mut state = PoolState {
+            free: 0,
+            idle: Vec::new(),
+            queue: WaitQueue::default(),
+        };
+        let [a, b, c] = [0, 1, 2].map(|ms| state.queue.join(start + Duration::from_millis(ms)).0);
+        for id in [a, b, c] {
+            assert!(matches!(state.queue.poll_turn(id, waker), Turn::Waiting));
+        }
+        // a times out; the permit that comes back is b's, with b's waker.
+        state
+            .queue
+            .time_out(start + Duration::from_millis(10), Duration::from_millis(10));
+        assert!(state.hand_on_permit().is_some());
+        assert_eq!(state.free, 0);
+        assert!(matches!(state.queue.poll_turn(a, waker), Turn::TimedOut));
+        assert!(!state.queue.leave(a));
+        // b goes away before taking it: the permit goes on to c.
+        assert!(state.queue.leave(b));
+        assert!(state.hand_on_permit().is_some());
+        // A served client is not timed out; it takes its permit and leaves.
+        state
+            .queue
+            .time_out(start + Duration::from_millis(60), Duration::from_millis(10));
+        assert!(matches!(state.queue.poll_turn(c, waker), Turn::Served));
+        assert!(!state.queue.leave(c), "taken, so not handed on again");
+        assert!(state.queue.waiters.is_empty());
+        // With no one waiting, a permit given back is free, and taken by the next.
+        assert!(state.hand_on_permit().is_none());
+        assert!(state.reserve());
+        assert!(!state.reserve());
     }
 
     #[test]
