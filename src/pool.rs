@@ -346,16 +346,24 @@ impl Pool {
         // Also undone when the wait is abandoned (the client left, shutdown); a permit
         // handed to it and not taken then goes on to the next.
         self.stats.clients_waiting.inc();
-        let _waiting = Waiting { pool: self, id };
+        let mut waiting = Waiting {
+            pool: self,
+            id,
+            served: false,
+        };
         let served = std::future::poll_fn(|cx| {
             let mut state = self.state();
             std::task::Poll::Ready(match state.queue.poll_turn(id, cx.waker()) {
                 Turn::Waiting => return std::task::Poll::Pending,
-                Turn::Served => Some((Permit(Some(self.clone())), state.idle.pop())),
+                Turn::Served => {
+                    waiting.served = true;
+                    Some((Permit(Some(self.clone())), state.idle.pop()))
+                }
                 Turn::TimedOut => None,
             })
         })
         .await;
+        drop(waiting);
         match served {
             Some(served) => Ok(served),
             None => {
@@ -517,11 +525,16 @@ impl Pool {
 struct Waiting<'a> {
     pool: &'a Pool,
     id: u64,
+    /// Served: it has left the queue already, with its permit.
+    served: bool,
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         self.pool.stats.clients_waiting.dec();
+        if self.served {
+            return;
+        }
         let waker = {
             let mut state = self.pool.state();
             // A permit handed to it and not taken (it went away at that moment) is not
@@ -646,7 +659,17 @@ impl WaitQueue {
     }
 
     fn find(&mut self, id: u64) -> Option<&mut Waiter> {
-        let at = self.waiters.binary_search_by_key(&id, |w| w.id).ok()?;
+        // Numbers are consecutive until entries that left out of turn are dropped, so
+        // the place the number says is almost always right; else a search.
+        let guess = self
+            .waiters
+            .front()
+            .and_then(|front| usize::try_from(id.checked_sub(front.id)?).ok())
+            .filter(|&at| self.waiters.get(at).is_some_and(|w| w.id == id));
+        let at = match guess {
+            Some(at) => at,
+            None => self.waiters.binary_search_by_key(&id, |w| w.id).ok()?,
+        };
         self.waiters.get_mut(at)
     }
 
@@ -876,6 +899,14 @@ impl ServerConn {
     /// is known not to be readable.
     fn is_alive(&mut self) -> bool {
         use tokio::io::AsyncRead;
+        if let crate::tls::MaybeTls::Plain(tcp) = &self.session.stream {
+            // The socket's readiness alone, with no waker registered: no system call
+            // unless it has something (an end, or bytes no one asked for).
+            return matches!(
+                tcp.try_read(&mut [0u8; 1]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+            );
+        }
         let mut byte = [0u8; 1];
         let mut buf = tokio::io::ReadBuf::new(&mut byte);
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());

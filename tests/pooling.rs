@@ -416,6 +416,46 @@ async fn a_killed_backend_fails_only_its_transaction() {
     assert_ne!(other, pid);
 }
 
+/// A backend session the server ends while it sits idle in the pool never reaches a
+/// client: the checkout finds it closed, or the relay sees it end before it was sent
+/// anything, and the client's statement runs on a live one with no error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_ended_while_idle_is_never_lent() {
+    let db = TestDb::create("pool_idle_kill").await;
+    let rg = Rolegate::start_with(&db, pooled(1, "", free_port())).await;
+    let client = rg.client("web", &db).await;
+    let pid = |messages: Vec<tokio_postgres::SimpleQueryMessage>| {
+        messages
+            .iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+                _ => None,
+            })
+            .expect("a row")
+    };
+    let first = pid(client
+        .simple_query("SELECT pg_backend_pid()")
+        .await
+        .unwrap());
+    let killed: bool = admin("postgres")
+        .await
+        .query_one(
+            "SELECT pg_terminate_backend($1::text::int, 5000)",
+            &[&first],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(killed);
+    // (The server's goodbye reaches rolegate's socket.)
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let next = client
+        .simple_query("SELECT pg_backend_pid()")
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", rg.log_text()));
+    assert_ne!(pid(next), first);
+}
+
 /// Protocol-level prepared statements keep PostgreSQL's own answers: an unknown name is
 /// 26000, a duplicate 42P05, a closed one is gone for the client (the server copy stays
 /// for others); rolegate's own names cannot be used from SQL.
