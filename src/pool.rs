@@ -340,17 +340,18 @@ impl Pool {
             }
             state.queue.join(Instant::now())
         };
-        if start_timer {
-            tokio::spawn(self.clone().expire_waiters());
-        }
         // Also undone when the wait is abandoned (the client left, shutdown); a permit
-        // handed to it and not taken then goes on to the next.
+        // handed to it and not taken then goes on to the next. (Made before anything
+        // else can fail, so the queue entry never outlives the wait.)
         self.stats.clients_waiting.inc();
         let mut waiting = Waiting {
             pool: self,
             id,
             served: false,
         };
+        if start_timer {
+            tokio::spawn(self.clone().expire_waiters());
+        }
         let served = std::future::poll_fn(|cx| {
             let mut state = self.state();
             std::task::Poll::Ready(match state.queue.poll_turn(id, cx.waker()) {
@@ -488,7 +489,10 @@ impl Pool {
         {
             let permit = {
                 let mut state = self.state();
-                if !state.reserve() {
+                // Idle sessions hold no permit, and a checkout may be opening a session
+                // with one: a new idle session only while the permits no one holds
+                // outnumber the idle sessions, so open ones never exceed `size`.
+                if state.idle.len() >= state.free || !state.reserve() {
                     return;
                 }
                 Permit(Some(self.clone()))
