@@ -843,6 +843,18 @@ mod tests {
             panic!()
         };
         assert!(!s[0].changes_role);
+        // An integer too big for int4 is a syntax error where only int4 is taken; the
+        // next client's small one is not.
+        let too_big = cache.get_or_classify("FETCH 3000000000 FROM c", true);
+        assert!(
+            matches!(&*too_big, Classification::SyntaxError(_)),
+            "{too_big:?}"
+        );
+        let fetch = cache.get_or_classify("FETCH 5 FROM c", true);
+        assert!(
+            matches!(&*fetch, Classification::Statements(_)),
+            "{fetch:?}"
+        );
     }
 
     #[test]
