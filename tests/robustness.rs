@@ -121,14 +121,7 @@ async fn a_tls_handshake_that_stops_halfway_is_closed_at_the_login_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handshake_broken_inside_a_split_message_is_refused_without_a_panic() {
     let db = TestDb::create("splittls").await;
-    let rg = Rolegate::start_with(
-        &db,
-        Options {
-            tls_mode: Some("prefer"),
-            ..Options::default()
-        },
-    )
-    .await;
+    let rg = Rolegate::start_tls(&db, "prefer").await;
     let mut raw = tls_requested(rg.port).await;
     raw.send(&[
         0x16, 0x03, 0x01, 0x00, 0x08, 0x01, 0x00, 0x00, 0x40, 0x03, 0x03, 0x00, 0x00,

@@ -251,14 +251,7 @@ async fn wrong_passwords_unknown_users_and_databases_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_is_offered_and_can_be_required() {
     let db = TestDb::create("tls").await;
-    let rg = Rolegate::start_with(
-        &db,
-        Options {
-            tls_mode: Some("require"),
-            ..Options::default()
-        },
-    )
-    .await;
+    let rg = Rolegate::start_tls(&db, "require").await;
     let url = format!(
         "host=127.0.0.1 port={} user=web dbname={} sslmode=require",
         rg.port, db.name
@@ -548,14 +541,7 @@ async fn tls_records_split_anywhere_large_messages_and_key_updates_pass() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_works_with_asyncpg_node_postgres_and_pgjdbc() {
     let db = TestDb::create("tlsdrivers").await;
-    let rg = Rolegate::start_with(
-        &db,
-        Options {
-            tls_mode: Some("require"),
-            ..Options::default()
-        },
-    )
-    .await;
+    let rg = Rolegate::start_tls(&db, "require").await;
     let dsn = |sslmode: &str| {
         format!(
             "postgresql://web:web-pw@127.0.0.1:{}/{}?sslmode={sslmode}",

@@ -311,6 +311,16 @@ impl Rolegate {
         Rolegate::start_with(db, Options::default()).await
     }
 
+    /// Serves clients over TLS (`[tls] mode`: "prefer" or "require"), with a certificate
+    /// made for the run.
+    pub async fn start_tls(db: &TestDb, mode: &'static str) -> Rolegate {
+        let options = Options {
+            tls_mode: Some(mode),
+            ..Options::default()
+        };
+        Rolegate::start_with(db, options).await
+    }
+
     pub async fn start_with(db: &TestDb, options: Options) -> Rolegate {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
