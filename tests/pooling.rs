@@ -439,15 +439,28 @@ async fn a_backend_ended_while_idle_is_never_lent() {
         .unwrap());
     let killed: bool = admin("postgres")
         .await
-        .query_one(
-            "SELECT pg_terminate_backend($1::text::int, 5000)",
-            &[&first],
-        )
+        .query_one("SELECT pg_terminate_backend($1::text::int)", &[&first])
         .await
         .unwrap()
         .get(0);
     assert!(killed);
-    // (The server's goodbye reaches rolegate's socket.)
+    // (Gone from the server, and its goodbye on rolegate's socket; PostgreSQL 13's
+    // pg_terminate_backend has no wait.)
+    let admin = admin("postgres").await;
+    for _ in 0..100 {
+        let gone: bool = admin
+            .query_one(
+                "SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1::text::int)",
+                &[&first],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if gone {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let next = client
         .simple_query("SELECT pg_backend_pid()")
