@@ -257,16 +257,6 @@ impl Pool {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A permit, and an idle session if there is one, when no client waits for them.
-    fn try_checkout(self: &Arc<Self>) -> Option<(Permit, Option<Box<ServerConn>>)> {
-        let mut state = self.state();
-        if !state.reserve() {
-            return None;
-        }
-        let conn = state.idle.pop();
-        Some((Permit(Some(self.clone())), conn))
-    }
-
     /// A backend session for one transaction: an idle one of the current login, or a
     /// new one. Waits (first come, first served) at most `checkout_timeout`.
     pub async fn checkout(self: &Arc<Self>) -> Result<Lease, CheckoutError> {
@@ -278,10 +268,7 @@ impl Pool {
         self: &Arc<Self>,
         started: Instant,
     ) -> Result<Lease, CheckoutError> {
-        let (permit, mut popped) = match self.try_checkout() {
-            Some(got) => got,
-            None => self.wait_for_permit().await?,
-        };
+        let (permit, mut popped) = self.wait_for_permit().await?;
         self.stats.checkouts.inc();
         let login = self.credentials.current();
         loop {
@@ -327,13 +314,13 @@ impl Pool {
         opened
     }
 
-    /// Waits its turn for a permit (first come, first served), at most `checkout_timeout`.
+    /// A permit, and an idle session if there is one: at once when one is free (then no
+    /// client waits), else in turn (first come, first served), at most `checkout_timeout`.
     async fn wait_for_permit(
         self: &Arc<Self>,
     ) -> Result<(Permit, Option<Box<ServerConn>>), CheckoutError> {
         let (id, start_timer) = {
             let mut state = self.state();
-            // (A permit may have come back since `try_checkout`.)
             if state.reserve() {
                 let conn = state.idle.pop();
                 return Ok((Permit(Some(self.clone())), conn));

@@ -21,6 +21,16 @@ async fn metrics(admin_port: u16) -> String {
     http_get(admin_port, "/metrics").await.1
 }
 
+/// Ends a backend session as an administrator would (`pg_terminate_backend`).
+async fn terminate(pid: i32) -> bool {
+    admin("postgres")
+        .await
+        .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap()
+        .get(0)
+}
+
 /// Backend sessions the login has open now.
 async fn backend_sessions(db: &TestDb) -> i64 {
     admin("postgres")
@@ -394,13 +404,7 @@ async fn a_killed_backend_fails_only_its_transaction() {
         .await
         .unwrap()
         .get(0);
-    let killed: bool = admin("postgres")
-        .await
-        .query_one("SELECT pg_terminate_backend($1)", &[&pid])
-        .await
-        .unwrap()
-        .get(0);
-    assert!(killed);
+    assert!(terminate(pid).await);
     assert!(client.query_one("SELECT 1", &[]).await.is_err());
     let n: i32 = client
         .query_one("SELECT 3", &[])
@@ -428,29 +432,23 @@ async fn a_backend_ended_while_idle_is_never_lent() {
         messages
             .iter()
             .find_map(|m| match m {
-                tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+                tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0)?.parse::<i32>().ok(),
                 _ => None,
             })
-            .expect("a row")
+            .expect("a row with a pid")
     };
     let first = pid(client
         .simple_query("SELECT pg_backend_pid()")
         .await
         .unwrap());
-    let killed: bool = admin("postgres")
-        .await
-        .query_one("SELECT pg_terminate_backend($1::text::int)", &[&first])
-        .await
-        .unwrap()
-        .get(0);
-    assert!(killed);
+    assert!(terminate(first).await);
     // (Gone from the server, and its goodbye on rolegate's socket; PostgreSQL 13's
     // pg_terminate_backend has no wait.)
     let admin = admin("postgres").await;
     for _ in 0..100 {
         let gone: bool = admin
             .query_one(
-                "SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1::text::int)",
+                "SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)",
                 &[&first],
             )
             .await
