@@ -1291,29 +1291,40 @@ struct LeaseTurn<'a, 'c, F> {
 /// session's return. Boxed by its caller: its future is the largest part of a client's,
 /// and only clients with a transaction in flight need it, not the many idle ones.
 /// `None`: the client goes on; `Some`: its session ends so.
-async fn one_lease<F>(turn: LeaseTurn<'_, '_, F>) -> Option<RelayEnd>
+///
+/// Its three phases are futures of their own, awaited in turn: a coroutine keeps every
+/// local that lives across more than one await in a slot of its own, but the futures of
+/// different awaits share one. As one body it was 1,280 bytes, above the 1,032 that
+/// glibc's per-thread cache serves, so each transaction's box took malloc's slow path.
+async fn one_lease<F>(mut turn: LeaseTurn<'_, '_, F>) -> Option<RelayEnd>
 where
     F: std::future::Future<Output = RelayEnd> + Unpin,
 {
-    let LeaseTurn {
-        pool,
-        up,
-        down,
-        client_r,
-        client_w,
-        shared,
-        closing,
-        settings,
-        cancel,
-        backend_addr,
-        client_id,
-    } = turn;
     // The transaction starts, as the client sees it, with its first message.
     let started = Instant::now();
+    let mut lease = match lease_for(&mut turn, started).await {
+        Ok(lease) => lease,
+        Err(end) => return end,
+    };
+    let outcome = relay_while_pinned(&mut turn, &mut lease).await;
+    finish_lease(&mut turn, lease, outcome, started).await
+}
+
+/// A backend session for the client's transaction, with the client's settings and its
+/// own state lent to it; `Err` when there is none (the client heard why, or its
+/// session ends so).
+async fn lease_for<F>(
+    turn: &mut LeaseTurn<'_, '_, F>,
+    started: Instant,
+) -> Result<Lease, Option<RelayEnd>>
+where
+    F: std::future::Future<Output = RelayEnd> + Unpin,
+{
+    let pool = turn.pool;
     let checkout = tokio::select! {
         biased;
         lease = pool.checkout_since(started) => lease,
-        end = &mut *closing => return Some(end),
+        end = &mut *turn.closing => return Err(Some(end)),
     };
     let mut lease = match checkout {
         Ok(lease) => lease,
@@ -1325,22 +1336,15 @@ where
                 }
                 crate::pool::CheckoutError::Backend(_) => ("08006", format!("rolegate: {e}")),
             };
-            if let Err(end) =
-                Box::pin(up.answer_without_backend(client_r, client_w, shared, code, &message))
-                    .await
-            {
-                return Some(end);
-            }
-            return None;
+            return Err(turn.answer_without_backend(code, &message).await);
         }
     };
-    // The rare paths below are boxed where they are awaited: this future is boxed per
-    // transaction, so its size is copied and touched on every one (it was 2,576 bytes,
-    // ~40 cache lines, when they were not).
-    let applied = if lease.conn().has_settings_of(settings) {
+    // The rare paths below are boxed where they are awaited: this future is part of the
+    // one boxed per transaction, so its size is copied and touched on every one.
+    let applied = if lease.conn().has_settings_of(turn.settings) {
         Ok(false)
     } else {
-        Box::pin(lease.conn().apply_client_settings(settings)).await
+        Box::pin(lease.conn().apply_client_settings(turn.settings)).await
     };
     match applied {
         Ok(true) => {
@@ -1351,15 +1355,10 @@ where
             tracing::warn!(error = %e, "could not give a backend connection the client's settings");
             drop(lease);
             let message = format!("rolegate: could not apply the session's settings: {e}");
-            if let Err(end) =
-                Box::pin(up.answer_without_backend(client_r, client_w, shared, "08006", &message))
-                    .await
-            {
-                return Some(end);
-            }
-            return None;
+            return Err(turn.answer_without_backend("08006", &message).await);
         }
     }
+    let shared = turn.shared;
     {
         let mut state = lease_state(shared);
         *state = LeaseState {
@@ -1368,52 +1367,99 @@ where
             ..LeaseState::default()
         };
     }
-    lend_buffers(up, down, lease.conn());
-    if let Some(sql) = lease.conn().take_leftovers(client_id) {
-        up.queue_own_query(&sql, shared);
+    lend_buffers(turn.up, turn.down, lease.conn());
+    if let Some(sql) = lease.conn().take_leftovers(turn.client_id) {
+        turn.up.queue_own_query(&sql, shared);
     }
     let conn = lease.conn();
-    cancel.set(Some(CancelTarget {
-        addr: backend_addr.clone(),
+    turn.cancel.set(Some(CancelTarget {
+        addr: turn.backend_addr.clone(),
         pid: conn.session.pid,
         secret: conn.session.secret,
     }));
     pool.stats.clients_active.inc();
-    let outcome = loop {
-        let outcome = relay_lease(up, down, client_r, client_w, &mut lease, shared, closing).await;
+    Ok(lease)
+}
+
+impl<F> LeaseTurn<'_, '_, F> {
+    /// The client's batch answered with an error and nothing run: `None` when the
+    /// client goes on.
+    async fn answer_without_backend(&mut self, code: &str, message: &str) -> Option<RelayEnd> {
+        let answer =
+            self.up
+                .answer_without_backend(self.client_r, self.client_w, self.shared, code, message);
+        Box::pin(answer).await.err()
+    }
+}
+
+/// Relays the leased session's transactions, and a pinned client's run of them, until
+/// it can go back (or either side ends).
+async fn relay_while_pinned<F>(turn: &mut LeaseTurn<'_, '_, F>, lease: &mut Lease) -> RelayEnd
+where
+    F: std::future::Future<Output = RelayEnd> + Unpin,
+{
+    let shared = turn.shared;
+    loop {
+        let outcome = relay_lease(
+            turn.up,
+            turn.down,
+            turn.client_r,
+            turn.client_w,
+            lease,
+            shared,
+            turn.closing,
+        )
+        .await;
         // A function rolegate cannot look into may have LISTENed or taken a lock:
         // the server says whether the client now holds something only this backend
         // session has.
         let check_pins = matches!(outcome, RelayEnd::Released)
             && std::mem::take(&mut lease_state(shared).pin_check);
         let still_pinned = check_pins && !Box::pin(lease.conn().nothing_pinned()).await;
-        if pass_notifications(lease.conn(), client_w).await.is_err() {
-            break RelayEnd::ClientClosed;
+        if pass_notifications(lease.conn(), turn.client_w).await.is_err() {
+            return RelayEnd::ClientClosed;
         }
         if still_pinned {
             let mut state = lease_state(shared);
             if !state.pinned {
                 state.pinned = true;
-                pool.stats.clients_pinned.inc();
+                turn.pool.stats.clients_pinned.inc();
             }
             continue;
         }
         if !matches!(outcome, RelayEnd::Released) || !lease_state(shared).pinned {
-            break outcome;
+            return outcome;
         }
         // Idle, pinned, and the client sent something that may have undone its pins:
         // the server says whether anything is left.
         lease_state(shared).unpin_candidate = false;
         let unpinned = Box::pin(lease.conn().nothing_pinned()).await;
-        if pass_notifications(lease.conn(), client_w).await.is_err() {
-            break RelayEnd::ClientClosed;
+        if pass_notifications(lease.conn(), turn.client_w).await.is_err() {
+            return RelayEnd::ClientClosed;
         }
         if unpinned {
             lease_state(shared).pinned = false;
-            pool.stats.clients_pinned.dec();
-            break outcome;
+            turn.pool.stats.clients_pinned.dec();
+            return outcome;
         }
-    };
+    }
+}
+
+/// The relay of a lease ended: the backend session goes back clean, or is closed, and
+/// the client learns what it lost with it.
+async fn finish_lease<F>(
+    turn: &mut LeaseTurn<'_, '_, F>,
+    mut lease: Lease,
+    outcome: RelayEnd,
+    started: Instant,
+) -> Option<RelayEnd>
+where
+    F: std::future::Future<Output = RelayEnd> + Unpin,
+{
+    let (pool, shared, cancel, client_id) = (turn.pool, turn.shared, turn.cancel, turn.client_id);
+    let (up, down) = (&mut *turn.up, &mut *turn.down);
+    let (client_r, client_w) = (&mut *turn.client_r, &mut *turn.client_w);
+    let settings = &mut *turn.settings;
     pool.stats.clients_active.dec();
     pool.stats.transaction_seconds.observe(started.elapsed());
     // No cancel of this client's may reach the backend session's next client.
