@@ -1229,23 +1229,49 @@ pub async fn run(client: PooledClient<'_>, ctx: &RelayContext<'_>) -> (RelayStat
         if up.buf.first() == Some(&b'X') {
             break RelayEnd::ClientClosed;
         }
-        let turn = LeaseTurn {
-            pool,
-            up: &mut up,
-            down: &mut down,
-            client_r: &mut client_r,
-            client_w: &mut client_w,
-            shared: &shared,
-            closing: &mut closing,
-            settings: &mut settings,
-            cancel,
-            backend_addr: &backend_addr,
-            client_id,
+        // The transaction starts, as the client sees it, with its first message. It
+        // waits for a backend session here, in the client's own future: only clients
+        // that hold one need the larger one of a lease, boxed.
+        let started = Instant::now();
+        let checkout = tokio::select! {
+            biased;
+            lease = pool.checkout_since(started) => lease,
+            end = &mut closing => break end,
         };
-        // (Boxed in a statement of its own: a future built in the awaiting statement
-        // would still take room in this one's.)
-        let lease = Box::pin(one_lease(turn));
-        if let Some(end) = lease.await {
+        let outcome = match checkout {
+            Ok(lease) => {
+                let turn = LeaseTurn {
+                    pool,
+                    up: &mut up,
+                    down: &mut down,
+                    client_r: &mut client_r,
+                    client_w: &mut client_w,
+                    shared: &shared,
+                    closing: &mut closing,
+                    settings: &mut settings,
+                    cancel,
+                    backend_addr: &backend_addr,
+                    client_id,
+                };
+                // (Boxed in a statement of its own: a future built in the awaiting
+                // statement would still take room in this one's.)
+                let leased = Box::pin(one_lease(turn, lease, started));
+                leased.await
+            }
+            Err(e) => {
+                tracing::warn!(pool = pool.key.label(), error = %e, "no backend connection for a client");
+                let (code, message) = match e {
+                    crate::pool::CheckoutError::Timeout(_) => {
+                        ("53300", format!("rolegate: {e}; nothing was run"))
+                    }
+                    crate::pool::CheckoutError::Backend(_) => ("08006", format!("rolegate: {e}")),
+                };
+                let answer =
+                    up.answer_without_backend(&mut client_r, &mut client_w, &shared, code, &message);
+                Box::pin(answer).await.err()
+            }
+        };
+        if let Some(end) = outcome {
             break end;
         }
         // A reply whose flush a cancelled step left (a TLS stream holds written bytes
@@ -1287,58 +1313,46 @@ struct LeaseTurn<'a, 'c, F> {
     client_id: u64,
 }
 
-/// One transaction (or a pinned client's run of them) from checkout to the backend
-/// session's return. Boxed by its caller: its future is the largest part of a client's,
-/// and only clients with a transaction in flight need it, not the many idle ones.
-/// `None`: the client goes on; `Some`: its session ends so.
+/// One transaction (or a pinned client's run of them) on a leased backend session,
+/// until the session's return. Boxed by its caller: its future is the largest part of
+/// a client's, and only clients that hold a backend session need it, not the many idle
+/// or waiting ones. `None`: the client goes on; `Some`: its session ends so.
 ///
 /// Its three phases are futures of their own, awaited in turn: a coroutine keeps every
 /// local that lives across more than one await in a slot of its own, but the futures of
-/// different awaits share one. As one body it was 1,280 bytes, above the 1,032 that
-/// glibc's per-thread cache serves, so each transaction's box took malloc's slow path.
-async fn one_lease<F>(mut turn: LeaseTurn<'_, '_, F>) -> Option<RelayEnd>
+/// different awaits share one. As one body (with the checkout) it was 1,280 bytes, above
+/// the 1,032 that glibc's per-thread cache serves, so each box took malloc's slow path.
+///
+/// (An async block rather than an async fn: an async fn's future keeps its arguments
+/// twice, as given and moved into its body.)
+fn one_lease<'t, 'c, F>(
+    mut turn: LeaseTurn<'t, 'c, F>,
+    lease: Lease,
+    started: Instant,
+) -> impl std::future::Future<Output = Option<RelayEnd>> + use<'t, 'c, F>
 where
     F: std::future::Future<Output = RelayEnd> + Unpin,
 {
-    // The transaction starts, as the client sees it, with its first message.
-    let started = Instant::now();
-    let mut lease = match lease_for(&mut turn, started).await {
-        Ok(lease) => lease,
-        Err(end) => return end,
-    };
-    let outcome = relay_while_pinned(&mut turn, &mut lease).await;
-    finish_lease(&mut turn, lease, outcome, started).await
+    async move {
+        let mut lease = match take_lease(&mut turn, lease).await {
+            Ok(lease) => lease,
+            Err(end) => return end,
+        };
+        let outcome = relay_while_pinned(&mut turn, &mut lease).await;
+        finish_lease(&mut turn, lease, outcome, started).await
+    }
 }
 
-/// A backend session for the client's transaction, with the client's settings and its
-/// own state lent to it; `Err` when there is none (the client heard why, or its
-/// session ends so).
-async fn lease_for<F>(
+/// The backend session, given the client's settings and its own state for the lease;
+/// `Err` when it cannot be (the client heard why, or its session ends so).
+async fn take_lease<F>(
     turn: &mut LeaseTurn<'_, '_, F>,
-    started: Instant,
+    mut lease: Lease,
 ) -> Result<Lease, Option<RelayEnd>>
 where
     F: std::future::Future<Output = RelayEnd> + Unpin,
 {
     let pool = turn.pool;
-    let checkout = tokio::select! {
-        biased;
-        lease = pool.checkout_since(started) => lease,
-        end = &mut *turn.closing => return Err(Some(end)),
-    };
-    let mut lease = match checkout {
-        Ok(lease) => lease,
-        Err(e) => {
-            tracing::warn!(pool = pool.key.label(), error = %e, "no backend connection for a client");
-            let (code, message) = match e {
-                crate::pool::CheckoutError::Timeout(_) => {
-                    ("53300", format!("rolegate: {e}; nothing was run"))
-                }
-                crate::pool::CheckoutError::Backend(_) => ("08006", format!("rolegate: {e}")),
-            };
-            return Err(turn.answer_without_backend(code, &message).await);
-        }
-    };
     // The rare paths below are boxed where they are awaited: this future is part of the
     // one boxed per transaction, so its size is copied and touched on every one.
     let applied = if lease.conn().has_settings_of(turn.settings) {
