@@ -356,7 +356,7 @@ where
             end = closing => end,
         }
     };
-    tell_client_why(&end, &mut client_w).await;
+    say_goodbye(&end, &mut client_w).await;
     // Tell a server that is still there that the session is over rather than just dropping
     // the socket. (After a client Terminate the server has it already; a second one is
     // harmless.)
@@ -368,7 +368,6 @@ where
         wire::put_message(&mut terminate, b'X', &[]);
         let _ = server_w.write_all(&terminate).await;
     }
-    let _ = client_w.shutdown().await;
     let _ = server_w.shutdown().await;
     let stats = RelayStats {
         client_bytes: up.bytes,
@@ -411,7 +410,21 @@ async fn send_judged<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// The client hears why rolegate ended its session, as PostgreSQL's own FATALs do.
+/// How long a client's last words (why its session ends, then the end of the stream) may
+/// take: they fit any socket buffer, so only a client that does not read is waited for,
+/// and it cannot keep its session (or, in session mode, a backend session) past its end.
+const GOODBYE_WITHIN: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The client hears why rolegate ended its session, as PostgreSQL's own FATALs do, and
+/// then the end of the stream; within `GOODBYE_WITHIN`.
+async fn say_goodbye<W: AsyncWrite + Unpin>(end: &RelayEnd, client_w: &mut W) {
+    let goodbye = async {
+        tell_client_why(end, client_w).await;
+        let _ = client_w.shutdown().await;
+    };
+    let _ = tokio::time::timeout(GOODBYE_WITHIN, goodbye).await;
+}
+
 async fn tell_client_why<W: AsyncWrite + Unpin>(end: &RelayEnd, client_w: &mut W) {
     let fatal = match end {
         RelayEnd::Shutdown => Some((
