@@ -775,3 +775,69 @@ async fn pipelined_copy_then_named_statement_does_not_hang() {
     client.send(&out).await;
     assert_eq!(client.data_values().await, ["alive"]);
 }
+
+/// Held: a client that leaves right after calling a function rolegate cannot look into
+/// (it took a session advisory lock), before rolegate asked the server whether anything
+/// is left, does not leave the lock to the next client of the backend session. The query
+/// goes with the first bytes of a Terminate, so the lease is not given back when its
+/// answer arrives (the client is in the middle of a message); the rest ends the session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_taken_by_an_unseen_function_does_not_outlive_its_client() {
+    let db = TestDb::create("att_unseen_lock").await;
+    let rg = Rolegate::start_with(&db, pooled(1)).await;
+    rg.client("migrate", &db)
+        .await
+        .batch_execute(
+            "CREATE FUNCTION hold_lock() RETURNS text LANGUAGE sql
+               AS $$ SELECT pg_advisory_lock(4242)::text $$",
+        )
+        .await
+        .unwrap();
+    let held = || async {
+        admin("postgres")
+            .await
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    let mut attacker = RawClient::login(rg.port, "web", "web-pw", &db.name).await;
+    let mut out = bytes::BytesMut::new();
+    rolegate::wire::put_query(&mut out, "SELECT hold_lock()");
+    out.extend_from_slice(&[b'X', 0, 0]);
+    attacker.send(&out).await;
+    let (tags, errors) = attacker.until_ready().await;
+    assert!(errors.is_empty(), "{errors:?}");
+    assert!(tags.contains(&b'D'), "{tags:?}");
+    assert_eq!(held().await, 1, "the function took the lock");
+    attacker.send(&[0, 4]).await;
+    assert!(
+        attacker.read().await.is_none(),
+        "Terminate ends the session"
+    );
+    // Given back reset, or closed: either way the lock is gone.
+    let mut left = 1;
+    for _ in 0..50 {
+        left = held().await;
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        left, 0,
+        "the backend session went back to the pool still holding the client's lock"
+    );
+    let victim = rg.client("web", &db).await;
+    let free: bool = admin("postgres")
+        .await
+        .query_one("SELECT pg_try_advisory_lock(4242)", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(free);
+    victim.batch_execute("SELECT 1").await.unwrap();
+}

@@ -1440,31 +1440,38 @@ where
             turn.closing,
         )
         .await;
+        let released = matches!(outcome, RelayEnd::Released);
         // A function rolegate cannot look into may have LISTENed or taken a lock:
         // the server says whether the client now holds something only this backend
-        // session has.
-        let check_pins = matches!(outcome, RelayEnd::Released)
-            && std::mem::take(&mut lease_state(shared).pin_check);
+        // session has. (Marked before the client is written to: a lease that ends on
+        // that write is still known to be pinned, and its session is reset.)
+        let check_pins = released && std::mem::take(&mut lease_state(shared).pin_check);
         let still_pinned = check_pins && !Box::pin(lease.conn().nothing_pinned()).await;
-        if let Err(end) = pass_notifications(lease.conn(), turn.client_w, turn.closing).await {
-            return end;
-        }
         if still_pinned {
             let mut state = lease_state(shared);
             if !state.pinned {
                 state.pinned = true;
                 turn.pool.stats.clients_pinned.inc();
             }
+        }
+        // (`closing` is raced only while it has not resolved: a lease it ended has its
+        // result already.)
+        let closing = released.then_some(&mut *turn.closing);
+        if let Err(end) = pass_notifications(lease.conn(), turn.client_w, closing).await {
+            return end;
+        }
+        if still_pinned {
             continue;
         }
-        if !matches!(outcome, RelayEnd::Released) || !lease_state(shared).pinned {
+        if !released || !lease_state(shared).pinned {
             return outcome;
         }
         // Idle, pinned, and the client sent something that may have undone its pins:
         // the server says whether anything is left.
         lease_state(shared).unpin_candidate = false;
         let unpinned = Box::pin(lease.conn().nothing_pinned()).await;
-        if let Err(end) = pass_notifications(lease.conn(), turn.client_w, turn.closing).await {
+        let closing = Some(&mut *turn.closing);
+        if let Err(end) = pass_notifications(lease.conn(), turn.client_w, closing).await {
             return end;
         }
         if unpinned {
@@ -1562,7 +1569,9 @@ where
         RelayEnd::ClientClosed if idle => {
             // Pinned state (LISTEN, locks, temporary tables…) is undone before the
             // backend session serves anyone else.
-            let ready = if state.pinned {
+            // (So is what an unseen function may have left when the client left before
+            // the server was asked: `pin_check`.)
+            let ready = if state.pinned || state.pin_check {
                 Box::pin(conn.reset_session(&pool.key)).await
             } else {
                 conn.note_leftovers(
@@ -1659,12 +1668,12 @@ impl Downstream {
 }
 
 /// Notifications that came while rolegate asked the server something are the client's.
-/// (Raced with the idle timeout and shutdown: a client that does not read cannot hold the
-/// backend session past them.)
+/// (Raced with `closing`, the idle timeout and shutdown, when given: a client that does
+/// not read cannot hold the backend session past them.)
 async fn pass_notifications<W, F>(
     conn: &mut ServerConn,
     client_w: &mut W,
-    closing: &mut F,
+    closing: Option<&mut F>,
 ) -> Result<(), RelayEnd>
 where
     W: AsyncWrite + Unpin,
@@ -1680,10 +1689,13 @@ where
         }
         client_w.flush().await
     };
+    let Some(closing) = closing else {
+        return write.await.map_err(|_| RelayEnd::ClientClosed);
+    };
     tokio::select! {
         biased;
         written = write => written.map_err(|_| RelayEnd::ClientClosed),
-        end = &mut *closing => Err(end),
+        end = closing => Err(end),
     }
 }
 
