@@ -368,6 +368,7 @@ where
         wire::put_message(&mut terminate, b'X', &[]);
         let _ = server_w.write_all(&terminate).await;
     }
+    close_client(&mut client_w).await;
     let _ = server_w.shutdown().await;
     let stats = RelayStats {
         client_bytes: up.bytes,
@@ -410,19 +411,20 @@ async fn send_judged<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// How long a client's last words (why its session ends, then the end of the stream) may
-/// take: they fit any socket buffer, so only a client that does not read is waited for,
-/// and it cannot keep its session (or, in session mode, a backend session) past its end.
+/// How long each of a client's last words (why its session ends, then the end of the
+/// stream) may take: they fit any socket buffer, so only a client that does not read is
+/// waited for, and it cannot keep its session (or, in session mode, a backend session)
+/// past its end.
 const GOODBYE_WITHIN: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// The client hears why rolegate ended its session, as PostgreSQL's own FATALs do, and
-/// then the end of the stream; within `GOODBYE_WITHIN`.
+/// The client hears why rolegate ended its session, as PostgreSQL's own FATALs do.
 async fn say_goodbye<W: AsyncWrite + Unpin>(end: &RelayEnd, client_w: &mut W) {
-    let goodbye = async {
-        tell_client_why(end, client_w).await;
-        let _ = client_w.shutdown().await;
-    };
-    let _ = tokio::time::timeout(GOODBYE_WITHIN, goodbye).await;
+    let _ = tokio::time::timeout(GOODBYE_WITHIN, tell_client_why(end, client_w)).await;
+}
+
+/// The end of the client's stream (over TLS a close_notify, written like any record).
+async fn close_client<W: AsyncWrite + Unpin>(client_w: &mut W) {
+    let _ = tokio::time::timeout(GOODBYE_WITHIN, client_w.shutdown()).await;
 }
 
 async fn tell_client_why<W: AsyncWrite + Unpin>(end: &RelayEnd, client_w: &mut W) {

@@ -1301,6 +1301,7 @@ pub async fn run(client: PooledClient<'_>, ctx: &RelayContext<'_>) -> (RelayStat
         }
     };
     say_goodbye(&end, &mut client_w).await;
+    close_client(&mut client_w).await;
     let stats = RelayStats {
         client_bytes: up.bytes,
         server_bytes: down.bytes,
