@@ -1035,7 +1035,9 @@ impl ServerConn {
         let mut sql = String::from(
             "SELECT name, pg_catalog.encode(pg_catalog.convert_to(setting, 'UTF8'), 'hex') \
              AS setting FROM pg_catalog.pg_settings \
-             WHERE source = 'session' AND name NOT IN ('role', 'session_authorization');",
+             WHERE source OPERATOR(pg_catalog.=) 'session' \
+             AND name OPERATOR(pg_catalog.<>) 'role' \
+             AND name OPERATOR(pg_catalog.<>) 'session_authorization';",
         );
         let mut shapes: Vec<&[&str]> = vec![NAME_SETTING];
         if !custom.is_empty() {
@@ -1043,7 +1045,7 @@ impl ServerConn {
             sql.push_str(&format!(
                 "SELECT n AS name, pg_catalog.encode(pg_catalog.convert_to(\
                  pg_catalog.current_setting(n, true), 'UTF8'), 'hex') AS setting \
-                 FROM pg_catalog.unnest(ARRAY[{}]::text[]) AS n;",
+                 FROM pg_catalog.unnest(ARRAY[{}]::pg_catalog.text[]) AS n;",
                 names.join(", ")
             ));
             shapes.push(NAME_SETTING);
@@ -1138,14 +1140,20 @@ impl ServerConn {
     /// session advisory lock, no SQL-level prepared statement, no WITH HOLD cursor, no
     /// temporary table.
     pub async fn nothing_pinned(&mut self) -> bool {
+        // (Every operator and aggregate named in pg_catalog, here and in the other
+        // queries rolegate runs in a client's session: they run with the client's
+        // search_path, which may put a schema with its own `+` or `count` first.)
         const PINNED_STATE_SQL: &str = "SELECT \
-            (SELECT count(*) FROM pg_catalog.pg_listening_channels()) \
-          + (SELECT count(*) FROM pg_catalog.pg_locks \
-             WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid()) \
-          + (SELECT count(*) FROM pg_catalog.pg_prepared_statements WHERE from_sql) \
-          + (SELECT count(*) FROM pg_catalog.pg_cursors WHERE is_holdable) \
-          + (SELECT count(*) FROM pg_catalog.pg_class \
-             WHERE relnamespace = pg_catalog.pg_my_temp_schema())";
+            (SELECT pg_catalog.count(*) FROM pg_catalog.pg_listening_channels()) \
+          OPERATOR(pg_catalog.+) (SELECT pg_catalog.count(*) FROM pg_catalog.pg_locks \
+             WHERE locktype OPERATOR(pg_catalog.=) 'advisory' \
+             AND pid OPERATOR(pg_catalog.=) pg_catalog.pg_backend_pid()) \
+          OPERATOR(pg_catalog.+) (SELECT pg_catalog.count(*) \
+             FROM pg_catalog.pg_prepared_statements WHERE from_sql) \
+          OPERATOR(pg_catalog.+) (SELECT pg_catalog.count(*) \
+             FROM pg_catalog.pg_cursors WHERE is_holdable) \
+          OPERATOR(pg_catalog.+) (SELECT pg_catalog.count(*) FROM pg_catalog.pg_class \
+             WHERE relnamespace OPERATOR(pg_catalog.=) pg_catalog.pg_my_temp_schema())";
         matches!(
             self.session.query(PINNED_STATE_SQL).await.as_deref(),
             Ok([row]) if matches!(row.as_slice(), [Some(n)] if n == "0")
@@ -1160,7 +1168,8 @@ impl ServerConn {
         if self.prepared.doubtful() {
             return;
         }
-        const PREPARED_SQL: &str = "SELECT count(*) FROM pg_catalog.pg_prepared_statements \
+        const PREPARED_SQL: &str =
+            "SELECT pg_catalog.count(*) FROM pg_catalog.pg_prepared_statements \
             WHERE NOT from_sql AND pg_catalog.starts_with(name, 'rolegate_s')";
         let expected = self.prepared.len().to_string();
         let intact = matches!(

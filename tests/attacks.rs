@@ -841,3 +841,51 @@ async fn a_lock_taken_by_an_unseen_function_does_not_outlive_its_client() {
     assert!(free);
     victim.batch_execute("SELECT 1").await.unwrap();
 }
+
+/// Held: rolegate's question whether anything is left in a pinned client's backend
+/// session runs with the client's search_path; a schema that puts its own `+` (always 0)
+/// before pg_catalog does not make a LISTEN look gone, so the session does not go to the
+/// next client with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadowed_operator_does_not_hide_a_pin() {
+    let db = TestDb::create("att_shadow").await;
+    let rg = Rolegate::start_with(&db, pooled(1)).await;
+    rg.client("migrate", &db)
+        .await
+        .batch_execute(
+            "CREATE SCHEMA shadow;
+             CREATE FUNCTION shadow.zero(bigint, bigint) RETURNS bigint LANGUAGE sql
+               AS $$ SELECT 0::bigint $$;
+             CREATE OPERATOR shadow.+ (LEFTARG = bigint, RIGHTARG = bigint,
+               FUNCTION = shadow.zero);",
+        )
+        .await
+        .unwrap();
+    let attacker = rg.client("web", &db).await;
+    let victim = rg.client("web", &db).await;
+    attacker
+        .batch_execute("SET search_path = shadow, pg_catalog")
+        .await
+        .unwrap();
+    let shadowed: i64 = attacker
+        .query_one("SELECT 1::bigint + 1::bigint", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(shadowed, 0, "the schema's + comes first for this client");
+    // Pinned by a LISTEN; the UNLISTEN of another channel makes rolegate ask.
+    attacker.batch_execute("LISTEN kept").await.unwrap();
+    attacker.batch_execute("UNLISTEN other").await.unwrap();
+    let seen = tokio::time::timeout(
+        Duration::from_secs(3),
+        victim.query_one("SELECT count(*) FROM pg_listening_channels()", &[]),
+    )
+    .await;
+    // Still pinned: the one backend session stays with the attacker (the victim waits
+    // for it), or the victim's session listens to nothing.
+    if let Ok(row) = seen {
+        let channels: i64 = row.unwrap().get(0);
+        assert_eq!(channels, 0, "the next client inherited the LISTEN");
+    }
+    drop(attacker);
+}
