@@ -1625,8 +1625,7 @@ where
                         return Some(end);
                     }
                 }
-                let answer = up.answer_without_backend(client_r, client_w, shared, "08006", LOST);
-                if let Err(end) = Box::pin(answer).await {
+                if let Some(end) = turn.answer_without_backend("08006", LOST).await {
                     return Some(end);
                 }
             }
