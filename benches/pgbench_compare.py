@@ -9,7 +9,7 @@ Environment: DURATION (seconds per run, default 10), ROUNDS (default 3), SCALE (
 IDLE_CLIENTS (default 1000; 0 skips the idle RSS), SCENARIOS and TARGETS (comma lists, default all), BASELINE (path to another
 rolegate binary, e.g. one built from main before a change: it joins the alternation as
 "baseline" with the same config, so a change is measured against its parent in one run;
-BASELINE_THREADS sets its `threads`),
+BASELINE_THREADS sets its `threads`, BASELINE_RUNTIME its `runtime`),
 CALLGRIND (transactions per client: instead of the timed runs, count each proxy's user-space
 instructions per transaction under valgrind's callgrind; see count_instructions; KEEP_CG, a
 directory, keeps callgrind's dumps there for callgrind_annotate; CALLGRIND_CLIENTS, default 20,
@@ -58,6 +58,8 @@ BASELINE = os.environ.get("BASELINE")
 # `threads` for the baseline's config (BASELINE=target/release/rolegate BASELINE_THREADS=0
 # measures today's binary on one thread against one thread per core).
 BASELINE_THREADS = os.environ.get("BASELINE_THREADS")
+# and its `runtime` (BASELINE_RUNTIME=per_thread).
+BASELINE_RUNTIME = os.environ.get("BASELINE_RUNTIME")
 CALLGRIND = int(os.environ.get("CALLGRIND", "0"))
 CALLGRIND_CLIENTS = int(os.environ.get("CALLGRIND_CLIENTS", "20"))
 CACHE_SIM = os.environ.get("CACHE_SIM") == "1"
@@ -737,6 +739,8 @@ def main():
             base_listen = f'listen = "127.0.0.1:{base_port}"'
             if BASELINE_THREADS:
                 base_listen += f"\nthreads = {BASELINE_THREADS}"
+            if BASELINE_RUNTIME:
+                base_listen += f'\nruntime = "{BASELINE_RUNTIME}"'
             with open(f"{work}/baseline.toml", "w") as f:
                 f.write(config.replace(f'listen = "127.0.0.1:{rg_port}"', base_listen))
             base = subprocess.Popen([BASELINE, "serve", "--config", f"{work}/baseline.toml"],

@@ -177,11 +177,7 @@ async fn metrics(State(state): State<AdminState>) -> Response {
             .max()
             .unwrap_or_default() as i64,
     );
-    for pool in proxy.pools.all() {
-        pool.stats
-            .longest_wait_seconds
-            .set(pool.longest_wait().as_secs_f64());
-    }
+    proxy.pools.publish_longest_waits();
     (
         [(
             header::CONTENT_TYPE,
@@ -220,7 +216,7 @@ async fn status(State(state): State<AdminState>) -> Json<serde_json::Value> {
         status["login_since_unix"] = store.since().into();
     }
     if config.pool.mode == crate::config::PoolMode::Transaction {
-        let pools: Vec<_> = proxy.pools.all().iter().map(|p| p.status()).collect();
+        let pools = proxy.pools.status();
         status["pool_mode"] = "transaction".into();
         status["pools"] = pools.into();
     }

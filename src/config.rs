@@ -34,6 +34,9 @@ pub struct Config {
     /// [`Config::serve_threads`]. Read at start only.
     #[serde(default)]
     pub threads: Option<usize>,
+    /// How the `threads` share their work: see [`Runtime`]. Read at start only.
+    #[serde(default)]
+    pub runtime: Runtime,
     /// HTTP admin endpoint (metrics, probes, status, rotation).
     #[serde(default)]
     pub admin_listen: Option<String>,
@@ -405,6 +408,21 @@ impl Default for PolicyConfig {
     }
 }
 
+/// How `serve`'s threads share the clients (top-level `runtime`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Runtime {
+    /// One tokio runtime over every thread: any thread may serve any client, and a
+    /// transaction-mode client borrows from pools all threads share.
+    #[default]
+    Shared,
+    /// A current-thread runtime per thread, each with a listener of its own on the same
+    /// address (`SO_REUSEPORT`: the kernel spreads new connections over them) and pools of
+    /// its own (`[pool] size` and `min_idle` split between the threads): a client and the
+    /// backend connections it borrows always meet on one thread.
+    PerThread,
+}
+
 /// How client sessions share backend connections (`[pool]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -548,6 +566,24 @@ impl Config {
         })
     }
 
+    /// The threads `serve` really starts: [`Config::serve_threads`] with 0 resolved to the
+    /// cores this process may use.
+    pub fn thread_count(&self) -> usize {
+        match self.serve_threads() {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n => n,
+        }
+    }
+
+    /// The pools each [`Pool`](crate::pool::Pool) key has: one per thread with
+    /// `runtime = "per_thread"`, else one.
+    pub fn pool_shards(&self) -> usize {
+        match self.runtime {
+            Runtime::Shared => 1,
+            Runtime::PerThread => self.thread_count(),
+        }
+    }
+
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
@@ -627,6 +663,13 @@ impl Config {
                     ClientTlsMode::Prefer => "prefer",
                     _ => "require",
                 }
+            ));
+        }
+        if self.pool.mode == PoolMode::Transaction && self.pool.size < self.pool_shards() {
+            return invalid(format!(
+                "runtime = \"per_thread\" gives each of the {} threads a pool of its own: [pool] size ({}) must be at least that",
+                self.pool_shards(),
+                self.pool.size
             ));
         }
         if self.backend.tls == BackendTlsMode::VerifyFull && self.backend.ca_file.is_none() {

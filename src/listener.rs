@@ -6,7 +6,6 @@ use anyhow::Context;
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -28,6 +27,55 @@ pub async fn serve(proxy: Arc<Proxy>) -> anyhow::Result<()> {
     accept_loop(proxy, listener).await
 }
 
+/// `count` listening sockets on one address, for `runtime = "per_thread"`: each thread
+/// accepts on its own, and the kernel (`SO_REUSEPORT`) spreads new connections over
+/// them. Port 0 picks a free port for the first; the others join it there. Each socket
+/// becomes a tokio listener on the thread that serves it (`TcpListener::from_std`).
+pub fn bind_per_thread(listen: &str, count: usize) -> anyhow::Result<Vec<std::net::TcpListener>> {
+    use std::net::ToSocketAddrs;
+    let mut last_error = None;
+    for address in listen
+        .to_socket_addrs()
+        .with_context(|| format!("cannot resolve {listen}"))?
+    {
+        let mut sockets = Vec::with_capacity(count);
+        let mut bound = address;
+        let result = (0..count.max(1)).try_for_each(|_| {
+            let socket = reuse_port_listener(bound)?;
+            bound = socket.local_addr()?;
+            sockets.push(socket);
+            Ok::<_, std::io::Error>(())
+        });
+        match result {
+            Ok(()) => {
+                tracing::info!(address = %bound, threads = count, runtime = "per_thread", "rolegate is listening");
+                return Ok(sockets);
+            }
+            Err(e) => last_error = Some(e),
+        }
+    }
+    match last_error {
+        Some(e) => Err(e).with_context(|| format!("cannot listen on {listen}")),
+        None => anyhow::bail!("cannot listen on {listen}: it names no address"),
+    }
+}
+
+fn reuse_port_listener(address: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(
+        Domain::for_address(address),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&address.into())?;
+    // tokio's own `TcpListener::bind` backlog.
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
 /// Sets its flag to false when dropped.
 struct ClearOnDrop<'a>(&'a AtomicBool);
 
@@ -38,7 +86,7 @@ impl Drop for ClearOnDrop<'_> {
 }
 
 pub async fn accept_loop(proxy: Arc<Proxy>, listener: TcpListener) -> anyhow::Result<()> {
-    let slots = Arc::new(Semaphore::new(proxy.config().limits.max_client_connections));
+    let slots = proxy.client_slots.clone();
     let mut shutdown = proxy.shutdown.subscribe();
     proxy.accepting.store(true, Ordering::Relaxed);
     // However the loop ends, `GET /livez` stops saying it runs.

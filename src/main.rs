@@ -2,11 +2,12 @@
 
 use std::io::Read;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
-use rolegate::config::Config;
+use rolegate::config::{Config, PoolMode, Runtime};
 use rolegate::proxy::Proxy;
 
 #[derive(Parser)]
@@ -109,7 +110,12 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { config: path } => {
             let config = Config::load(&path)?;
-            serve_runtime(config.serve_threads())?.block_on(serve(config, path))
+            let threads = match config.runtime {
+                // This thread serves the first listener; the others get threads of their own.
+                Runtime::PerThread => 1,
+                Runtime::Shared => config.serve_threads(),
+            };
+            serve_runtime(threads)?.block_on(serve(config, path))
         }
         Command::Setup {
             config,
@@ -208,7 +214,7 @@ async fn serve(config: Config, path: PathBuf) -> anyhow::Result<()> {
             }
         }
     });
-    let listener = tokio::spawn(rolegate::listener::serve(proxy.clone()));
+    let listener = start_listeners(&proxy)?;
     tokio::select! {
         result = listener => return result.context("listener task")?,
         _ = rolegate::demo::shutdown_signal() => {}
@@ -230,6 +236,51 @@ async fn serve(config: Config, path: PathBuf) -> anyhow::Result<()> {
         .load(std::sync::atomic::Ordering::SeqCst);
     tracing::info!(closed_unfinished = left, "stopped");
     Ok(())
+}
+
+/// Starts accepting clients: on this runtime, or with `runtime = "per_thread"` on each
+/// thread's own listener, the first on this thread (which serves shard 0 of the pools)
+/// and each other on a thread with a current-thread runtime of its own.
+fn start_listeners(
+    proxy: &Arc<Proxy>,
+) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    use rolegate::listener;
+    let config = proxy.config();
+    if config.runtime == Runtime::Shared {
+        return Ok(tokio::spawn(listener::serve(proxy.clone())));
+    }
+    let mut sockets = listener::bind_per_thread(&config.listen, config.thread_count())?.into_iter();
+    let first = sockets.next().context("no listening socket")?;
+    for (shard, socket) in (1..).zip(sockets) {
+        let runtime = serve_runtime(1)?;
+        let proxy = proxy.clone();
+        std::thread::Builder::new()
+            .name(format!("rolegate-{shard}"))
+            .spawn(move || {
+                rolegate::pool::set_thread_shard(shard);
+                runtime.block_on(async move {
+                    if proxy.config().pool.mode == PoolMode::Transaction {
+                        tokio::spawn(proxy.pools.clone().maintain(shard));
+                    }
+                    let accepted = match tokio::net::TcpListener::from_std(socket) {
+                        Ok(socket) => listener::accept_loop(proxy, socket).await,
+                        Err(e) => Err(e.into()),
+                    };
+                    if let Err(e) = accepted {
+                        tracing::error!(error = format!("{e:#}"), thread = shard, "accept loop stopped");
+                    }
+                    // The sessions of this thread run on until they end or the process
+                    // does (after shutdown's wait for them): its runtime must not stop.
+                    std::future::pending::<()>().await
+                })
+            })
+            .context("starting a serving thread")?;
+    }
+    let proxy = proxy.clone();
+    Ok(tokio::spawn(async move {
+        let first = tokio::net::TcpListener::from_std(first)?;
+        listener::accept_loop(proxy, first).await
+    }))
 }
 
 fn init_logging(format: LogFormat) {

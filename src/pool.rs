@@ -45,16 +45,40 @@ impl PoolKey {
 
 /// Every pool of this process.
 pub struct Pools {
-    pools: DashMap<PoolKey, Arc<Pool>>,
+    /// A key's pools, one per shard: one per thread with `runtime = "per_thread"`.
+    pools: DashMap<PoolKey, Arc<[Arc<Pool>]>>,
+    shards: usize,
     target: Arc<BackendTarget>,
     config: PoolConfig,
     metrics: Arc<Metrics>,
 }
 
+thread_local! {
+    /// The shard of the pools this thread's clients borrow from (`runtime = "per_thread"`
+    /// sets it on each thread; 0 elsewhere).
+    static SHARD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Makes this thread's clients borrow from shard `shard` of every pool.
+pub fn set_thread_shard(shard: usize) {
+    SHARD.with(|s| s.set(shard));
+}
+
+/// `total` split into `shards` parts as even as can be, the larger ones first.
+fn share(total: usize, shards: usize, shard: usize) -> usize {
+    total / shards + usize::from(shard < total % shards)
+}
+
 impl Pools {
-    pub fn new(config: PoolConfig, target: Arc<BackendTarget>, metrics: Arc<Metrics>) -> Pools {
+    pub fn new(
+        config: PoolConfig,
+        shards: usize,
+        target: Arc<BackendTarget>,
+        metrics: Arc<Metrics>,
+    ) -> Pools {
         Pools {
             pools: DashMap::new(),
+            shards: shards.max(1),
             target,
             config,
             metrics,
@@ -63,42 +87,99 @@ impl Pools {
 
     /// The pool for backend sessions kept in `role`, opened with the logins of
     /// `credentials` (the class's store: a role is one class's, or in the one-login layout
-    /// every store is the same).
+    /// every store is the same): this thread's shard of it.
     pub fn get(&self, role: SessionRole<'_>, credentials: &Arc<CredentialStore>) -> Arc<Pool> {
+        let shard = SHARD.with(std::cell::Cell::get) % self.shards;
         let key = PoolKey {
             role: role.role.to_owned(),
             read_only: role.read_only,
         };
-        if let Some(pool) = self.pools.get(&key) {
-            return pool.clone();
+        if let Some(pools) = self.pools.get(&key) {
+            return pools[shard].clone();
         }
-        self.pools
+        let pools = self
+            .pools
             .entry(key.clone())
             .or_insert_with(|| {
-                Arc::new(Pool::new(
-                    key,
-                    &self.config,
-                    self.target.clone(),
-                    credentials.clone(),
-                    &self.metrics,
-                ))
+                (0..self.shards)
+                    .map(|shard| {
+                        Arc::new(Pool::new(
+                            key.clone(),
+                            (self.shards > 1).then_some(shard),
+                            share(self.config.size, self.shards, shard),
+                            share(self.config.min_idle, self.shards, shard),
+                            &self.config,
+                            self.target.clone(),
+                            credentials.clone(),
+                            &self.metrics,
+                        ))
+                    })
+                    .collect()
             })
-            .clone()
+            .clone();
+        pools[shard].clone()
     }
 
+    /// Every pool, every shard.
     pub fn all(&self) -> Vec<Arc<Pool>> {
-        self.pools.iter().map(|p| p.value().clone()).collect()
+        self.pools
+            .iter()
+            .flat_map(|p| p.value().iter().cloned().collect::<Vec<_>>())
+            .collect()
     }
 
-    /// Once a second: closes backend sessions of retired logins, idle too long or too
-    /// old, or closed by the server, and opens sessions up to `min_idle`.
-    pub async fn maintain(self: Arc<Self>) {
+    /// Once a second, for shard `shard` of every pool (run on the thread that serves it,
+    /// so the sessions it opens belong to that thread): closes backend sessions of retired
+    /// logins, idle too long or too old, or closed by the server, and opens sessions up to
+    /// `min_idle`.
+    pub async fn maintain(self: Arc<Self>, shard: usize) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
-            for pool in self.all() {
+            let pools: Vec<_> = self
+                .pools
+                .iter()
+                .filter_map(|p| p.value().get(shard).cloned())
+                .collect();
+            for pool in pools {
                 pool.prune();
                 pool.fill_min_idle().await;
+            }
+            if shard == 0 {
+                self.publish_longest_waits();
+            }
+        }
+    }
+
+    /// `GET /status`'s `pools`: per key its numbers (the metrics, one set for all its
+    /// threads) and login; with a runtime per thread also each thread's share.
+    pub fn status(&self) -> Vec<serde_json::Value> {
+        let mut all = Vec::new();
+        for pools in self.pools.iter() {
+            let Some(first) = pools.first() else { continue };
+            let mut status = first.stats.json();
+            status["pool"] = first.key.label().into();
+            status["login"] = first.credentials.current().user.clone().into();
+            status["size"] = pools.iter().map(|p| p.size).sum::<usize>().into();
+            let longest = pools.iter().map(|p| p.longest_wait()).max();
+            status["longest_wait_seconds"] = longest.unwrap_or_default().as_secs_f64().into();
+            if self.shards > 1 {
+                status["threads"] = pools.iter().map(|p| p.thread_status()).collect();
+            }
+            all.push(status);
+        }
+        all
+    }
+
+    /// Sets each key's `longest_wait_seconds` gauge (one for all its shards: the
+    /// longest of theirs).
+    pub fn publish_longest_waits(&self) {
+        for pools in self.pools.iter() {
+            let longest = pools.iter().map(|p| p.longest_wait()).max();
+            if let (Some(pool), Some(longest)) = (pools.first(), longest) {
+                pool.stats
+                    .longest_wait_seconds
+                    .set(longest.as_secs_f64());
             }
         }
     }
@@ -195,6 +276,8 @@ pub enum CheckoutError {
 
 pub struct Pool {
     pub key: PoolKey,
+    /// Which of the key's pools this is, with `runtime = "per_thread"`.
+    pub shard: Option<usize>,
     /// The permits, the idle sessions and the waiting clients, under one lock: a
     /// checkout and a release each take it once.
     state: Mutex<PoolState>,
@@ -214,8 +297,12 @@ pub struct Pool {
 }
 
 impl Pool {
+    #[allow(clippy::too_many_arguments)]
     fn new(
         key: PoolKey,
+        shard: Option<usize>,
+        size: usize,
+        min_idle: usize,
         config: &PoolConfig,
         target: Arc<BackendTarget>,
         credentials: Arc<CredentialStore>,
@@ -225,16 +312,17 @@ impl Pool {
         Pool {
             stats: PoolStats::new(metrics, &label),
             key,
+            shard,
             state: Mutex::new(PoolState {
-                free: config.size,
+                free: size,
                 idle: Vec::new(),
                 queue: WaitQueue::default(),
             }),
             open: std::sync::atomic::AtomicUsize::new(0),
             target,
             credentials,
-            size: config.size,
-            min_idle: config.min_idle,
+            size,
+            min_idle,
             checkout_timeout: config.checkout_timeout,
             idle_timeout: config.server_idle_timeout,
             lifetime: config.server_lifetime,
@@ -464,9 +552,6 @@ impl Pool {
             self.stats.backends_idle.dec();
             self.close(conn);
         }
-        self.stats
-            .longest_wait_seconds
-            .set(self.longest_wait().as_secs_f64());
     }
 
     async fn fill_min_idle(self: &Arc<Self>) {
@@ -502,13 +587,14 @@ impl Pool {
         }
     }
 
-    pub fn status(&self) -> serde_json::Value {
-        let mut status = self.stats.json();
-        status["pool"] = self.key.label().into();
-        status["login"] = self.credentials.current().user.clone().into();
-        status["size"] = self.size.into();
-        status["longest_wait_seconds"] = self.longest_wait().as_secs_f64().into();
-        status
+    /// What this one pool holds: with `runtime = "per_thread"`, one thread's share.
+    fn thread_status(&self) -> serde_json::Value {
+        serde_json::json!({
+            "thread": self.shard.unwrap_or(0),
+            "size": self.size,
+            "backends_open": self.open.load(Ordering::Relaxed),
+            "longest_wait_seconds": self.longest_wait().as_secs_f64(),
+        })
     }
 }
 

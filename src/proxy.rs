@@ -65,6 +65,8 @@ pub struct Proxy {
     pub open_connections: std::sync::atomic::AtomicUsize,
     /// Set once on SIGTERM/SIGINT: stop accepting, end sessions as they go idle.
     pub shutdown: tokio::sync::watch::Sender<bool>,
+    /// `limits.max_client_connections`, shared by every thread's accept loop.
+    pub client_slots: Arc<tokio::sync::Semaphore>,
     /// True while the accept loop runs (`GET /livez`).
     pub accepting: std::sync::atomic::AtomicBool,
     /// The address the admin endpoint listens on (bound once; SIGHUP does not move it).
@@ -118,7 +120,7 @@ impl Proxy {
             }
         }
         if proxy.config().pool.mode == crate::config::PoolMode::Transaction {
-            tokio::spawn(proxy.pools.clone().maintain());
+            tokio::spawn(proxy.pools.clone().maintain(0));
         }
         let proxy = Arc::new(proxy);
         tokio::spawn(crate::memory::trim_after_clients_leave(Arc::downgrade(
@@ -149,8 +151,12 @@ impl Proxy {
         Ok(Proxy {
             pools: Arc::new(crate::pool::Pools::new(
                 config.pool.clone(),
+                config.pool_shards(),
                 backend.clone(),
                 metrics.clone(),
+            )),
+            client_slots: Arc::new(tokio::sync::Semaphore::new(
+                config.limits.max_client_connections,
             )),
             backend,
             rotators: Vec::new(),
@@ -206,9 +212,10 @@ impl Proxy {
             || config.backend.port != current.backend.port
             || config.listen != current.listen
             || config.serve_threads() != current.serve_threads()
+            || config.runtime != current.runtime
         {
             tracing::warn!(
-                "[backend], listen and threads changes take effect only after a restart"
+                "[backend], listen, threads and runtime changes take effect only after a restart"
             );
         }
         // Which login each class uses and the role its sessions run in belong to the

@@ -70,7 +70,20 @@ async fn many_clients_share_few_backends_on_several_threads() {
     many_clients_share_few_backends("pool_many_threads", "threads = 2\n").await;
 }
 
+/// The same with a runtime per thread (`runtime = "per_thread"`, 2 threads): each thread
+/// accepts on its own listener and lends from its own pools (3 split as 2 + 1), both
+/// threads serve, and the server still never sees more than 3 sessions per pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_clients_share_few_backends_with_a_runtime_per_thread() {
+    many_clients_share_few_backends(
+        "pool_many_per_thread",
+        "threads = 2\nruntime = \"per_thread\"\n",
+    )
+    .await;
+}
+
 async fn many_clients_share_few_backends(db_name: &str, top: &str) {
+    let per_thread = top.contains("per_thread");
     let db = TestDb::create(db_name).await;
     let admin_port = free_port();
     let mut options = pooled(3, "", admin_port);
@@ -82,6 +95,8 @@ async fn many_clients_share_few_backends(db_name: &str, top: &str) {
     let threads = rg.thread_count();
     if top.is_empty() {
         assert_eq!(threads, 1, "{}", rg.log_text());
+    } else if per_thread {
+        assert_eq!(threads, 2, "{}", rg.log_text());
     } else {
         assert!(threads >= 3, "{threads} threads\n{}", rg.log_text());
     }
@@ -203,6 +218,30 @@ async fn many_clients_share_few_backends(db_name: &str, top: &str) {
             &format!("rolegate_pool_backends_idle{{pool=\"{owner}/readonly\"}}")
         ) >= 1.0
     );
+    if per_thread {
+        // Each thread's pool of the owner role has its share of the 3 and opened backend
+        // connections of its own (kept idle now): 16 clients all landing on one listener
+        // would happen once in 2^15 runs.
+        let (_, status) = http_get(admin_port, "/status").await;
+        let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+        let pools = status["pools"].as_array().unwrap();
+        let pool = pools.iter().find(|p| p["pool"] == owner.as_str()).unwrap();
+        assert_eq!(pool["size"], 3, "{status:#}");
+        let mut shares: Vec<(u64, u64, u64)> = pool["threads"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{status:#}"))
+            .iter()
+            .map(|p| {
+                let number = |key: &str| p[key].as_u64().unwrap_or(u64::MAX);
+                (number("thread"), number("size"), number("backends_open"))
+            })
+            .collect();
+        shares.sort();
+        assert_eq!(shares.len(), 2, "{status:#}");
+        assert_eq!((shares[0].0, shares[0].1), (0, 2), "{status:#}");
+        assert_eq!((shares[1].0, shares[1].1), (1, 1), "{status:#}");
+        assert!(shares.iter().all(|s| s.2 >= 1), "{status:#}");
+    }
 }
 
 /// psycopg 3 (server-side prepared statements, pipeline mode), asyncpg (statement cache,
@@ -389,6 +428,33 @@ async fn cancel_reaches_the_right_query() {
         .await
         .unwrap()
         .expect("the other client's query ran to its end");
+}
+
+/// With a runtime per thread a cancel request is a new connection the kernel may hand to
+/// either thread's listener: every one reaches its query, wherever that runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancels_cross_threads_with_a_runtime_per_thread() {
+    let db = TestDb::create("pool_cancel_per_thread").await;
+    let mut options = pooled(4, "", free_port());
+    options.top.push_str("threads = 2\nruntime = \"per_thread\"\n");
+    let rg = Rolegate::start_with(&db, options).await;
+    let mut slow = Vec::new();
+    for _ in 0..4 {
+        let victim = rg.client("web", &db).await;
+        let token = victim.cancel_token();
+        let query = tokio::spawn(async move { victim.batch_execute("SELECT pg_sleep(30)").await });
+        slow.push((token, query));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (token, query) in slow {
+        token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+        let err = tokio::time::timeout(Duration::from_secs(10), query)
+            .await
+            .expect("the cancel never arrived")
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err}");
+    }
 }
 
 /// A backend session killed in the middle of a transaction fails that transaction only:
