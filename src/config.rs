@@ -567,16 +567,25 @@ impl Config {
     }
 
     /// The threads `serve` really starts: [`Config::serve_threads`] with 0 resolved to the
-    /// cores this process may use.
+    /// cores this process may use; with a runtime per thread in transaction mode, no more
+    /// than `[pool] size` (each thread needs a backend connection of its own).
     pub fn thread_count(&self) -> usize {
-        match self.serve_threads() {
-            0 => std::thread::available_parallelism().map_or(1, usize::from),
+        let threads = match self.serve_threads() {
+            0 => {
+                let cores = std::thread::available_parallelism().map_or(1, usize::from);
+                match (self.runtime, self.pool.mode) {
+                    (Runtime::PerThread, PoolMode::Transaction) => cores.min(self.pool.size),
+                    _ => cores,
+                }
+            }
             n => n,
-        }
+        };
+        threads.max(1)
     }
 
     /// The pools each [`Pool`](crate::pool::Pool) key has: one per thread with
-    /// `runtime = "per_thread"`, else one.
+    /// `runtime = "per_thread"`, else one. Read once, by [`Pools`](crate::pool::Pools),
+    /// which the threads started then follow.
     pub fn pool_shards(&self) -> usize {
         match self.runtime {
             Runtime::Shared => 1,
@@ -665,10 +674,13 @@ impl Config {
                 }
             ));
         }
-        if self.pool.mode == PoolMode::Transaction && self.pool.size < self.pool_shards() {
+        if self.pool.mode == PoolMode::Transaction
+            && self.runtime == Runtime::PerThread
+            && self.pool.size < self.serve_threads()
+        {
             return invalid(format!(
                 "runtime = \"per_thread\" gives each of the {} threads a pool of its own: [pool] size ({}) must be at least that",
-                self.pool_shards(),
+                self.serve_threads(),
                 self.pool.size
             ));
         }
@@ -932,6 +944,30 @@ class = "app"
         assert_eq!(config.backend.port, 5432);
         assert_eq!(config.clients[0].class, ClientClass::App);
         assert_eq!(config.policy.mode, PolicyMode::Enforce);
+    }
+
+    #[test]
+    fn a_runtime_per_thread_needs_a_backend_connection_per_thread() {
+        let with = |top: &str, pool: &str| {
+            let text = sample().replace(
+                "[tls]",
+                &format!("{top}\n[pool]\nmode = \"transaction\"\n{pool}\n[tls]"),
+            );
+            Config::parse(&text)
+        };
+        let err = with("threads = 4\nruntime = \"per_thread\"", "size = 3")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("size (3) must be at least that"), "{err}");
+        // Split as evenly as can be, four threads on four.
+        let config = with("threads = 4\nruntime = \"per_thread\"", "size = 4").unwrap();
+        assert_eq!((config.thread_count(), config.pool_shards()), (4, 4));
+        // One per core, but never more threads than backend connections.
+        let config = with("threads = 0\nruntime = \"per_thread\"", "size = 1").unwrap();
+        assert_eq!((config.thread_count(), config.pool_shards()), (1, 1));
+        // The shared runtime has one pool per key, however many threads.
+        let config = with("threads = 4", "size = 1").unwrap();
+        assert_eq!((config.thread_count(), config.pool_shards()), (4, 1));
     }
 
     #[test]

@@ -31,6 +31,10 @@ pub async fn serve(proxy: Arc<Proxy>) -> anyhow::Result<()> {
 /// accepts on its own, and the kernel (`SO_REUSEPORT`) spreads new connections over
 /// them. Port 0 picks a free port for the first; the others join it there. Each socket
 /// becomes a tokio listener on the thread that serves it (`TcpListener::from_std`).
+///
+/// `SO_REUSEPORT` would also let a second rolegate (a double start, a deploy overlap)
+/// join the port and take a share of the clients without a word: the address is first
+/// bound without it, which fails as a plain bind does while anything listens there.
 pub fn bind_per_thread(listen: &str, count: usize) -> anyhow::Result<Vec<std::net::TcpListener>> {
     use std::net::ToSocketAddrs;
     let mut last_error = None;
@@ -38,19 +42,8 @@ pub fn bind_per_thread(listen: &str, count: usize) -> anyhow::Result<Vec<std::ne
         .to_socket_addrs()
         .with_context(|| format!("cannot resolve {listen}"))?
     {
-        let mut sockets = Vec::with_capacity(count);
-        let mut bound = address;
-        let result = (0..count.max(1)).try_for_each(|_| {
-            let socket = reuse_port_listener(bound)?;
-            bound = socket.local_addr()?;
-            sockets.push(socket);
-            Ok::<_, std::io::Error>(())
-        });
-        match result {
-            Ok(()) => {
-                tracing::info!(address = %bound, threads = count, runtime = "per_thread", "rolegate is listening");
-                return Ok(sockets);
-            }
+        match bind_group(address, count) {
+            Ok(sockets) => return Ok(sockets),
             Err(e) => last_error = Some(e),
         }
     }
@@ -60,15 +53,34 @@ pub fn bind_per_thread(listen: &str, count: usize) -> anyhow::Result<Vec<std::ne
     }
 }
 
-fn reuse_port_listener(address: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
+fn bind_group(
+    address: std::net::SocketAddr,
+    count: usize,
+) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let free = listener_socket(address, false)?.local_addr()?;
+    let mut sockets = Vec::with_capacity(count);
+    for _ in 0..count.max(1) {
+        sockets.push(listener_socket(free, true)?);
+    }
+    tracing::info!(address = %free, threads = count, runtime = "per_thread", "rolegate is listening");
+    Ok(sockets)
+}
+
+/// A listening socket on `address`, in the `SO_REUSEPORT` group there if `group`.
+fn listener_socket(
+    address: std::net::SocketAddr,
+    group: bool,
+) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(
         Domain::for_address(address),
         Type::STREAM,
         Some(Protocol::TCP),
     )?;
+    // As tokio's and std's binds: connections of an earlier run in TIME_WAIT do not
+    // hold the port.
     socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
+    socket.set_reuse_port(group)?;
     socket.set_nonblocking(true)?;
     socket.bind(&address.into())?;
     // tokio's own `TcpListener::bind` backlog.

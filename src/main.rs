@@ -240,7 +240,8 @@ async fn serve(config: Config, path: PathBuf) -> anyhow::Result<()> {
 
 /// Starts accepting clients: on this runtime, or with `runtime = "per_thread"` on each
 /// thread's own listener, the first on this thread (which serves shard 0 of the pools)
-/// and each other on a thread with a current-thread runtime of its own.
+/// and each other on a thread with a current-thread runtime of its own. The handle ends
+/// when any accept loop does (an error on any thread stops rolegate, as on one thread).
 fn start_listeners(
     proxy: &Arc<Proxy>,
 ) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
@@ -249,25 +250,37 @@ fn start_listeners(
     if config.runtime == Runtime::Shared {
         return Ok(tokio::spawn(listener::serve(proxy.clone())));
     }
-    let mut sockets = listener::bind_per_thread(&config.listen, config.thread_count())?.into_iter();
+    let threads = proxy.pools.shards();
+    if config.pool.mode == PoolMode::Transaction && config.pool.size < 2 * threads {
+        tracing::warn!(
+            threads,
+            pool_size = config.pool.size,
+            "runtime = \"per_thread\": each thread lends only from its own share of a pool's backend connections, here 1 for some threads, which one pinned client (LISTEN, a session lock) then holds for all that thread's clients"
+        );
+    }
+    let mut sockets = listener::bind_per_thread(&config.listen, threads)?.into_iter();
     let first = sockets.next().context("no listening socket")?;
+    let (failed, mut failure) = tokio::sync::mpsc::unbounded_channel::<anyhow::Error>();
     for (shard, socket) in (1..).zip(sockets) {
         let runtime = serve_runtime(1)?;
         let proxy = proxy.clone();
+        let failed = failed.clone();
         std::thread::Builder::new()
             .name(format!("rolegate-{shard}"))
             .spawn(move || {
                 rolegate::pool::set_thread_shard(shard);
                 runtime.block_on(async move {
-                    if proxy.config().pool.mode == PoolMode::Transaction {
-                        tokio::spawn(proxy.pools.clone().maintain(shard));
-                    }
                     let accepted = match tokio::net::TcpListener::from_std(socket) {
-                        Ok(socket) => listener::accept_loop(proxy, socket).await,
+                        Ok(socket) => {
+                            if proxy.config().pool.mode == PoolMode::Transaction {
+                                tokio::spawn(proxy.pools.clone().maintain(shard));
+                            }
+                            listener::accept_loop(proxy, socket).await
+                        }
                         Err(e) => Err(e.into()),
                     };
                     if let Err(e) = accepted {
-                        tracing::error!(error = format!("{e:#}"), thread = shard, "accept loop stopped");
+                        let _ = failed.send(e.context(format!("serving thread {shard}")));
                     }
                     // The sessions of this thread run on until they end or the process
                     // does (after shutdown's wait for them): its runtime must not stop.
@@ -279,7 +292,10 @@ fn start_listeners(
     let proxy = proxy.clone();
     Ok(tokio::spawn(async move {
         let first = tokio::net::TcpListener::from_std(first)?;
-        listener::accept_loop(proxy, first).await
+        tokio::select! {
+            accepted = listener::accept_loop(proxy, first) => accepted,
+            Some(e) = failure.recv() => Err(e),
+        }
     }))
 }
 

@@ -120,12 +120,9 @@ impl Pools {
         pools[shard].clone()
     }
 
-    /// Every pool, every shard.
-    pub fn all(&self) -> Vec<Arc<Pool>> {
-        self.pools
-            .iter()
-            .flat_map(|p| p.value().iter().cloned().collect::<Vec<_>>())
-            .collect()
+    /// The shards every key has: with `runtime = "per_thread"` the threads that serve.
+    pub fn shards(&self) -> usize {
+        self.shards
     }
 
     /// Once a second, for shard `shard` of every pool (run on the thread that serves it,
@@ -177,9 +174,7 @@ impl Pools {
         for pools in self.pools.iter() {
             let longest = pools.iter().map(|p| p.longest_wait()).max();
             if let (Some(pool), Some(longest)) = (pools.first(), longest) {
-                pool.stats
-                    .longest_wait_seconds
-                    .set(longest.as_secs_f64());
+                pool.stats.longest_wait_seconds.set(longest.as_secs_f64());
             }
         }
     }

@@ -7,11 +7,16 @@ use std::time::Duration;
 use support::*;
 
 async fn with_admin(db: &TestDb, extra: &str) -> (Rolegate, u16) {
+    with_admin_and(db, "", extra).await
+}
+
+/// [`with_admin`] with more top-level keys.
+async fn with_admin_and(db: &TestDb, top: &str, extra: &str) -> (Rolegate, u16) {
     let admin_port = free_port();
     let rg = Rolegate::start_with(
         db,
         Options {
-            top: format!("admin_listen = \"127.0.0.1:{admin_port}\"\n"),
+            top: format!("admin_listen = \"127.0.0.1:{admin_port}\"\n{top}"),
             extra: extra.to_owned(),
             ..Options::default()
         },
@@ -242,17 +247,49 @@ async fn sighup_adds_a_client_without_dropping_a_session_and_refuses_a_bad_confi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_a_running_transaction_commit() {
-    let db = TestDb::create("sigterm").await;
-    let (mut rg, admin_port) = with_admin(&db, "[limits]\nshutdown_timeout = \"20s\"\n").await;
+    sigterm_lets_running_transactions_commit("sigterm", "", "", 1).await;
+}
+
+/// The same with a runtime per thread in transaction mode: the transactions are spread
+/// over both threads (8 clients all on one listener: once in 128 runs), and every one
+/// commits before rolegate exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_running_transactions_commit_on_every_thread() {
+    sigterm_lets_running_transactions_commit(
+        "sigterm_per_thread",
+        "threads = 2\nruntime = \"per_thread\"\n",
+        "[pool]\nmode = \"transaction\"\nsize = 16\n",
+        8,
+    )
+    .await;
+}
+
+async fn sigterm_lets_running_transactions_commit(
+    db_name: &str,
+    top: &str,
+    pool: &str,
+    clients: i32,
+) {
+    let db = TestDb::create(db_name).await;
+    let (mut rg, admin_port) = with_admin_and(
+        &db,
+        top,
+        &format!("{pool}[limits]\nshutdown_timeout = \"20s\"\n"),
+    )
+    .await;
     rg.client("migrate", &db)
         .await
         .batch_execute("CREATE TABLE done (id int)")
         .await
         .unwrap();
-    let web = rg.client("web", &db).await;
-    web.batch_execute("BEGIN; INSERT INTO done VALUES (1)")
-        .await
-        .unwrap();
+    let mut open = Vec::new();
+    for i in 0..clients {
+        let web = rg.client("web", &db).await;
+        web.batch_execute(&format!("BEGIN; INSERT INTO done VALUES ({i})"))
+            .await
+            .unwrap();
+        open.push(web);
+    }
     signal(&rg, "TERM");
     tokio::time::sleep(Duration::from_millis(300)).await;
     // New clients are no longer accepted…
@@ -267,20 +304,24 @@ async fn sigterm_lets_a_running_transaction_commit() {
     );
     let (status, _) = http_get(admin_port, "/livez").await;
     assert!(status.contains("200"), "{status}");
-    // …but the open transaction finishes.
-    web.batch_execute("INSERT INTO done VALUES (2); COMMIT")
-        .await
-        .unwrap();
+    // …but the open transactions finish.
+    for (i, web) in (0..).zip(&open) {
+        web.batch_execute(&format!("INSERT INTO done VALUES ({}); COMMIT", i + 100))
+            .await
+            .unwrap();
+    }
     let n: i64 = admin(&db.name)
         .await
         .query_one("SELECT count(*) FROM done", &[])
         .await
         .unwrap()
         .get(0);
-    assert_eq!(n, 2);
-    // Then the session ends and rolegate exits.
+    assert_eq!(n, 2 * i64::from(clients));
+    // Then the sessions end and rolegate exits.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(web.query_one("SELECT 1", &[]).await.is_err());
+    for web in &open {
+        assert!(web.query_one("SELECT 1", &[]).await.is_err());
+    }
     let mut exited = false;
     for _ in 0..50 {
         if rg.has_exited() {
@@ -290,6 +331,32 @@ async fn sigterm_lets_a_running_transaction_commit() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(exited, "rolegate did not exit after SIGTERM");
+}
+
+/// With a runtime per thread the listeners share their port (`SO_REUSEPORT`); a second
+/// rolegate started on the same address must still fail as a plain bind does, not
+/// silently take a share of the clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_rolegate_on_the_same_address_is_refused_with_a_runtime_per_thread() {
+    let db = TestDb::create("per_thread_twice").await;
+    let options = Options {
+        top: "threads = 2\nruntime = \"per_thread\"\n".into(),
+        ..Options::default()
+    };
+    let rg = Rolegate::start_with(&db, options).await;
+    let config = rg.config_path();
+    let args = ["serve", "--config", config.to_str().unwrap()];
+    let second = rolegate_command(&args, &[("TEST_LOGIN_PASSWORD", LOGIN_PASSWORD)]);
+    let (ok, _, err) = tokio::time::timeout(Duration::from_secs(20), second)
+        .await
+        .expect("the second rolegate is serving on the first one's port");
+    assert!(!ok && err.contains("cannot listen on"), "{err}");
+    // The first one serves on.
+    rg.client("web", &db)
+        .await
+        .query_one("SELECT 1", &[])
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -436,7 +436,9 @@ async fn cancel_reaches_the_right_query() {
 async fn cancels_cross_threads_with_a_runtime_per_thread() {
     let db = TestDb::create("pool_cancel_per_thread").await;
     let mut options = pooled(4, "", free_port());
-    options.top.push_str("threads = 2\nruntime = \"per_thread\"\n");
+    options
+        .top
+        .push_str("threads = 2\nruntime = \"per_thread\"\n");
     let rg = Rolegate::start_with(&db, options).await;
     let mut slow = Vec::new();
     for _ in 0..4 {
