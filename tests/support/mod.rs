@@ -342,7 +342,13 @@ impl Rolegate {
             login = db.login,
             backend_extra = options.backend_extra,
             extra = options.extra,
-            top = options.top,
+            // ROLEGATE_TEST_TOP: top-level keys for every test rolegate, to run whole
+            // suites under another setting (`threads = 0` and `runtime = "per_thread"`).
+            top = format!(
+                "{}\n{}",
+                options.top,
+                std::env::var("ROLEGATE_TEST_TOP").unwrap_or_default()
+            ),
             clients = clients_toml(),
         );
         Rolegate::launch(dir, port, &config).await
