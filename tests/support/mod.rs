@@ -334,21 +334,18 @@ impl Rolegate {
             tls =
                 format!("[tls]\nmode = \"{mode}\"\ncert = \"server.crt\"\nkey = \"server.key\"\n");
         }
+        // ROLEGATE_TEST_TOP: top-level keys for every test rolegate, to run whole suites
+        // under another setting (`threads = 0` and `runtime = "per_thread"`).
         let config = format!(
-            "listen = \"127.0.0.1:{port}\"\n{top}\n{tls}\n[backend]\nhost = \"127.0.0.1\"\nport = {pg}\ndatabase = \"{db}\"\nowner_role = \"{owner}\"\nlogin_user = \"{login}\"\nlogin_password_env = \"TEST_LOGIN_PASSWORD\"\n{backend_extra}\n\n{clients}{extra}",
+            "listen = \"127.0.0.1:{port}\"\n{top}\n{test_top}\n{tls}\n[backend]\nhost = \"127.0.0.1\"\nport = {pg}\ndatabase = \"{db}\"\nowner_role = \"{owner}\"\nlogin_user = \"{login}\"\nlogin_password_env = \"TEST_LOGIN_PASSWORD\"\n{backend_extra}\n\n{clients}{extra}",
             pg = cluster().port,
             db = db.name,
             owner = db.owner,
             login = db.login,
             backend_extra = options.backend_extra,
             extra = options.extra,
-            // ROLEGATE_TEST_TOP: top-level keys for every test rolegate, to run whole
-            // suites under another setting (`threads = 0` and `runtime = "per_thread"`).
-            top = format!(
-                "{}\n{}",
-                options.top,
-                std::env::var("ROLEGATE_TEST_TOP").unwrap_or_default()
-            ),
+            top = options.top,
+            test_top = std::env::var("ROLEGATE_TEST_TOP").unwrap_or_default(),
             clients = clients_toml(),
         );
         Rolegate::launch(dir, port, &config).await
