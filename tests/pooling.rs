@@ -431,11 +431,12 @@ async fn cancel_reaches_the_right_query() {
 }
 
 /// With a runtime per thread a cancel request is a new connection the kernel may hand to
-/// either thread's listener: every one reaches its query, wherever that runs.
+/// either thread's listener: every one reaches its query, wherever that runs. (A pool of
+/// 8 is 4 per thread: the 4 sleeping clients fit however the kernel spreads them.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancels_cross_threads_with_a_runtime_per_thread() {
     let db = TestDb::create("pool_cancel_per_thread").await;
-    let mut options = pooled(4, "", free_port());
+    let mut options = pooled(8, "", free_port());
     options
         .top
         .push_str("threads = 2\nruntime = \"per_thread\"\n");
