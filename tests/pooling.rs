@@ -536,6 +536,67 @@ async fn a_backend_ended_while_idle_is_never_lent() {
     assert_ne!(pid(next), first);
 }
 
+/// When the settings a transaction changed cannot be read back from its backend session
+/// (the server ends it while rolegate reads them), the client's session ends with a
+/// FATAL: its next statement never runs without what it SET.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_that_cannot_be_carried_over_end_the_session() {
+    let db = TestDb::create("pool_settings_lost").await;
+    let rg = Rolegate::start_with(&db, pooled(2, "", free_port())).await;
+    let mut client = RawClient::login(rg.port, "web", password_of("web"), &db.name).await;
+    let mut out = bytes::BytesMut::new();
+    rolegate::wire::put_query(&mut out, "SELECT 1");
+    client.send(&out).await;
+    assert_eq!(client.data_values().await, ["1"]);
+    // rolegate reads a session's settings back from pg_settings after a transaction
+    // that SET something: a lock on that view holds the read until the backend session
+    // is ended under it.
+    let locker = admin(&db.name).await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE pg_catalog.pg_settings IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    out.clear();
+    rolegate::wire::put_query(&mut out, "SET work_mem = '8MB'");
+    client.send(&out).await;
+    let (_, errors) = client.until_ready().await;
+    assert!(errors.is_empty(), "{errors:?}");
+    let watcher = admin("postgres").await;
+    let mut reading = None;
+    for _ in 0..200 {
+        reading = watcher
+            .query_opt(
+                "SELECT pid FROM pg_stat_activity WHERE usename = $1 AND wait_event_type = 'Lock'",
+                &[&db.login],
+            )
+            .await
+            .unwrap()
+            .map(|row| row.get::<_, i32>(0));
+        if reading.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let reading = reading.expect("rolegate reads the settings back after a SET");
+    assert!(terminate(reading).await);
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    out.clear();
+    rolegate::wire::put_query(&mut out, "SHOW work_mem");
+    client.send(&out).await;
+    let (tag, body) = client.read().await.expect("a message, not a silent close");
+    assert_eq!(tag, b'E', "the next statement ran without its SET");
+    let fields = rolegate::wire::error_fields(&body);
+    assert_eq!(rolegate::wire::field(&fields, b'S'), Some("FATAL"));
+    assert_eq!(rolegate::wire::field(&fields, b'C'), Some("08006"));
+    let text = rolegate::wire::field(&fields, b'M').unwrap_or_default();
+    assert!(text.contains("settings"), "{text}");
+    assert!(client.read().await.is_none(), "the session ended");
+    // Other clients are served on.
+    let other = rg.client("web", &db).await;
+    let n: i32 = other.query_one("SELECT 2", &[]).await.unwrap().get(0);
+    assert_eq!(n, 2);
+}
+
 /// Protocol-level prepared statements keep PostgreSQL's own answers: an unknown name is
 /// 26000, a duplicate 42P05, a closed one is gone for the client (the server copy stays
 /// for others); rolegate's own names cannot be used from SQL.

@@ -97,6 +97,12 @@ pub enum RelayEnd {
     Released,
     #[error("the backend connection was lost while the client was using it")]
     BackendLost,
+    /// Transaction pooling: the settings the client's last transaction changed could
+    /// not be read back, so its next transaction could not run with them.
+    #[error(
+        "the backend connection was lost before the settings this session changed could be carried to its next transaction"
+    )]
+    SettingsLost,
 }
 
 /// A refusal waiting for the server's syntax error that carries its marker.
@@ -441,7 +447,10 @@ async fn tell_client_why<W: AsyncWrite + Unpin>(end: &RelayEnd, client_w: &mut W
             "08P01",
             format!("rolegate: invalid message from client: {e}"),
         )),
-        RelayEnd::RoleLost | RelayEnd::UnsupportedEncoding | RelayEnd::BackendLost => {
+        RelayEnd::RoleLost
+        | RelayEnd::UnsupportedEncoding
+        | RelayEnd::BackendLost
+        | RelayEnd::SettingsLost => {
             Some(("08006", format!("rolegate: terminating connection: {end}")))
         }
         _ => None,

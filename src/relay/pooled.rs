@@ -1554,8 +1554,10 @@ where
                         *settings = crate::pool::shared_settings(now);
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "could not read a backend connection's settings; closed");
-                        return None;
+                        // The client already has its ReadyForQuery; going on would run
+                        // its next transaction without what it SET, silently.
+                        tracing::warn!(error = %e, "could not read a backend connection's settings; closed, and the client's session with it");
+                        return Some(RelayEnd::SettingsLost);
                     }
                 }
             }
