@@ -333,6 +333,109 @@ async fn sigterm_lets_running_transactions_commit(
     assert!(exited, "rolegate did not exit after SIGTERM");
 }
 
+/// A client that stops reading while notifications stream to it, then reads again
+/// after SIGTERM, gets whole frames and then the FATAL that says why (or, when the
+/// server's own frame was still coming, the end of the stream), never the FATAL in the
+/// middle of a notification that shutdown cut off (session and transaction mode).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_a_cut_frame_before_its_fatal() {
+    for (name, extra) in [
+        ("sigterm_cut_session", ""),
+        (
+            "sigterm_cut_pooled",
+            "[pool]\nmode = \"transaction\"\nsize = 2\n",
+        ),
+    ] {
+        let db = TestDb::create(name).await;
+        let rg = Rolegate::start_with(
+            &db,
+            Options {
+                extra: extra.to_owned(),
+                ..Options::default()
+            },
+        )
+        .await;
+        // (A receive buffer of its own size: the kernel would grow it to hold all.)
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(64 * 1024).unwrap();
+        let mut stream = socket
+            .connect(([127, 0, 0, 1], rg.port).into())
+            .await
+            .unwrap();
+        login_over(&mut stream, "web", password_of("web"), &db.name).await;
+        let mut client = RawClient { stream };
+        let mut out = bytes::BytesMut::new();
+        rolegate::wire::put_query(&mut out, "LISTEN cut");
+        client.send(&out).await;
+        let (_, errors) = client.until_ready().await;
+        assert!(errors.is_empty(), "{errors:?}");
+        // ~16 MB of notifications (each its own: PostgreSQL folds equal ones): more than the sockets between here and rolegate
+        // hold, so rolegate is in the middle of a write when it shuts down.
+        admin(&db.name)
+            .await
+            .batch_execute(
+                "SELECT pg_notify('cut', lpad(g::text, 7900, 'x')) FROM generate_series(1, 2000) g",
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        signal(&rg, "TERM");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut stream = Vec::new();
+        let read = tokio::io::AsyncReadExt::read_to_end(&mut client.stream, &mut stream);
+        tokio::time::timeout(Duration::from_secs(20), read)
+            .await
+            .expect("rolegate closed the connection")
+            .expect("the stream ended cleanly");
+        // (A notification's body: the process id, the channel, the payload.)
+        let is_notification = |body: &[u8], whole: bool| {
+            let channel = body.get(4..).unwrap_or_default();
+            let payload = channel.get(4..).unwrap_or_default();
+            let text = payload
+                .strip_suffix(b"\0")
+                .filter(|_| whole)
+                .unwrap_or(payload);
+            b"cut\0".starts_with(&channel[..channel.len().min(4)])
+                && text.iter().all(|&b| b == b'x' || b.is_ascii_digit())
+                && (!whole || text.len() == 7900)
+        };
+        let mut rest = &stream[..];
+        let mut notifications = 0;
+        let mut last = None;
+        while !rest.is_empty() {
+            assert!(last.is_none(), "{name}: bytes after the FATAL");
+            let (tag, len) = match rest {
+                [tag, a, b, c, d, ..] => (*tag, i32::from_be_bytes([*a, *b, *c, *d]) as usize),
+                _ => panic!("{name}: {rest:?} at the end"),
+            };
+            let whole = len < rest.len();
+            let body = &rest[5.min(rest.len())..(len + 1).min(rest.len())];
+            match tag {
+                b'A' if len == 4 + 4 + 7900 + 1 + 4 && is_notification(body, whole) => {
+                    if !whole {
+                        // The server's frame, forwarded as it came, ends partway: then
+                        // the stream just ends (the client reads a lost connection).
+                        last = Some(None);
+                        break;
+                    }
+                    notifications += 1;
+                }
+                b'E' if whole => last = Some(Some(rolegate::wire::error_fields(body))),
+                _ => panic!(
+                    "{name}: not a frame after {notifications} notifications: tag {tag}, length {len}, {} bytes left: {:?}",
+                    rest.len(),
+                    String::from_utf8_lossy(&rest[..rest.len().min(64)])
+                ),
+            }
+            rest = &rest[(len + 1).min(rest.len())..];
+        }
+        assert!(notifications > 0, "{name}");
+        if let Some(Some(fatal)) = last {
+            assert_eq!(rolegate::wire::field(&fatal, b'C'), Some("57P01"), "{name}");
+        }
+    }
+}
+
 /// With a runtime per thread the listeners share their port (`SO_REUSEPORT`); a second
 /// rolegate started on the same address must still fail as a plain bind does, not
 /// silently take a share of the clients.

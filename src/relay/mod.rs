@@ -362,7 +362,7 @@ where
             end = closing => end,
         }
     };
-    say_goodbye(&end, &mut client_w).await;
+    say_goodbye(&end, &mut down, &mut client_w).await;
     // Tell a server that is still there that the session is over rather than just dropping
     // the socket. (After a client Terminate the server has it already; a second one is
     // harmless.)
@@ -423,9 +423,30 @@ async fn send_judged<W: AsyncWrite + Unpin>(
 /// past its end.
 const GOODBYE_WITHIN: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// The client hears why rolegate ended its session, as PostgreSQL's own FATALs do.
-async fn say_goodbye<W: AsyncWrite + Unpin>(end: &RelayEnd, client_w: &mut W) {
-    let _ = tokio::time::timeout(GOODBYE_WITHIN, tell_client_why(end, client_w)).await;
+/// The client hears why rolegate ended its session, as PostgreSQL's own FATALs do,
+/// after what it is owed (the rest of a write the end cut partway, replies already
+/// judged): a FATAL written in the middle of a frame would be read as part of it. A frame
+/// whose rest the server never sent cannot be finished, so then the client reads just
+/// the end of the stream.
+async fn say_goodbye<W: AsyncWrite + Unpin>(
+    end: &RelayEnd,
+    down: &mut Downstream,
+    client_w: &mut W,
+) {
+    let Some((code, message)) = why_it_ended(end) else {
+        return;
+    };
+    if down.passthrough > 0 {
+        return;
+    }
+    let goodbye = async {
+        down.send_owed(client_w).await?;
+        let mut out = BytesMut::new();
+        wire::put_error(&mut out, &ErrorFields::fatal(code, &message));
+        client_w.write_all(&out).await?;
+        client_w.flush().await
+    };
+    let _ = tokio::time::timeout(GOODBYE_WITHIN, goodbye).await;
 }
 
 /// The end of the client's stream (over TLS a close_notify, written like any record).
@@ -433,8 +454,10 @@ async fn close_client<W: AsyncWrite + Unpin>(client_w: &mut W) {
     let _ = tokio::time::timeout(GOODBYE_WITHIN, client_w.shutdown()).await;
 }
 
-async fn tell_client_why<W: AsyncWrite + Unpin>(end: &RelayEnd, client_w: &mut W) {
-    let fatal = match end {
+/// The FATAL (SQLSTATE, message) a client hears when its session ends so; None for the
+/// ends it caused or saw already.
+fn why_it_ended(end: &RelayEnd) -> Option<(&'static str, String)> {
+    match end {
         RelayEnd::Shutdown => Some((
             "57P01",
             "rolegate: terminating connection because rolegate is shutting down".to_owned(),
@@ -454,12 +477,6 @@ async fn tell_client_why<W: AsyncWrite + Unpin>(end: &RelayEnd, client_w: &mut W
             Some(("08006", format!("rolegate: terminating connection: {end}")))
         }
         _ => None,
-    };
-    if let Some((code, message)) = fatal {
-        let mut out = BytesMut::new();
-        wire::put_error(&mut out, &ErrorFields::fatal(code, &message));
-        let _ = client_w.write_all(&out).await;
-        let _ = client_w.flush().await;
     }
 }
 
@@ -1427,6 +1444,35 @@ impl Downstream {
             ),
             ..Downstream::default()
         }
+    }
+
+    /// Bytes the client is owed and has not had.
+    fn owes_client(&self) -> bool {
+        !self.out.is_empty() || self.judged > 0 || self.passthrough > 0
+    }
+
+    /// Queues a frame of rolegate's own for the client, after everything it is owed.
+    fn push_own(&mut self, frame: &[u8]) {
+        if self.judged > 0 {
+            // (`out` goes first when written: what was judged moves there, in order.)
+            self.out.extend_from_slice(&self.buf[..self.judged]);
+            self.buf.advance(self.judged);
+            self.judged = 0;
+        }
+        self.out.extend_from_slice(frame);
+    }
+
+    /// Writes what the client is owed. Cancellation-safe like `step`: a write cut
+    /// partway leaves the rest owed.
+    async fn send_owed<W: AsyncWrite + Unpin>(&mut self, client: &mut W) -> std::io::Result<()> {
+        send_judged(
+            client,
+            &mut self.out,
+            &mut self.buf,
+            &mut self.judged,
+            &mut self.unflushed,
+        )
+        .await
     }
 
     async fn run<R, W>(&mut self, server: &mut R, client: &mut W, shared: &Shared) -> RelayEnd

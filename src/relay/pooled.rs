@@ -1043,11 +1043,8 @@ impl Upstream<'_> {
     /// dropped and Flush does nothing, as the server would do; Sync is answered
     /// ReadyForQuery (idle) as the server would answer it. None of them reaches a backend
     /// session the client does not hold.
-    async fn answer_stray<W: AsyncWrite + Unpin>(
-        &mut self,
-        client_w: &mut W,
-    ) -> Result<(), RelayEnd> {
-        let mut out = BytesMut::new();
+    /// (The answers are queued in `down`, for the client.)
+    fn answer_stray(&mut self, down: &mut Downstream) -> Result<(), RelayEnd> {
         loop {
             if self.discard > 0 {
                 let n = self.discard.min(self.buf.len());
@@ -1072,12 +1069,9 @@ impl Upstream<'_> {
             self.buf.advance(here);
             self.discard = size - here;
             if tag == b'S' {
-                wire::put_ready_for_query(&mut out, b'I');
+                // ReadyForQuery, idle.
+                down.push_own(&[b'Z', 0, 0, 0, 5, b'I']);
             }
-        }
-        if !out.is_empty() {
-            client_w.write_all(&out).await.map_err(RelayEnd::ClientIo)?;
-            client_w.flush().await.map_err(RelayEnd::ClientIo)?;
         }
         Ok(())
     }
@@ -1219,15 +1213,20 @@ pub async fn run(client: PooledClient<'_>, ctx: &RelayContext<'_>) -> (RelayStat
                     end = &mut closing => break 'session end,
                 }
             }
+            if let Err(end) = up.answer_stray(&mut down) {
+                break 'session end;
+            }
             // (A client that does not read its answers is still bound by the idle
             // timeout and shutdown.)
-            let answered = tokio::select! {
-                biased;
-                answered = up.answer_stray(&mut client_w) => answered,
-                end = &mut closing => Err(end),
-            };
-            if let Err(end) = answered {
-                break 'session end;
+            if down.owes_client() {
+                let sent = tokio::select! {
+                    biased;
+                    sent = down.send_owed(&mut client_w) => sent.map_err(RelayEnd::ClientIo),
+                    end = &mut closing => Err(end),
+                };
+                if let Err(end) = sent {
+                    break 'session end;
+                }
             }
             if !up.buf.is_empty() {
                 break;
@@ -1300,7 +1299,7 @@ pub async fn run(client: PooledClient<'_>, ctx: &RelayContext<'_>) -> (RelayStat
             }
         }
     };
-    say_goodbye(&end, &mut client_w).await;
+    say_goodbye(&end, &mut down, &mut client_w).await;
     close_client(&mut client_w).await;
     let stats = RelayStats {
         client_bytes: up.bytes,
@@ -1458,7 +1457,8 @@ where
         // (`closing` is raced only while it has not resolved: a lease it ended has its
         // result already.)
         let closing = released.then_some(&mut *turn.closing);
-        if let Err(end) = pass_notifications(lease.conn(), turn.client_w, closing).await {
+        if let Err(end) = pass_notifications(lease.conn(), turn.down, turn.client_w, closing).await
+        {
             return end;
         }
         if still_pinned {
@@ -1472,7 +1472,8 @@ where
         lease_state(shared).unpin_candidate = false;
         let unpinned = Box::pin(lease.conn().nothing_pinned()).await;
         let closing = Some(&mut *turn.closing);
-        if let Err(end) = pass_notifications(lease.conn(), turn.client_w, closing).await {
+        if let Err(end) = pass_notifications(lease.conn(), turn.down, turn.client_w, closing).await
+        {
             return end;
         }
         if unpinned {
@@ -1674,6 +1675,7 @@ impl Downstream {
 /// not read cannot hold the backend session past them.)
 async fn pass_notifications<W, F>(
     conn: &mut ServerConn,
+    down: &mut Downstream,
     client_w: &mut W,
     closing: Option<&mut F>,
 ) -> Result<(), RelayEnd>
@@ -1684,13 +1686,10 @@ where
     if conn.session.notifications.is_empty() {
         return Ok(());
     }
-    let frames = std::mem::take(&mut conn.session.notifications);
-    let write = async {
-        for frame in frames {
-            client_w.write_all(&frame).await?;
-        }
-        client_w.flush().await
-    };
+    for frame in std::mem::take(&mut conn.session.notifications) {
+        down.push_own(&frame);
+    }
+    let write = down.send_owed(client_w);
     let Some(closing) = closing else {
         return write.await.map_err(|_| RelayEnd::ClientClosed);
     };
