@@ -105,7 +105,7 @@ impl Pools {
                     .map(|shard| {
                         Arc::new(Pool::new(
                             key.clone(),
-                            (self.shards > 1).then_some(shard),
+                            shard,
                             share(self.config.size, self.shards, shard),
                             share(self.config.min_idle, self.shards, shard),
                             &self.config,
@@ -271,8 +271,9 @@ pub enum CheckoutError {
 
 pub struct Pool {
     pub key: PoolKey,
-    /// Which of the key's pools this is, with `runtime = "per_thread"`.
-    pub shard: Option<usize>,
+    /// Which of the key's pools this is (with `runtime = "per_thread"`, its thread's;
+    /// else 0).
+    pub shard: usize,
     /// The permits, the idle sessions and the waiting clients, under one lock: a
     /// checkout and a release each take it once.
     state: Mutex<PoolState>,
@@ -295,7 +296,7 @@ impl Pool {
     #[allow(clippy::too_many_arguments)]
     fn new(
         key: PoolKey,
-        shard: Option<usize>,
+        shard: usize,
         size: usize,
         min_idle: usize,
         config: &PoolConfig,
@@ -585,7 +586,7 @@ impl Pool {
     /// What this one pool holds: with `runtime = "per_thread"`, one thread's share.
     fn thread_status(&self) -> serde_json::Value {
         serde_json::json!({
-            "thread": self.shard.unwrap_or(0),
+            "thread": self.shard,
             "size": self.size,
             "backends_open": self.open.load(Ordering::Relaxed),
             "longest_wait_seconds": self.longest_wait().as_secs_f64(),
