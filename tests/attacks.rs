@@ -889,3 +889,59 @@ async fn a_shadowed_operator_does_not_hide_a_pin() {
     }
     drop(attacker);
 }
+
+/// When the role cannot be set again after DISCARD ALL (the login lost its membership
+/// in the owner role), the session ends with FATAL 08006, and nothing that ran after
+/// it, as the login role, reaches the client: not even when its reply arrives in one
+/// read with rolegate's own failed SET ROLE and a refusal's marker (session and
+/// transaction mode, 10 sessions each).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_ran_after_the_role_was_lost_never_reaches_the_client() {
+    for (name, options) in [
+        ("role_lost", Options::default()),
+        ("role_lost_pool", pooled(2)),
+    ] {
+        let db = TestDb::create(name).await;
+        let rg = Rolegate::start_with(&db, options).await;
+        let admin = admin("postgres").await;
+        for attempt in 0..10 {
+            admin
+                .batch_execute(&format!("GRANT \"{}\" TO \"{}\"", db.owner, db.login))
+                .await
+                .unwrap();
+            let mut client = RawClient::login(rg.port, "web", password_of("web"), &db.name).await;
+            admin
+                .batch_execute(&format!("REVOKE \"{}\" FROM \"{}\"", db.owner, db.login))
+                .await
+                .unwrap();
+            let mut out = bytes::BytesMut::new();
+            query(&mut out, "DISCARD ALL");
+            query(&mut out, "SELECT 'ran as ' || current_user");
+            query(&mut out, "CREATE TABLE refused (id int)");
+            client.send(&out).await;
+            let mut last = None;
+            while let Some((tag, body)) = client.read().await {
+                assert_ne!(
+                    tag,
+                    b'D',
+                    "{name} attempt {attempt}: a row from after the failed restore of the role: {}",
+                    String::from_utf8_lossy(&body)
+                );
+                last = Some((tag, body));
+            }
+            let (tag, body) = last.expect("an answer");
+            let fields = rolegate::wire::error_fields(&body);
+            assert_eq!(tag, b'E', "{name}: {fields:?}");
+            assert_eq!(
+                rolegate::wire::field(&fields, b'S'),
+                Some("FATAL"),
+                "{fields:?}"
+            );
+            assert_eq!(
+                rolegate::wire::field(&fields, b'C'),
+                Some("08006"),
+                "{fields:?}"
+            );
+        }
+    }
+}

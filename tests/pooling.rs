@@ -323,6 +323,31 @@ async fn checkout_timeout_leaves_the_session_usable() {
     );
 }
 
+/// A client that got no backend connection and never finishes its batch (a Parse, no
+/// Sync) is still closed by idle_client_timeout, not waited for without end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_without_a_backend_is_bound_by_the_idle_timeout() {
+    let db = TestDb::create("pool_wait_idle").await;
+    let more = "checkout_timeout = \"200ms\"\n[limits]\nidle_client_timeout = \"1s\"";
+    let rg = Rolegate::start_with(&db, pooled(1, more, free_port())).await;
+    let mut waiter = RawClient::login(rg.port, "web", password_of("web"), &db.name).await;
+    let holder = rg.client("web", &db).await;
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let mut out = bytes::BytesMut::new();
+    parse(&mut out, "", "SELECT 1");
+    waiter.send(&out).await;
+    let (tag, body) = waiter.read().await.expect("a FATAL, not a silent close");
+    let fields = rolegate::wire::error_fields(&body);
+    assert_eq!(tag, b'E', "{fields:?}");
+    assert_eq!(
+        rolegate::wire::field(&fields, b'C'),
+        Some("57P05"),
+        "{fields:?}"
+    );
+    assert!(waiter.read().await.is_none(), "the session ended");
+    holder.batch_execute("COMMIT").await.unwrap();
+}
+
 /// What lives in one backend session pins its client there: a LISTEN gets its NOTIFY
 /// between transactions, a session advisory lock stays held; both are undone before the
 /// backend session serves anyone else.

@@ -98,11 +98,12 @@ pub enum RelayEnd {
     #[error("the backend connection was lost while the client was using it")]
     BackendLost,
     /// Transaction pooling: the settings the client's last transaction changed could
-    /// not be read back, so its next transaction could not run with them.
+    /// not be read back (why: the string), so its next transaction could not run with
+    /// them.
     #[error(
-        "the backend connection was lost before the settings this session changed could be carried to its next transaction"
+        "the settings this session changed could not be read back from its backend connection ({0}); its next transaction cannot run without them"
     )]
-    SettingsLost,
+    SettingsLost(String),
 }
 
 /// A refusal waiting for the server's syntax error that carries its marker.
@@ -473,7 +474,7 @@ fn why_it_ended(end: &RelayEnd) -> Option<(&'static str, String)> {
         RelayEnd::RoleLost
         | RelayEnd::UnsupportedEncoding
         | RelayEnd::BackendLost
-        | RelayEnd::SettingsLost => {
+        | RelayEnd::SettingsLost(_) => {
             Some(("08006", format!("rolegate: terminating connection: {end}")))
         }
         _ => None,
@@ -1569,6 +1570,11 @@ impl Downstream {
                 self.out.extend_from_slice(&self.buf[..pos]);
                 self.buf.advance(pos + size);
                 pos = 0;
+                if self.end.is_some() {
+                    // The role was not restored: what follows ran without it and is
+                    // never the client's (what came before may still be sent).
+                    return Ok(0);
+                }
                 continue;
             }
             // (Of CommandCompletes, only DEALLOCATE ALL's and DISCARD ALL's are recorded.)

@@ -1080,6 +1080,7 @@ impl Upstream<'_> {
     /// Query) is answered with `message` and not run; the session goes on.
     async fn answer_without_backend<R, W>(
         &mut self,
+        down: &mut Downstream,
         client_r: &mut R,
         client_w: &mut W,
         shared: &Shared,
@@ -1111,8 +1112,8 @@ impl Upstream<'_> {
                     _ => {}
                 }
                 if !out.is_empty() {
-                    client_w.write_all(&out).await.map_err(RelayEnd::ClientIo)?;
-                    client_w.flush().await.map_err(RelayEnd::ClientIo)?;
+                    down.push_own(&out);
+                    down.send_owed(client_w).await.map_err(RelayEnd::ClientIo)?;
                 }
                 if matches!(tag, b'S' | b'Q' | b'F') {
                     return Ok(());
@@ -1273,13 +1274,14 @@ pub async fn run(client: PooledClient<'_>, ctx: &RelayContext<'_>) -> (RelayStat
                     crate::pool::CheckoutError::Backend(_) => ("08006", format!("rolegate: {e}")),
                 };
                 let answer = up.answer_without_backend(
+                    &mut down,
                     &mut client_r,
                     &mut client_w,
                     &shared,
                     code,
                     &message,
                 );
-                Box::pin(answer).await.err()
+                answered_or_closing(answer, &mut closing).await
             }
         };
         if let Some(end) = outcome {
@@ -1407,18 +1409,38 @@ where
     Ok(lease)
 }
 
-impl<F> LeaseTurn<'_, '_, F> {
+impl<F> LeaseTurn<'_, '_, F>
+where
+    F: std::future::Future<Output = RelayEnd> + Unpin,
+{
     /// The client's batch answered with an error and nothing run: `None` when the
     /// client goes on.
     async fn answer_without_backend(&mut self, code: &str, message: &str) -> Option<RelayEnd> {
         let answer = self.up.answer_without_backend(
+            self.down,
             self.client_r,
             self.client_w,
             self.shared,
             code,
             message,
         );
-        Box::pin(answer).await.err()
+        answered_or_closing(answer, self.closing).await
+    }
+}
+
+/// `answer` (boxed: only clients without a backend session need its room), or the end
+/// `closing` brings first: a client that does not read its answer, or does not send the
+/// rest of its batch, is still bound by the idle timeout and shutdown. `None` when the
+/// client goes on.
+async fn answered_or_closing<A, F>(answer: A, closing: &mut F) -> Option<RelayEnd>
+where
+    A: std::future::Future<Output = Result<(), RelayEnd>>,
+    F: std::future::Future<Output = RelayEnd> + Unpin,
+{
+    tokio::select! {
+        biased;
+        answered = Box::pin(answer) => answered.err(),
+        end = closing => Some(end),
     }
 }
 
@@ -1556,9 +1578,18 @@ where
                     }
                     Err(e) => {
                         // The client already has its ReadyForQuery; going on would run
-                        // its next transaction without what it SET, silently.
+                        // its next transaction without what it SET, silently. (Its own
+                        // statement_timeout applies to the read, too.)
                         tracing::warn!(error = %e, "could not read a backend connection's settings; closed, and the client's session with it");
-                        return Some(RelayEnd::SettingsLost);
+                        let why = match &e {
+                            crate::backend::BackendError::Server(fields) => {
+                                wire::field(fields, b'M')
+                                    .unwrap_or("the server's error")
+                                    .to_owned()
+                            }
+                            other => other.to_string(),
+                        };
+                        return Some(RelayEnd::SettingsLost(why));
                     }
                 }
             }
@@ -1609,22 +1640,34 @@ where
             }
             // Only the transaction in flight is lost: the client hears an error for
             // each Sync or Query it is waiting on, then goes on with a new backend.
+            down.forget_backend(shared, up.sync_points);
             let mut out = BytesMut::new();
             for _ in 0..outstanding {
                 wire::put_error(&mut out, &ErrorFields::error("08006", LOST));
                 wire::put_ready_for_query(&mut out, b'I');
             }
-            if client_w.write_all(&out).await.is_err() || client_w.flush().await.is_err() {
-                return Some(RelayEnd::ClientClosed);
+            down.push_own(&out);
+            // (A client that does not read them, or sends nothing more, is still bound
+            // by the idle timeout and shutdown.)
+            let closing = &mut *turn.closing;
+            tokio::select! {
+                biased;
+                sent = down.send_owed(client_w) => if sent.is_err() {
+                    return Some(RelayEnd::ClientClosed);
+                },
+                end = &mut *closing => return Some(end),
             }
-            down.forget_backend(shared, up.sync_points);
             up.discard_all_in_batch = false;
             // Lost between two statements of a transaction: the client's next batch
             // learns it, and runs nothing.
             if outstanding == 0 && in_transaction {
-                let waiting = up.buf.is_empty();
-                if waiting {
-                    if let Err(end) = Box::pin(up.read(client_r, shared)).await {
+                if up.buf.is_empty() {
+                    let read = tokio::select! {
+                        biased;
+                        read = Box::pin(up.read(client_r, shared)) => read,
+                        end = &mut *closing => Err(end),
+                    };
+                    if let Err(end) = read {
                         return Some(end);
                     }
                 }
@@ -1686,16 +1729,23 @@ where
     if conn.session.notifications.is_empty() {
         return Ok(());
     }
-    for frame in std::mem::take(&mut conn.session.notifications) {
+    let frames = std::mem::take(&mut conn.session.notifications);
+    if down.passthrough > 0 {
+        // (They would land inside the server's unfinished frame; a session left so
+        // ends before the client reads anything else.)
+        return Ok(());
+    }
+    for frame in frames {
         down.push_own(&frame);
     }
-    let write = down.send_owed(client_w);
+    // A lease that did not end in release has its end already: what is queued goes
+    // with the rest of what the client is owed, within the goodbye's time.
     let Some(closing) = closing else {
-        return write.await.map_err(|_| RelayEnd::ClientClosed);
+        return Ok(());
     };
     tokio::select! {
         biased;
-        written = write => written.map_err(|_| RelayEnd::ClientClosed),
+        written = down.send_owed(client_w) => written.map_err(|_| RelayEnd::ClientClosed),
         end = closing => Err(end),
     }
 }
