@@ -943,5 +943,78 @@ async fn what_ran_after_the_role_was_lost_never_reaches_the_client() {
                 "{fields:?}"
             );
         }
+        // Nor does it run: a migrator's statement sent right behind DISCARD ALL would
+        // create a table owned by the login role, which rotation drops.
+        admin
+            .batch_execute(&format!("GRANT \"{}\" TO \"{}\"", db.owner, db.login))
+            .await
+            .unwrap();
+        let mut migrator =
+            RawClient::login(rg.port, "migrate", password_of("migrate"), &db.name).await;
+        admin
+            .batch_execute(&format!("REVOKE \"{}\" FROM \"{}\"", db.owner, db.login))
+            .await
+            .unwrap();
+        let mut out = bytes::BytesMut::new();
+        query(&mut out, "DISCARD ALL");
+        query(&mut out, "CREATE TABLE made_by_the_login (id int)");
+        migrator.send(&out).await;
+        while migrator.read().await.is_some() {}
+        let created: bool = support::admin(&db.name)
+            .await
+            .query_one("SELECT to_regclass('made_by_the_login') IS NOT NULL", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(
+            !created,
+            "{name}: the migrator's CREATE ran without the owner role"
+        );
     }
+}
+
+/// A function that switches the session to an encoding rolegate cannot judge in ends
+/// the session with FATAL 08006, written between frames: a large row that came before
+/// the switch reaches the client whole, never cut off by the FATAL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_encoding_switch_ends_the_session_between_frames() {
+    let db = TestDb::create("encoding_cut").await;
+    let rg = Rolegate::start(&db).await;
+    rg.client("migrate", &db)
+        .await
+        .batch_execute(
+            "CREATE FUNCTION to_sjis() RETURNS text LANGUAGE sql \
+             AS $$ SELECT set_config('client_encoding', 'SJIS', false) $$",
+        )
+        .await
+        .unwrap();
+    let mut client = RawClient::login(rg.port, "web", password_of("web"), &db.name).await;
+    let mut out = bytes::BytesMut::new();
+    query(&mut out, "SELECT repeat('x', 1000000) AS big, to_sjis()");
+    client.send(&out).await;
+    let mut messages = Vec::new();
+    while let Some((tag, body)) = client.read().await {
+        if tag == b'D' {
+            assert!(
+                body.len() > 1_000_000,
+                "a row cut short: {} bytes",
+                body.len()
+            );
+        }
+        messages.push((tag, body));
+    }
+    let (tag, body) = messages.last().expect("an answer");
+    let fields = rolegate::wire::error_fields(body);
+    let tags: Vec<char> = messages.iter().map(|(t, _)| *t as char).collect();
+    assert_eq!(*tag, b'E', "{tags:?}");
+    assert_eq!(
+        rolegate::wire::field(&fields, b'S'),
+        Some("FATAL"),
+        "{fields:?}"
+    );
+    assert_eq!(
+        rolegate::wire::field(&fields, b'C'),
+        Some("08006"),
+        "{fields:?}"
+    );
 }

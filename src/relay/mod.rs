@@ -131,6 +131,9 @@ struct Shared {
     own_queries: Mutex<VecDeque<u64>>,
     /// Whether `own_queries` may be non-empty: read per message, so no lock then.
     has_own_queries: AtomicBool,
+    /// The client's side, waiting for the answer to the role set again (see
+    /// `Upstream::restore_at`): woken when a reply to an own query is complete.
+    upstream_waiting: Mutex<Option<std::task::Waker>>,
     /// Transaction pooling: what the current lease of a backend session carries.
     lease: Option<Mutex<pooled::LeaseState>>,
     /// Whether the lease has replies to fix up (read per message, so no lock then).
@@ -160,12 +163,24 @@ impl Shared {
             started: Instant::now(),
             own_queries: Mutex::new(VecDeque::new()),
             has_own_queries: AtomicBool::new(false),
+            upstream_waiting: Mutex::new(None),
             lease: pooled.then(|| Mutex::new(pooled::LeaseState::default())),
             has_fixups: AtomicBool::new(false),
             unsynced: AtomicBool::new(false),
             copy_ins: AtomicU64::new(0),
             unsent: AtomicBool::new(false),
             ambiguous: AtomicBool::new(false),
+        }
+    }
+
+    fn wake_upstream(&self) {
+        let waiting = self
+            .upstream_waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(waker) = waiting {
+            waker.wake();
         }
     }
 
@@ -525,6 +540,11 @@ struct Upstream<'a> {
     /// Transaction pooling: the frame at the front of `buf` names a statement whose
     /// meaning an earlier batch still decides (see `pooled::waits_for_earlier_batch`).
     held: bool,
+    /// The ReadyForQuery number of the query that set the role again after DISCARD
+    /// ALL, until it came (0: none waited for). Nothing the client sent after DISCARD
+    /// ALL goes to the server before it: if the role could not be set, none of it may
+    /// run without it.
+    restore_at: u64,
 }
 
 impl<'a> Upstream<'a> {
@@ -562,6 +582,7 @@ impl<'a> Upstream<'a> {
             resume: false,
             copy_data_open: false,
             held: false,
+            restore_at: 0,
         }
     }
 
@@ -590,6 +611,25 @@ impl<'a> Upstream<'a> {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
+        // (Once what went before, the role's query included, is all written.)
+        if self.restore_at != 0 && !self.has_unsent() {
+            std::future::poll_fn(|cx| {
+                if self.restore_waits(shared) {
+                    *shared
+                        .upstream_waiting
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner()) = Some(cx.waker().clone());
+                    // (Checked again: the answer may have come in between.)
+                    if self.restore_waits(shared) {
+                        return std::task::Poll::Pending;
+                    }
+                }
+                std::task::Poll::Ready(())
+            })
+            .await;
+            self.restore_at = 0;
+            self.resume = true;
+        }
         if self.held {
             if self.held_frame_waits(shared) {
                 // The server's answers to the earlier batch wake the relay again.
@@ -755,6 +795,11 @@ impl<'a> Upstream<'a> {
         Some(5 + portal_end + 1 + name_len + 1)
     }
 
+    /// Whether the answer to the role set again after DISCARD ALL is still to come.
+    fn restore_waits(&self, shared: &Shared) -> bool {
+        self.restore_at != 0 && shared.ready_received.load(Ordering::Relaxed) < self.restore_at
+    }
+
     /// Whether the held frame (at the front of `buf`) must still wait.
     fn held_frame_waits(&self, shared: &Shared) -> bool {
         let Some((tag, len)) = wire::peek_header(&self.buf) else {
@@ -824,6 +869,9 @@ impl<'a> Upstream<'a> {
     /// are done (to forward, after whatever was put in `out`), and whether the client
     /// sent Terminate. A rewritten frame moves everything before it into `out`.
     fn scan(&mut self, shared: &Shared) -> Result<(usize, bool), WireError> {
+        if self.restore_at != 0 {
+            return Ok((0, false));
+        }
         if self.discard > 0 {
             let n = self.discard.min(self.buf.len());
             self.buf.advance(n);
@@ -872,6 +920,7 @@ impl<'a> Upstream<'a> {
                         if std::mem::take(&mut self.discard_all_in_batch) {
                             self.restore_role_after(pos, shared);
                             pos = 0;
+                            break;
                         }
                     }
                     b'X' => return Ok((pos, true)),
@@ -937,6 +986,7 @@ impl<'a> Upstream<'a> {
                     if restore_role {
                         self.restore_role_after(pos, shared);
                         pos = 0;
+                        break;
                     }
                 }
                 Decision::Replace {
@@ -954,6 +1004,7 @@ impl<'a> Upstream<'a> {
                     }
                     if restore_role {
                         self.restore_role_after(0, shared);
+                        break;
                     }
                 }
                 Decision::ReplaceHead { frame, consumed } => {
@@ -1217,6 +1268,7 @@ impl<'a> Upstream<'a> {
         self.buf.advance(end);
         wire::put_query(&mut self.out, self.ctx.restore_sql);
         self.sync_points += 1;
+        self.restore_at = self.sync_points;
         shared.own_queries().push_back(self.sync_points);
         shared.has_own_queries.store(true, Ordering::Relaxed);
     }
@@ -1519,6 +1571,11 @@ impl Downstream {
                 Err(e) => return Some(RelayEnd::ServerProtocol(e)),
             };
             if let Some(reason) = self.end.take() {
+                // What came before the frame that ends the session is the client's (the
+                // rest of a frame it has the head of, too): owed, so a FATAL after it
+                // lands between frames.
+                self.out.extend_from_slice(&self.buf[..end]);
+                self.buf.advance(end);
                 return Some(reason);
             }
             if self.out.is_empty() {
@@ -1546,7 +1603,13 @@ impl Downstream {
         self.passthrough -= pos;
         while let Some((tag, len)) = wire::peek_header(&self.buf[pos..]) {
             // The server is trusted to send sane lengths, but a bad one must not panic.
-            let size = wire::frame_size(len, i32::MAX as usize)?;
+            let size = match wire::frame_size(len, i32::MAX as usize) {
+                Ok(size) => size,
+                Err(e) => {
+                    self.end = Some(RelayEnd::ServerProtocol(e));
+                    return Ok(pos);
+                }
+            };
             let available = self.buf.len() - pos;
             // Notifications, notices and setting reports are the client's whoever caused
             // them; everything else answering rolegate's own query is rolegate's.
@@ -1710,6 +1773,8 @@ impl Downstream {
                     .store(!own.is_empty(), Ordering::Relaxed);
                 if std::mem::take(&mut self.own_query_failed) && status != b'E' {
                     self.end = Some(RelayEnd::RoleLost);
+                } else {
+                    shared.wake_upstream();
                 }
             }
             _ => {}

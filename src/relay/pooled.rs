@@ -1698,9 +1698,13 @@ impl Downstream {
 
     /// The backend session is gone: everything it owed is accounted for.
     fn forget_backend(&mut self, shared: &Shared, sync_points: u64) {
+        // (What the client is owed stays owed: whole frames, or the rest of one it has
+        // the head of.)
+        if self.judged > 0 {
+            self.out.extend_from_slice(&self.buf[..self.judged]);
+            self.judged = 0;
+        }
         self.buf.clear();
-        self.out.clear();
-        self.judged = 0;
         self.ready_count = sync_points;
         self.own_query_failed = false;
         shared.ready_received.store(sync_points, Ordering::Relaxed);
