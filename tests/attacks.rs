@@ -944,9 +944,18 @@ async fn what_ran_after_the_role_was_lost_never_reaches_the_client() {
             );
         }
         // Nor does it run: a migrator's statement sent right behind DISCARD ALL would
-        // create a table owned by the login role, which rotation drops.
+        // create a table owned by the login role, which rotation drops. (The login may
+        // create in `public` of its own, so only the role decides.)
         admin
             .batch_execute(&format!("GRANT \"{}\" TO \"{}\"", db.owner, db.login))
+            .await
+            .unwrap();
+        support::admin(&db.name)
+            .await
+            .batch_execute(&format!(
+                "GRANT CREATE ON SCHEMA public TO \"{}\"",
+                db.login
+            ))
             .await
             .unwrap();
         let mut migrator =
@@ -959,7 +968,18 @@ async fn what_ran_after_the_role_was_lost_never_reaches_the_client() {
         query(&mut out, "DISCARD ALL");
         query(&mut out, "CREATE TABLE made_by_the_login (id int)");
         migrator.send(&out).await;
-        while migrator.read().await.is_some() {}
+        let mut last = None;
+        while let Some(message) = migrator.read().await {
+            last = Some(message);
+        }
+        let (tag, body) = last.expect("an answer");
+        let fields = rolegate::wire::error_fields(&body);
+        assert_eq!(tag, b'E', "{name}: {fields:?}");
+        assert_eq!(
+            rolegate::wire::field(&fields, b'C'),
+            Some("08006"),
+            "{fields:?}"
+        );
         let created: bool = support::admin(&db.name)
             .await
             .query_one("SELECT to_regclass('made_by_the_login') IS NOT NULL", &[])

@@ -433,6 +433,29 @@ async fn send_judged<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// How much of what a client sends while its frames are held (see `restored`) is read
+/// ahead.
+const READ_AHEAD_WHILE_HELD: usize = 64 * 1024;
+
+/// Resolves once the server has sent ReadyForQuery number `restore_at` (that of the query
+/// that set the role again after DISCARD ALL); `Downstream::own_reply` wakes it.
+fn restored(restore_at: u64, shared: &Shared) -> impl std::future::Future<Output = ()> + '_ {
+    let came = move || shared.ready_received.load(Ordering::Relaxed) >= restore_at;
+    std::future::poll_fn(move |cx| {
+        if !came() {
+            *shared
+                .upstream_waiting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(cx.waker().clone());
+            // (Checked again: the answer may have come in between.)
+            if !came() {
+                return std::task::Poll::Pending;
+            }
+        }
+        std::task::Poll::Ready(())
+    })
+}
+
 /// How long each of a client's last words (why its session ends, then the end of the
 /// stream) may take: they fit any socket buffer, so only a client that does not read is
 /// waited for, and it cannot keep its session (or, in session mode, a backend session)
@@ -613,20 +636,22 @@ impl<'a> Upstream<'a> {
     {
         // (Once what went before, the role's query included, is all written.)
         if self.restore_at != 0 && !self.has_unsent() {
-            std::future::poll_fn(|cx| {
-                if self.restore_waits(shared) {
-                    *shared
-                        .upstream_waiting
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner()) = Some(cx.waker().clone());
-                    // (Checked again: the answer may have come in between.)
-                    if self.restore_waits(shared) {
-                        return std::task::Poll::Pending;
-                    }
+            loop {
+                let restored = restored(self.restore_at, shared);
+                // While it waits, a client that leaves is still noticed (a little is read
+                // ahead, to be judged later; no more).
+                if self.buf.len() >= READ_AHEAD_WHILE_HELD {
+                    restored.await;
+                    break;
                 }
-                std::task::Poll::Ready(())
-            })
-            .await;
+                tokio::select! {
+                    biased;
+                    () = restored => break,
+                    read = self.read(client, shared) => if let Err(end) = read {
+                        return Some(end);
+                    },
+                }
+            }
             self.restore_at = 0;
             self.resume = true;
         }
@@ -793,11 +818,6 @@ impl<'a> Upstream<'a> {
             return None;
         }
         Some(5 + portal_end + 1 + name_len + 1)
-    }
-
-    /// Whether the answer to the role set again after DISCARD ALL is still to come.
-    fn restore_waits(&self, shared: &Shared) -> bool {
-        self.restore_at != 0 && shared.ready_received.load(Ordering::Relaxed) < self.restore_at
     }
 
     /// Whether the held frame (at the front of `buf`) must still wait.
