@@ -890,6 +890,24 @@ async fn a_shadowed_operator_does_not_hide_a_pin() {
     drop(attacker);
 }
 
+/// `user` logged in while the login role is a member of the owner role, which is then
+/// revoked: the session's role cannot be set again.
+async fn logged_in_then_role_revoked(rg: &Rolegate, db: &TestDb, user: &str) -> RawClient {
+    let admin = admin("postgres").await;
+    let membership = format!("\"{}\" TO \"{}\"", db.owner, db.login);
+    admin
+        .batch_execute(&format!("GRANT {membership}"))
+        .await
+        .unwrap();
+    let client = RawClient::login(rg.port, user, password_of(user), &db.name).await;
+    let membership = format!("\"{}\" FROM \"{}\"", db.owner, db.login);
+    admin
+        .batch_execute(&format!("REVOKE {membership}"))
+        .await
+        .unwrap();
+    client
+}
+
 /// When the role cannot be set again after DISCARD ALL (the login lost its membership
 /// in the owner role), the session ends with FATAL 08006, and nothing that ran after
 /// it, as the login role, reaches the client: not even when its reply arrives in one
@@ -903,17 +921,8 @@ async fn what_ran_after_the_role_was_lost_never_reaches_the_client() {
     ] {
         let db = TestDb::create(name).await;
         let rg = Rolegate::start_with(&db, options).await;
-        let admin = admin("postgres").await;
         for attempt in 0..10 {
-            admin
-                .batch_execute(&format!("GRANT \"{}\" TO \"{}\"", db.owner, db.login))
-                .await
-                .unwrap();
-            let mut client = RawClient::login(rg.port, "web", password_of("web"), &db.name).await;
-            admin
-                .batch_execute(&format!("REVOKE \"{}\" FROM \"{}\"", db.owner, db.login))
-                .await
-                .unwrap();
+            let mut client = logged_in_then_role_revoked(&rg, &db, "web").await;
             let mut out = bytes::BytesMut::new();
             query(&mut out, "DISCARD ALL");
             query(&mut out, "SELECT 'ran as ' || current_user");
@@ -930,27 +939,12 @@ async fn what_ran_after_the_role_was_lost_never_reaches_the_client() {
                 last = Some((tag, body));
             }
             let (tag, body) = last.expect("an answer");
-            let fields = rolegate::wire::error_fields(&body);
-            assert_eq!(tag, b'E', "{name}: {fields:?}");
-            assert_eq!(
-                rolegate::wire::field(&fields, b'S'),
-                Some("FATAL"),
-                "{fields:?}"
-            );
-            assert_eq!(
-                rolegate::wire::field(&fields, b'C'),
-                Some("08006"),
-                "{fields:?}"
-            );
+            assert_fatal(tag, &body, "08006", name);
         }
         // Nor does it run: a migrator's statement sent right behind DISCARD ALL would
         // create a table owned by the login role, which rotation drops. (The login may
         // create in `public` of its own, so only the role decides.)
-        admin
-            .batch_execute(&format!("GRANT \"{}\" TO \"{}\"", db.owner, db.login))
-            .await
-            .unwrap();
-        support::admin(&db.name)
+        admin(&db.name)
             .await
             .batch_execute(&format!(
                 "GRANT CREATE ON SCHEMA public TO \"{}\"",
@@ -958,12 +952,7 @@ async fn what_ran_after_the_role_was_lost_never_reaches_the_client() {
             ))
             .await
             .unwrap();
-        let mut migrator =
-            RawClient::login(rg.port, "migrate", password_of("migrate"), &db.name).await;
-        admin
-            .batch_execute(&format!("REVOKE \"{}\" FROM \"{}\"", db.owner, db.login))
-            .await
-            .unwrap();
+        let mut migrator = logged_in_then_role_revoked(&rg, &db, "migrate").await;
         let mut out = bytes::BytesMut::new();
         query(&mut out, "DISCARD ALL");
         query(&mut out, "CREATE TABLE made_by_the_login (id int)");
@@ -973,14 +962,8 @@ async fn what_ran_after_the_role_was_lost_never_reaches_the_client() {
             last = Some(message);
         }
         let (tag, body) = last.expect("an answer");
-        let fields = rolegate::wire::error_fields(&body);
-        assert_eq!(tag, b'E', "{name}: {fields:?}");
-        assert_eq!(
-            rolegate::wire::field(&fields, b'C'),
-            Some("08006"),
-            "{fields:?}"
-        );
-        let created: bool = support::admin(&db.name)
+        assert_fatal(tag, &body, "08006", name);
+        let created: bool = admin(&db.name)
             .await
             .query_one("SELECT to_regclass('made_by_the_login') IS NOT NULL", &[])
             .await
@@ -1024,17 +1007,6 @@ async fn an_encoding_switch_ends_the_session_between_frames() {
         messages.push((tag, body));
     }
     let (tag, body) = messages.last().expect("an answer");
-    let fields = rolegate::wire::error_fields(body);
     let tags: Vec<char> = messages.iter().map(|(t, _)| *t as char).collect();
-    assert_eq!(*tag, b'E', "{tags:?}");
-    assert_eq!(
-        rolegate::wire::field(&fields, b'S'),
-        Some("FATAL"),
-        "{fields:?}"
-    );
-    assert_eq!(
-        rolegate::wire::field(&fields, b'C'),
-        Some("08006"),
-        "{fields:?}"
-    );
+    assert_fatal(*tag, body, "08006", &format!("after {tags:?}"));
 }

@@ -337,13 +337,7 @@ async fn a_batch_without_a_backend_is_bound_by_the_idle_timeout() {
     parse(&mut out, "", "SELECT 1");
     waiter.send(&out).await;
     let (tag, body) = waiter.read().await.expect("a FATAL, not a silent close");
-    let fields = rolegate::wire::error_fields(&body);
-    assert_eq!(tag, b'E', "{fields:?}");
-    assert_eq!(
-        rolegate::wire::field(&fields, b'C'),
-        Some("57P05"),
-        "{fields:?}"
-    );
+    assert_fatal(tag, &body, "57P05", "a batch without a backend");
     assert!(waiter.read().await.is_none(), "the session ended");
     holder.batch_execute("COMMIT").await.unwrap();
 }
@@ -618,10 +612,7 @@ async fn settings_that_cannot_be_carried_over_end_the_session() {
     rolegate::wire::put_query(&mut out, "SHOW work_mem");
     client.send(&out).await;
     let (tag, body) = client.read().await.expect("a message, not a silent close");
-    assert_eq!(tag, b'E', "the next statement ran without its SET");
-    let fields = rolegate::wire::error_fields(&body);
-    assert_eq!(rolegate::wire::field(&fields, b'S'), Some("FATAL"));
-    assert_eq!(rolegate::wire::field(&fields, b'C'), Some("08006"));
+    let fields = assert_fatal(tag, &body, "08006", "the next statement after the SET");
     let text = rolegate::wire::field(&fields, b'M').unwrap_or_default();
     assert!(text.contains("settings"), "{text}");
     assert!(client.read().await.is_none(), "the session ended");

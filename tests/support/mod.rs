@@ -600,6 +600,24 @@ pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
     e.code().map(|c| c.code().to_owned())
 }
 
+/// Asserts that a message read from rolegate (`tag`, `body`) is a FATAL with SQLSTATE
+/// `code` (`context` says where); returns its fields.
+pub fn assert_fatal(tag: u8, body: &[u8], code: &str, context: &str) -> Vec<(u8, String)> {
+    let fields = rolegate::wire::error_fields(body);
+    assert_eq!(tag, b'E', "{context}: {fields:?}");
+    assert_eq!(
+        rolegate::wire::field(&fields, b'S'),
+        Some("FATAL"),
+        "{context}: {fields:?}"
+    );
+    assert_eq!(
+        rolegate::wire::field(&fields, b'C'),
+        Some(code),
+        "{context}: {fields:?}"
+    );
+    fields
+}
+
 /// The message of a tokio-postgres error as the server (or rolegate) worded it.
 pub fn message(e: &tokio_postgres::Error) -> String {
     e.as_db_error()
