@@ -581,12 +581,21 @@ pub fn metric(text: &str, name_and_labels: &str) -> f64 {
 
 /// Runs the rolegate binary with these arguments; returns (success, stdout, stderr).
 pub async fn rolegate_command(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_rolegate"))
+    // A thread of its own waits for the process: tokio's wait hears of a child's exit
+    // through SIGCHLD, and once two children that ended together were never heard of
+    // (CI, two tests running `serve` at once, both waited out their timeouts).
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_rolegate"));
+    command
         .args(args)
         .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .output()
+        .stdin(Stdio::null());
+    let (done, outcome) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(command.output());
+    });
+    let out = outcome
         .await
+        .expect("the thread waiting for rolegate ended")
         .expect("rolegate could not run");
     (
         out.status.success(),
