@@ -1586,10 +1586,7 @@ impl Downstream {
                 }
                 Err(e) => return Some(RelayEnd::ServerIo(e)),
             }
-            let end = match self.scan(shared) {
-                Ok(end) => end,
-                Err(e) => return Some(RelayEnd::ServerProtocol(e)),
-            };
+            let end = self.scan(shared);
             if let Some(reason) = self.end.take() {
                 // What came before the frame that ends the session is the client's (the
                 // rest of a frame it has the head of, too): owed, so a FATAL after it
@@ -1618,7 +1615,7 @@ impl Downstream {
         None
     }
 
-    fn scan(&mut self, shared: &Shared) -> Result<usize, WireError> {
+    fn scan(&mut self, shared: &Shared) -> usize {
         let mut pos = self.passthrough.min(self.buf.len());
         self.passthrough -= pos;
         while let Some((tag, len)) = wire::peek_header(&self.buf[pos..]) {
@@ -1627,7 +1624,7 @@ impl Downstream {
                 Ok(size) => size,
                 Err(e) => {
                     self.end = Some(RelayEnd::ServerProtocol(e));
-                    return Ok(pos);
+                    return pos;
                 }
             };
             let available = self.buf.len() - pos;
@@ -1646,7 +1643,7 @@ impl Downstream {
                     break;
                 }
                 self.passthrough = size - available;
-                return Ok(self.buf.len());
+                return self.buf.len();
             }
             if own {
                 self.own_reply(tag, pos, size, shared);
@@ -1656,7 +1653,7 @@ impl Downstream {
                 if self.end.is_some() {
                     // The role was not restored: what follows ran without it and is
                     // never the client's (what came before may still be sent).
-                    return Ok(0);
+                    return 0;
                 }
                 continue;
             }
@@ -1670,7 +1667,7 @@ impl Downstream {
                         shared.ambiguous.store(true, Ordering::Relaxed);
                         self.end =
                             Some(RelayEnd::ServerProtocol(WireError::Unexpected(tag as char)));
-                        return Ok(pos);
+                        return pos;
                     }
                 };
                 if let Some(replacement) = kept {
@@ -1705,7 +1702,7 @@ impl Downstream {
                             String::from_utf8_lossy(value.strip_suffix(&[0]).unwrap_or(value));
                         if crate::policy::unsupported_client_encoding(&value).is_some() {
                             self.end = Some(RelayEnd::UnsupportedEncoding);
-                            return Ok(pos);
+                            return pos;
                         }
                     }
                 }
@@ -1742,7 +1739,7 @@ impl Downstream {
             }
             pos += size;
         }
-        Ok(pos)
+        pos
     }
 
     /// Counts the ReadyForQuery at `pos` (the client's or rolegate's own query's), records
@@ -1874,14 +1871,14 @@ mod tests {
             let mut down = Downstream::default();
             for chunk in chunks {
                 down.buf.extend_from_slice(&chunk);
-                match down.scan(&shared) {
-                    Ok(end) => {
-                        prop_assert!(end <= down.buf.len());
-                        down.buf.advance(end);
-                        down.out.clear();
-                    }
-                    Err(_) => break,
+                let end = down.scan(&shared);
+                prop_assert!(end <= down.buf.len());
+                // (A length no frame can have: the relay stops reading here.)
+                if matches!(down.end.take(), Some(RelayEnd::ServerProtocol(_))) {
+                    break;
                 }
+                down.buf.advance(end);
+                down.out.clear();
             }
         }
 

@@ -1045,6 +1045,7 @@ impl Upstream<'_> {
     /// session the client does not hold.
     /// (The answers are queued in `down`, for the client.)
     fn answer_stray(&mut self, down: &mut Downstream) -> Result<(), RelayEnd> {
+        let mut answers = BytesMut::new();
         loop {
             if self.discard > 0 {
                 let n = self.discard.min(self.buf.len());
@@ -1069,10 +1070,10 @@ impl Upstream<'_> {
             self.buf.advance(here);
             self.discard = size - here;
             if tag == b'S' {
-                // ReadyForQuery, idle.
-                down.push_own(&[b'Z', 0, 0, 0, 5, b'I']);
+                wire::put_ready_for_query(&mut answers, b'I');
             }
         }
+        down.push_own(&answers);
         Ok(())
     }
 
